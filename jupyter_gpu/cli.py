@@ -1,0 +1,57 @@
+"""``jupyter gpu ...``: the command line (``jupyter-gpu`` on PATH)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kernel_worker import protocol as P
+
+
+def _client(args: argparse.Namespace):  # noqa: ANN202
+    from jupyter_gpu import connect
+    from jupyter_gpu.client import DaemonClient
+
+    url, key = connect.resolve(args.connection_file or "")
+    return DaemonClient(url, key)
+
+
+def _status(args: argparse.Namespace) -> int:
+    st = _client(args).call(P.Msg.STATUS)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"backend: {st['backend']}")
+    for g in st["gpus"]:
+        print(f"GPU {g['index']}  {g['model']:<10} {'simulated ' if g['simulated'] else ''}{g['session'] or 'free'}")
+    print("cpu        always available")
+    for s in st["sessions"]:
+        print(f"session {s['id']}  {s['device']:<10} {s['state']:<8} held {s['held_s']:.0f} s  ${s['usd']:.4f}")
+    for q in st["queue"]:
+        print(f"queued  {q['session']}  wants {q['request']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["daemon"]:
+        from kernel_worker.app import main as daemon_main
+
+        daemon_main(argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(
+        prog="jupyter gpu",
+        description="Run notebook cells on remote GPUs. In a notebook: %load_ext jupyter_gpu, then %%gpu H100.",
+    )
+    parser.add_argument("--connection-file", help="daemon connection file (default: the local daemon)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("daemon", help="run the worker daemon on this host (see `jupyter gpu daemon --help`)")
+    st = sub.add_parser("status", help="GPUs, sessions and queue of the daemon")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    return {"status": _status}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

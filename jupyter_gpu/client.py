@@ -1,0 +1,139 @@
+"""The notebook's ZeroMQ client to a worker daemon (used by the magic, the CLI and the
+server extension alike).
+
+Blocking on purpose: it runs in the kernel's main thread, where Ctrl-C / the stop
+button arrives as KeyboardInterrupt; the first one interrupts the remote cell and
+keeps waiting for it to finish, a second one stops waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import zmq
+
+from kernel_worker import protocol as P
+
+
+class DaemonError(Exception):
+    """The daemon refused or could not serve a request. ``code`` is a ``protocol.Err``."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class DaemonLost(DaemonError):
+    """No answer from the daemon, even to a ping."""
+
+
+class DaemonClient:
+    def __init__(
+        self,
+        url: str,
+        key: bytes,
+        heartbeat_interval: float = 5.0,
+        heartbeat_timeout: float = 10.0,
+        context: zmq.Context | None = None,
+    ):
+        self.url = url
+        self.signer = P.Signer(key)
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(url)
+        self._bulk_root: str | None | bool = False  # False: not asked yet
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    def send(self, msg: P.Message) -> None:
+        self.sock.send_multipart(P.pack(msg, self.signer), copy=False)
+
+    def _recv(self, timeout: float) -> P.Message | None:
+        if not self.sock.poll(timeout * 1000):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        _, rest = P.split_routing(frames)
+        return P.unpack(rest, self.signer)
+
+    def request(
+        self,
+        msg: P.Message,
+        on_message: Callable[[P.Message], None] | None = None,
+        on_interrupt: Callable[[], None] | None = None,
+        timeout: float | None = None,
+    ) -> P.Message:
+        """Send ``msg`` and return its final reply; intermediate replies go to ``on_message``.
+
+        Silence longer than ``heartbeat_interval`` is answered with a ping; no pong
+        within ``heartbeat_timeout`` raises DaemonLost. A FAIL reply raises DaemonError.
+        """
+        self.send(msg)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_heard = time.monotonic()
+        ping: P.Message | None = None
+        interrupted = False
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
+                raise DaemonLost(P.Err.TIMEOUT, f"no reply to {msg.type} from the daemon at {self.url} in {timeout:g} s")
+            wait = self.heartbeat_interval if ping is None else self.heartbeat_timeout - (now - ping_sent)
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            try:
+                reply = self._recv(max(wait, 0.0))
+            except KeyboardInterrupt:
+                if interrupted or on_interrupt is None:
+                    raise
+                interrupted = True
+                on_interrupt()
+                continue
+            now = time.monotonic()
+            if reply is None:
+                if ping is None:
+                    ping = P.Message(P.Msg.PING, {}, msg.session)
+                    ping_sent = now
+                    self.send(ping)
+                elif now - ping_sent >= self.heartbeat_timeout:
+                    raise DaemonLost(
+                        P.Err.TIMEOUT,
+                        f"lost contact with the jupyter-gpu daemon at {self.url}: no answer for "
+                        f"{now - last_heard:.0f} s. The remote cell may still be running; "
+                        "check `%gpu status` once the daemon is back.",
+                    )
+                continue
+            last_heard = now
+            if ping is not None and reply.parent == ping.id:
+                ping = None
+                continue
+            if reply.parent != msg.id:
+                continue  # late output of an earlier request
+            if reply.type == P.Msg.FAIL:
+                raise DaemonError(reply.content.get("code", ""), reply.content.get("message", "request failed"))
+            if reply.type in P.FINAL_REPLIES:
+                return reply
+            if on_message is not None:
+                on_message(reply)
+
+    def call(self, type: str, content: dict | None = None, session: str = "", timeout: float = 30.0) -> dict:
+        """A simple request/reply (status, cost, release, hello); returns the reply content."""
+        return self.request(P.Message(type, content or {}, session), timeout=timeout).content
+
+    def bulk_root(self) -> str | None:
+        """The daemon's bulk directory if this process can use it (same host), else None."""
+        if self._bulk_root is False:
+            info = self.call(P.Msg.HELLO)
+            root, probe = info.get("bulk_root"), info.get("bulk_probe")
+            self._bulk_root = None
+            try:
+                with open(os.path.join(root, ".probe")) as f:
+                    if f.read() == probe:
+                        self._bulk_root = root
+            except (OSError, TypeError):
+                pass
+        return self._bulk_root or None

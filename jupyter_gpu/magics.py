@@ -1,0 +1,303 @@
+"""``%%gpu`` and ``%gpu``: run a cell on a warm remote worker, manage its session."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import uuid
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+from traitlets import Bool, Float, List, Unicode
+from traitlets.config import Configurable
+
+from kernel_worker import bulk, serialize
+from kernel_worker import protocol as P
+
+from jupyter_gpu import connect
+from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
+from jupyter_gpu.closure import RemoteNamespace, names_read
+from jupyter_gpu.output import Relay, show_cost, show_note
+
+
+class GPUCellError(Exception):
+    """The cell could not be sent or served; shown as a short message, not a traceback."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _names(text: str) -> list[str]:
+    return [n for n in (p.strip() for p in text.replace(",", " ").split()) if n]
+
+
+@magics_class
+class GPUMagics(Magics, Configurable):
+    default_gpu = Unicode("any", help="GPU request used when a %%gpu cell names none (H100, A100:2, any, cpu...).").tag(
+        config=True
+    )
+    connection_file = Unicode(
+        "",
+        help="Connection file of the daemon to use (url and key). Empty: $JUPYTER_GPU_CONNECTION_FILE, "
+        "else a local daemon started on demand.",
+    ).tag(config=True)
+    heartbeat_interval = Float(5.0, help="Seconds of silence from the daemon before the client pings it.").tag(config=True)
+    heartbeat_timeout = Float(10.0, help="Seconds without an answer to a ping before the daemon is declared lost.").tag(
+        config=True
+    )
+    show_cost = Bool(True, help="End each %%gpu cell with its cost line.").tag(config=True)
+    embedded_exit_when_idle = Float(
+        1800.0, help="The embedded local daemon exits after this many quiet seconds with no sessions."
+    ).tag(config=True)
+    embedded_args = List(Unicode(), help="Extra command-line options for the embedded daemon.").tag(config=True)
+    release_on_exit = Bool(True, help="Release this kernel's session (and its GPUs) when the kernel exits.").tag(
+        config=True
+    )
+
+    def __init__(self, shell: Any = None, **kw: Any):
+        Magics.__init__(self, shell=shell)
+        Configurable.__init__(self, config=shell.config if shell is not None else None, **kw)
+        self.session_id = uuid.uuid4().hex
+        self.remote = RemoteNamespace()
+        self._client: DaemonClient | None = None
+        atexit.register(self._at_exit)
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def client(self) -> DaemonClient:
+        if self._client is None:
+            url, key = connect.resolve(
+                self.connection_file, exit_when_idle=self.embedded_exit_when_idle, extra_args=list(self.embedded_args)
+            )
+            self._client = DaemonClient(url, key, self.heartbeat_interval, self.heartbeat_timeout)
+        return self._client
+
+    def _drop_client(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _bulk_dir(self) -> str | None:
+        root = self.client.bulk_root()
+        if root is None:
+            return None
+        path = os.path.join(root, self.session_id)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def _request(self, msg: P.Message, on_message: Any = None) -> P.Message:
+        """Send ``msg``; Ctrl-C interrupts the remote side; errors become GPUCellError."""
+
+        def interrupt() -> None:
+            show_note("interrupting the remote cell (press again to stop waiting)")
+            self.client.send(P.Message(P.Msg.INTERRUPT, {}, self.session_id))
+
+        try:
+            return self.client.request(msg, on_message, interrupt)
+        except DaemonLost as e:
+            self._drop_client()
+            raise GPUCellError(str(e)) from None
+        except DaemonError as e:
+            if e.code in (P.Err.WORKER_DIED, P.Err.TIMEOUT, P.Err.RELEASED, P.Err.SHUTDOWN):
+                self.remote.reset()
+            raise GPUCellError(str(e)) from None
+
+    def _load_values(self, reply: P.Message, directory: str | None) -> dict:
+        frames = reply.buffers
+        if reply.content.get("bulk"):
+            frames = bulk.restore(frames, reply.content["bulk"], directory or "")
+        frames = [f if isinstance(f, memoryview) else bytearray(f.buffer) for f in frames]
+        return serialize.load_values(reply.content.get("values", []), frames)
+
+    # ------------------------------------------------------------------ %%gpu
+
+    @magic_arguments()
+    @argument("spec", nargs="?", default=None, help="GPU request: H100, H100:2, A100-80GB, 'H100|A100', any, cpu.")
+    @argument("--pull", default="", help="Comma-separated names to bring back into the notebook after the cell.")
+    @argument("--timeout", type=float, default=None, help="Interrupt the cell after this many seconds (killed if it ignores it).")
+    @argument("--no-wait", action="store_true", help="Fail at once instead of queueing when no such GPU is free.")
+    @argument("--image", default=None, help="Container image for this session (docker backend).")
+    @argument("--volume", action="append", default=[], help="NAME:/path[:ro] volume to mount (docker backend).")
+    @cell_magic("gpu")
+    def gpu_cell(self, line: str, cell: str) -> Any:
+        """Run this cell on a warm remote worker with a GPU.
+
+        The names the cell reads travel with it; variables it makes stay on the worker
+        (``--pull`` or ``%gpu pull`` brings them back). Output streams back as it happens,
+        and the cell ends with its cost.
+        """
+        args = parse_argstring(self.gpu_cell, line)
+        spec = args.spec or self.default_gpu
+        pull = _names(args.pull)
+        user_ns = self.shell.user_ns
+        source = self.shell.transform_cell(cell)
+        try:
+            specs, frames, prints = self.remote.to_ship(names_read(source), user_ns)
+        except serialize.SerializationError as e:
+            raise GPUCellError(f"{e} Nothing was run.") from None
+        content: dict = {
+            "gpu": spec,
+            "code": cell,
+            "values": specs,
+            "pull": pull,
+            "timeout": args.timeout,
+            "no_wait": args.no_wait,
+            "image": args.image,
+            "volumes": args.volume,
+        }
+        directory = self._bulk_dir()
+        content["bulk_ok"] = directory is not None
+        if directory is not None:
+            frames, content["bulk"] = bulk.offload(frames, directory)
+        msg = P.Message(P.Msg.EXECUTE, content, self.session_id, buffers=frames)
+        relay = Relay()
+        queue_note = None
+
+        def on_message(m: P.Message) -> None:
+            nonlocal queue_note
+            if m.type == P.Msg.QUEUED:
+                text = f"[jupyter-gpu] waiting for {m.content.get('request')}: {_ordinal(m.content['position'])} in queue"
+                if queue_note is None:
+                    queue_note = display({"text/plain": text}, raw=True, display_id=True)
+                else:
+                    queue_note.update({"text/plain": text}, raw=True)
+            elif m.type == P.Msg.STARTED:
+                self._started(m.content, had_session=bool(self.remote.remote))
+            else:
+                relay(m)
+
+        try:
+            reply = self._request(msg, on_message)
+        except BaseException:
+            if directory is not None:
+                bulk.discard(content.get("bulk") or {}, directory)
+            raise
+        done = reply.content
+        if done.get("loaded", True):
+            self.remote.shipped_ok(prints)
+        self.remote.after_cell(done.get("bound", []), done.get("deleted", []), user_ns)
+        if done.get("values"):
+            values = self._load_values(reply, directory)
+            user_ns.update(values)
+            for name in values:
+                self.remote.pulled(name, user_ns)
+        if self.show_cost and done.get("cost"):
+            show_cost(done["cost"])
+        if relay.error is not None:
+            raise relay.error
+        return relay.result
+
+    def _started(self, info: dict, had_session: bool) -> None:
+        self.remote.reset()
+        if info.get("previous") or had_session:
+            why = info.get("previous") or "it ended"
+            show_note(f"the previous worker is gone ({why}); its variables are lost. Starting a fresh one.")
+        gpus = info.get("gpus") or []
+        device = f"{info.get('device')} ×{len(gpus)}" if gpus else info.get("device", "cpu")
+        waited = f", after {info['waited_s']:.1f} s in the queue" if info.get("waited_s", 0) >= 0.05 else ""
+        start = "cold" if info.get("cold") else "warm"
+        show_note(f"{device} ready: {start} start in {info.get('start_s', 0):.2f} s{waited}")
+
+    # ------------------------------------------------------------------ %gpu
+
+    @line_magic("gpu")
+    def gpu_line(self, line: str) -> Any:
+        """Manage this notebook's remote session.
+
+        %gpu status          GPUs of the host, sessions, queue
+        %gpu release         stop this notebook's worker now and free its GPUs
+        %gpu pull a,b        copy worker variables into the notebook
+        %gpu push a,b        send notebook variables to the worker
+        %gpu cost            this session's cells and total spend
+        """
+        cmd, _, rest = line.strip().partition(" ")
+        handlers = {
+            "status": self._status,
+            "release": self._release,
+            "pull": self._pull,
+            "push": self._push,
+            "cost": self._cost,
+        }
+        if cmd not in handlers:
+            raise GPUCellError(f"unknown %gpu command {cmd!r}; use one of: {', '.join(handlers)}")
+        return handlers[cmd](rest.strip())
+
+    def _status(self, _: str) -> None:
+        st = self._request(P.Message(P.Msg.STATUS, {}, self.session_id)).content
+        print(f"backend: {st['backend']}")
+        for g in st["gpus"]:
+            holder = g["session"] or "free"
+            mine = " (this notebook)" if g["session"] == self.session_id else ""
+            sim = " simulated" if g["simulated"] else ""
+            print(f"  GPU {g['index']}: {g['model']}{sim}  {g['memory_bytes'] / 1024**3:.0f} GiB  {holder}{mine}")
+        for s in st["sessions"]:
+            mine = " (this notebook)" if s["id"] == self.session_id else ""
+            print(f"  session {s['id'][:8]}{mine}: {s['device']} {s['state']}, held {s['held_s']:.0f} s, ${s['usd']:.4f}")
+        for i, q in enumerate(st["queue"], 1):
+            print(f"  queued {i}: {q['session'][:8]} wants {q['request']}")
+
+    def _release(self, _: str) -> None:
+        released = self._request(P.Message(P.Msg.RELEASE, {}, self.session_id)).content.get("released")
+        self.remote.reset()
+        print("released: worker stopped, GPUs returned" if released else "nothing to release")
+
+    def _pull(self, rest: str) -> None:
+        names = _names(rest)
+        if not names:
+            raise GPUCellError("usage: %gpu pull NAME[,NAME...]")
+        directory = self._bulk_dir()
+        msg = P.Message(P.Msg.PULL, {"names": names, "bulk_ok": directory is not None}, self.session_id)
+        relay = Relay()
+        reply = self._request(msg, relay)
+        if relay.error is not None:
+            raise relay.error
+        values = self._load_values(reply, directory)
+        self.shell.user_ns.update(values)
+        for name in values:
+            self.remote.pulled(name, self.shell.user_ns)
+
+    def _push(self, rest: str) -> None:
+        names = _names(rest)
+        missing = [n for n in names if n not in self.shell.user_ns]
+        if not names or missing:
+            raise GPUCellError(f"usage: %gpu push NAME[,NAME...]; not defined here: {', '.join(missing)}")
+        try:
+            specs, frames, prints = self.remote.to_ship(names, self.shell.user_ns, force=True)
+        except serialize.SerializationError as e:
+            raise GPUCellError(str(e)) from None
+        # No "gpu": the session keeps what it has (or gets the default if it has no worker).
+        msg = P.Message(P.Msg.EXECUTE, {"code": "", "values": specs}, self.session_id, buffers=frames)
+        relay = Relay()
+        self._request(msg, lambda m: None if m.type in (P.Msg.STARTED, P.Msg.QUEUED) else relay(m))
+        if relay.error is not None:
+            raise relay.error
+        self.remote.shipped_ok(prints)
+
+    def _cost(self, _: str) -> None:
+        c = self._request(P.Message(P.Msg.COST, {}, self.session_id)).content
+        from jupyter_gpu.output import cost_parts
+
+        cells = [x for x in c["cells"] if x.get("kind") == "cell"]
+        for i, cell in enumerate(cells, 1):
+            print(f"  cell {i}: " + " · ".join(cost_parts(cell)[:-1]))
+        total = c["cells_usd"]
+        print(
+            f"cells: {len(cells)}, ${total:.4f} of GPU time; "
+            f"session total (warm idle included): ${c['live_usd'] + c['released_usd']:.4f}"
+        )
+
+    def _at_exit(self) -> None:
+        if self._client is None or not self.release_on_exit:
+            return
+        try:
+            self._client.call(P.Msg.RELEASE, session=self.session_id, timeout=2.0)
+        except Exception:
+            pass

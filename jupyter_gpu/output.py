@@ -1,0 +1,125 @@
+"""Remote output, re-published in the local cell as the same Jupyter messages, in order;
+and the cost line that ends every cell."""
+
+from __future__ import annotations
+
+import html
+import sys
+from typing import Any
+
+from IPython.display import clear_output, display
+
+from kernel_worker import protocol as P
+
+
+class RemoteResult:
+    """The remote cell's last expression: returned by the magic so it shows as Out[n]."""
+
+    def __init__(self, data: dict, metadata: dict):
+        self.data, self.metadata = data, metadata
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
+        return self.data, self.metadata
+
+    def __repr__(self) -> str:
+        return self.data.get("text/plain", "<remote result>")
+
+
+class RemoteCellError(Exception):
+    """Raised locally when the remote cell raised: IPython shows the remote traceback
+    (``_render_traceback_``) and the cell is marked failed, as a local error would."""
+
+    def __init__(self, ename: str, evalue: str, traceback: list[str]):
+        super().__init__(evalue)
+        self.ename, self.evalue, self.traceback = ename, evalue, traceback
+
+    def _render_traceback_(self) -> list[str]:
+        return self.traceback or [f"{self.ename}: {self.evalue}"]
+
+    @classmethod
+    def named(cls, ename: str, evalue: str, traceback: list[str]) -> "RemoteCellError":
+        """An instance whose class is called like the remote exception (so the notebook
+        records ``ZeroDivisionError``, not ``RemoteCellError``)."""
+        if not ename.isidentifier():
+            ename = "RemoteError"
+        sub = type(ename, (cls,), {"__module__": "jupyter_gpu.remote"})
+        return sub(ename, evalue, traceback)
+
+
+class Relay:
+    """Applies one cell's remote messages to the local output area."""
+
+    def __init__(self) -> None:
+        self.result: RemoteResult | None = None
+        self.error: RemoteCellError | None = None
+
+    def __call__(self, msg: P.Message) -> None:
+        c = msg.content
+        t = msg.type
+        if t == P.Msg.STREAM:
+            out = sys.stderr if c.get("name") == "stderr" else sys.stdout
+            out.write(c.get("text", ""))
+            out.flush()
+        elif t in (P.Msg.DISPLAY, P.Msg.UPDATE_DISPLAY):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            transient = c.get("transient") or {}
+            kw: dict = {"metadata": c.get("metadata") or {}, "raw": True}
+            if transient.get("display_id"):
+                kw["display_id"] = transient["display_id"]
+            display(c.get("data", {}), update=(t == P.Msg.UPDATE_DISPLAY), **kw)
+        elif t == P.Msg.CLEAR:
+            clear_output(wait=bool(c.get("wait")))
+        elif t == P.Msg.RESULT:
+            self.result = RemoteResult(c.get("data", {}), c.get("metadata", {}))
+        elif t == P.Msg.ERROR:
+            self.error = RemoteCellError.named(str(c.get("ename", "Error")), str(c.get("evalue", "")), list(c.get("traceback") or []))
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _usd(x: float) -> str:
+    return f"${x:.4f}" if x < 1 else f"${x:.2f}"
+
+
+def cost_parts(cost: dict) -> list[str]:
+    device = cost.get("device", "cpu")
+    count = cost.get("count", 0)
+    parts = [f"{device} ×{count}" if count else device]
+    if cost.get("simulated"):
+        parts[0] += " (simulated)"
+    parts.append(f"{cost.get('wall_s', 0.0):.2f} s")
+    parts.append(_usd(cost.get("usd", 0.0)))
+    if cost.get("peak_memory_bytes") is not None:
+        parts.append(f"peak {_bytes(cost['peak_memory_bytes'])}")
+    if cost.get("mean_util") is not None:
+        parts.append(f"util {cost['mean_util']:.0f}%")
+    session = f"session {_usd(cost.get('session_usd', 0.0))}"
+    if cost.get("session_idle_s", 0) >= 0.01:
+        session += f" (warm idle {cost['session_idle_s']:.0f} s, {_usd(cost.get('session_idle_usd', 0.0))})"
+    parts.append(session)
+    return parts
+
+
+def show_cost(cost: dict) -> None:
+    """The cost line, as a display (not stdout) so it never mixes with the cell's text."""
+    text = "⏱ " + " · ".join(cost_parts(cost))
+    style = "color: var(--jp-ui-font-color2, #777); font-size: 0.85em; font-family: var(--jp-code-font-family, monospace);"
+    display(
+        {"text/plain": text, "text/html": f'<div class="jupyter-gpu-cost" style="{style}">{html.escape(text)}</div>'},
+        raw=True,
+        metadata={"jupyter_gpu": {"cost": cost}},
+    )
+
+
+def show_note(text: str) -> None:
+    """A one-line status note from jupyter-gpu itself (queue place, cold start...)."""
+    print(f"[jupyter-gpu] {text}", file=sys.stderr, flush=True)

@@ -1,0 +1,3 @@
+from kernel_worker.app import main
+
+main()

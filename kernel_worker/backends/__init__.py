@@ -1,0 +1,16 @@
+"""Where a session's executor runs. The daemon picks one by name (``--backend``)."""
+
+from __future__ import annotations
+
+from kernel_worker.backends.base import Backend, WorkerExit, WorkerSpec
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name == "process":
+        from kernel_worker.backends.process import ProcessBackend
+
+        return ProcessBackend
+    raise ValueError(f"unknown backend {name!r}; this daemon has: process")
+
+
+__all__ = ["Backend", "WorkerExit", "WorkerSpec", "backend_class"]

@@ -1,0 +1,69 @@
+"""The backend interface: start, signal, stop and wait for one session's worker.
+
+A backend must not assume the worker shares the daemon's host or filesystem beyond
+what ``WorkerSpec`` says: the executor is told an address to dial back to and its
+key through its environment, and everything else travels over the socket.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from traitlets.config import LoggingConfigurable
+
+from kernel_worker.inventory import GPU
+
+
+@dataclass
+class WorkerSpec:
+    session: str
+    gpus: list[GPU]
+    env: dict[str, str]  # what the executor needs: endpoint, session, key, bulk dir
+    log_path: str  # where the worker's own diagnostics go
+    options: dict[str, Any] = field(default_factory=dict)  # per-cell backend options
+
+
+@dataclass
+class WorkerExit:
+    code: int | None
+    reason: str  # for people: "exited with code 1", "killed by SIGKILL"
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "vanished"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Backend(LoggingConfigurable):
+    """Runs executors. Implementations: ``process`` (this host), ``docker``."""
+
+    async def start(self, spec: WorkerSpec) -> Any:
+        """Start the worker; return a handle. The executor connects back by itself."""
+        raise NotImplementedError
+
+    async def signal(self, handle: Any, signum: int) -> None:
+        raise NotImplementedError
+
+    async def stop(self, handle: Any) -> None:
+        """Stop the worker for good (it may already be gone)."""
+        raise NotImplementedError
+
+    async def wait(self, handle: Any) -> WorkerExit:
+        """Return once the worker has ended, however it ended."""
+        raise NotImplementedError
+
+    def gpu_env(self, gpus: list[GPU]) -> dict[str, str]:
+        """Pin exactly the assigned GPUs; simulated ones are only announced."""
+        real = [g.uuid for g in gpus if not g.simulated]
+        return {
+            "CUDA_VISIBLE_DEVICES": ",".join(real),
+            "JUPYTER_GPU_DEVICES": ",".join(f"{g.model}:{g.uuid}" for g in gpus) or "cpu",
+        }

@@ -1,0 +1,687 @@
+"""The worker daemon: sessions, the GPU queue, workers, idle release and the cost ledger.
+
+One asyncio loop with two ROUTER sockets: ``front`` for notebooks, ``back`` for the
+executors it started. It reads only headers; value frames are relayed as the
+ZeroMQ frames they arrived in, never unpickled and never copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_core.paths import jupyter_runtime_dir
+from traitlets import Dict, Float, Instance, Int, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from kernel_worker import bulk, inventory, scheduler
+from kernel_worker import protocol as P
+from kernel_worker.backends import Backend, WorkerSpec, backend_class
+from kernel_worker.executor import ENV_BULK_DIR, ENV_ENDPOINT, ENV_FLUSH_MS, ENV_HEARTBEAT_S, ENV_KEY, ENV_SESSION
+from kernel_worker.inventory import GPU
+
+DEFAULT_PRICES = {
+    # USD per GPU-hour; typical on-demand list prices, late 2026. Override per host.
+    "H200": 3.79,
+    "H100": 2.99,
+    "A100-80GB": 1.79,
+    "A100-40GB": 1.29,
+    "L40S": 0.99,
+    "A10G": 0.75,
+    "L4": 0.58,
+    "T4": 0.35,
+    "cpu": 0.0,
+}
+
+
+def default_url() -> str:
+    return "ipc://" + os.path.join(jupyter_runtime_dir(), "jupyter-gpu-daemon.sock")
+
+
+def default_connection_file() -> str:
+    return os.path.join(jupyter_runtime_dir(), "jupyter-gpu-daemon.json")
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    request: scheduler.Request
+    key: bytes
+    signer: P.Signer
+    client: bytes = b""  # routing id of the notebook this session answers
+    gpus: list[GPU] = field(default_factory=list)
+    handle: Any = None
+    state: str = "starting"  # starting | idle | busy
+    ready: asyncio.Future | None = None
+    current: P.Message | None = None  # the request being served
+    cell_started: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+    last_heard: float = field(default_factory=time.monotonic)
+    busy_s: float = 0.0
+    cells: list[dict] = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+    telemetry: inventory.Sample = field(default_factory=inventory.Sample)
+    tasks: set = field(default_factory=set)
+    releasing: bool = False
+    cell_done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def device(self) -> str:
+        return self.gpus[0].model if self.gpus else inventory.CPU
+
+
+class WorkerDaemon(LoggingConfigurable):
+    url = Unicode(
+        help="Where notebooks connect: ipc://PATH or tcp://127.0.0.1:PORT. "
+        "Default: an ipc socket in the Jupyter runtime directory."
+    ).tag(config=True)
+    connection_file = Unicode(help="File the daemon writes its url and key to (mode 0600) for clients.").tag(
+        config=True
+    )
+    backend = Unicode("process", help="Where workers run: process (this host).").tag(config=True)
+    simulate_gpus = Unicode(
+        "", help='Declared GPU inventory for machines without GPUs, e.g. "H100:2,A100-80GB:1". Empty: ask pynvml.'
+    ).tag(config=True)
+    idle_timeout = Float(300.0, help="Seconds a session may sit idle before its worker and GPUs are released.").tag(
+        config=True
+    )
+    exit_when_idle = Float(
+        0.0, help="Exit after this many seconds with no sessions and no requests (0: never). The embedded daemon sets it."
+    ).tag(config=True)
+    worker_start_timeout = Float(60.0, help="Seconds a new worker has to connect back before its start fails.").tag(
+        config=True
+    )
+    interrupt_grace = Float(5.0, help="Seconds a cell past its --timeout gets after SIGINT before its worker is killed.").tag(
+        config=True
+    )
+    worker_heartbeat_timeout = Float(
+        30.0, help="A worker silent this long (no heartbeat, no output) is considered hung and stopped."
+    ).tag(config=True)
+    worker_heartbeat_interval = Float(2.0, help="Seconds between a worker's heartbeats.").tag(config=True)
+    reap_interval = Float(1.0, help="Seconds between checks for idle sessions and silent workers.").tag(config=True)
+    telemetry_interval = Float(0.5, help="Seconds between GPU utilisation/memory samples while a cell runs.").tag(
+        config=True
+    )
+    flush_ms = Float(5.0, help="Milliseconds a worker batches stream output before sending it.").tag(config=True)
+    prices = Dict(DEFAULT_PRICES, help="USD per device-hour by model name (H100, A100-80GB, ..., cpu).").tag(
+        config=True
+    )
+    max_message_bytes = Int(16 * 1024**3, help="Largest request (all frames) a client may send.").tag(config=True)
+    max_header_bytes = Int(4 * 1024**2, help="Largest request header (cell code included).").tag(config=True)
+    bulk_root = Unicode(
+        help="Directory (ideally tmpfs) where same-host clients and workers exchange large buffers."
+    ).tag(config=True)
+    state_dir = Unicode(help="Private directory for worker sockets and logs. Default: a new temporary one.").tag(
+        config=True
+    )
+
+    backend_instance = Instance(Backend, allow_none=True)
+
+    @default("url")
+    def _url(self) -> str:
+        return default_url()
+
+    @default("connection_file")
+    def _cf(self) -> str:
+        return default_connection_file()
+
+    @default("bulk_root")
+    def _bulk(self) -> str:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+        return os.path.join(base, f"jupyter-gpu-{os.getuid()}")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        gpus = inventory.parse_simulated(self.simulate_gpus) if self.simulate_gpus else inventory.discover()
+        self.scheduler = scheduler.Scheduler(gpus)
+        self.key = P.new_key()
+        self.signer = P.Signer(self.key)
+        self.limits = P.Limits(self.max_header_bytes, P.Limits.max_frames, self.max_message_bytes)
+        self.sessions: dict[str, Session] = {}
+        self.ended: dict[str, str] = {}  # session id -> why its worker went away
+        self.ledger: dict[str, list[dict]] = {}  # session id -> cells, kept after release
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping: asyncio.Event | None = None
+        self._last_request = time.monotonic()
+        if self.backend_instance is None:
+            self.backend_instance = backend_class(self.backend)(parent=self)
+
+    def _spawn(self, coro: Any, owner: set | None = None) -> asyncio.Task:
+        """Start a task the daemon owns (and cancels at shutdown)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        for s in (self._tasks, owner):
+            if s is not None:
+                s.add(task)
+                task.add_done_callback(s.discard)
+        return task
+
+    async def run(self, ready: Any = None) -> None:
+        """Serve until stopped (SIGTERM/SIGINT or ``stop()``). ``ready(info)`` is called once bound."""
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self._stopping.set)
+            except (RuntimeError, ValueError):  # not the main thread
+                pass
+        self.ctx = zmq.asyncio.Context()
+        made_state_dir = not self.state_dir
+        self.state_dir = self.state_dir or tempfile.mkdtemp(prefix="jupyter-gpu-")
+        os.chmod(self.state_dir, 0o700)
+        os.makedirs(self.bulk_root, mode=0o700, exist_ok=True)
+        self.bulk_probe = secrets.token_hex(16)
+        with open(os.path.join(self.bulk_root, ".probe"), "w") as f:
+            f.write(self.bulk_probe)
+        self.front = self.ctx.socket(zmq.ROUTER)
+        self.front.linger = 0
+        self.back = self.ctx.socket(zmq.ROUTER)
+        self.back.linger = 0
+        self.back_url = "ipc://" + os.path.join(self.state_dir, "workers.sock")
+        self.back.bind(self.back_url)
+        if self.url.startswith("ipc://"):
+            os.makedirs(os.path.dirname(self.url[6:]) or ".", exist_ok=True)
+        self.front.bind(self.url)
+        self.url = self.front.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._write_connection_file()
+        self.log.info("jupyter-gpu daemon on %s (%s backend; %s)", self.url, self.backend, self.scheduler.describe())
+        try:
+            self._spawn(self._serve_front())
+            self._spawn(self._serve_back())
+            self._spawn(self._reaper())
+            if ready is not None:
+                ready({"url": self.url, "pid": os.getpid(), "connection_file": self.connection_file})
+            await self._stopping.wait()
+        finally:
+            await self._shutdown(made_state_dir)
+
+    def stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def _shutdown(self, remove_state_dir: bool) -> None:
+        for s in list(self.sessions.values()):
+            await self._release(s, "the daemon shut down", code=P.Err.SHUTDOWN)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.front.close(0)
+        self.back.close(0)
+        self.ctx.term()
+        try:
+            with open(self.connection_file) as f:
+                if json.load(f).get("pid") == os.getpid():
+                    os.unlink(self.connection_file)
+        except (OSError, ValueError):
+            pass
+        if self.url.startswith("ipc://"):
+            try:
+                os.unlink(self.url[6:])
+            except OSError:
+                pass
+        if remove_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def _write_connection_file(self) -> None:
+        info = {"url": self.url, "key": self.key.decode(), "pid": os.getpid(), "backend": self.backend}
+        os.makedirs(os.path.dirname(self.connection_file) or ".", exist_ok=True)
+        tmp = self.connection_file + f".{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, self.connection_file)
+
+    # ------------------------------------------------------------------ sending
+
+    def _to_client(self, ident: bytes, msg: P.Message) -> None:
+        # ROUTER sends never block: unroutable peers are dropped by ZeroMQ.
+        self.front.send_multipart([ident, *P.pack(msg, self.signer)], copy=False)
+
+    def _fail(self, ident: bytes, parent: P.Message | str | None, code: str, text: str, **extra: Any) -> None:
+        if isinstance(parent, P.Message):
+            msg = parent.reply(P.Msg.FAIL, {"code": code, "message": text, **extra})
+        else:
+            msg = P.Message(P.Msg.FAIL, {"code": code, "message": text, **extra}, parent=parent or "")
+        self._to_client(ident, msg)
+
+    def _to_worker(self, s: Session, msg: P.Message) -> None:
+        self.back.send_multipart([s.id.encode(), *P.pack(msg, s.signer)], copy=False)
+
+    # ------------------------------------------------------------------ front: notebooks
+
+    async def _serve_front(self) -> None:
+        while True:
+            frames = await self.front.recv_multipart(copy=False)
+            self._last_request = time.monotonic()
+            ident = frames[0].bytes
+            try:
+                _, rest = P.split_routing(frames[1:])
+                msg = P.unpack(rest, self.signer, self.limits, P.CLIENT_REQUESTS)
+            except P.ProtocolError as e:
+                self.log.warning("refused a request: %s", e.text)
+                self._fail(ident, e.msg_id, e.code, e.text)
+                continue
+            try:
+                self._dispatch(ident, msg)
+            except Exception as e:  # a bug must cost one reply, not the daemon
+                self.log.exception("error handling %s", msg.type)
+                self._fail(ident, msg, P.Err.BAD_MESSAGE, f"daemon could not handle {msg.type}: {e}")
+
+    def _dispatch(self, ident: bytes, msg: P.Message) -> None:
+        t = msg.type
+        if t == P.Msg.PING:
+            self._to_client(ident, msg.reply(P.Msg.PONG))
+        elif t == P.Msg.HELLO:
+            self._to_client(ident, msg.reply(P.Msg.WELCOME, self._welcome()))
+        elif t == P.Msg.STATUS:
+            self._to_client(ident, msg.reply(P.Msg.REPLY, self._status()))
+        elif t == P.Msg.COST:
+            self._to_client(ident, msg.reply(P.Msg.REPLY, self._cost(msg.session)))
+        elif t == P.Msg.RELEASE:
+            self._spawn(self._handle_release(ident, msg))
+        elif t == P.Msg.INTERRUPT:
+            self._spawn(self._handle_interrupt(ident, msg))
+        elif t in (P.Msg.EXECUTE, P.Msg.PULL):
+            if not msg.session:
+                self._fail(ident, msg, P.Err.BAD_MESSAGE, f"{t} needs a session id")
+            elif (moved := msg.content.get("bulk")) is not None and not _valid_bulk(moved, len(msg.buffers)):
+                self._fail(ident, msg, P.Err.BAD_MESSAGE, "bad bulk buffer references")
+            else:
+                self._spawn(self._handle_run(ident, msg))
+
+    def _welcome(self) -> dict:
+        return {
+            "protocol": P.PROTOCOL_VERSION,
+            "backend": self.backend,
+            "pid": os.getpid(),
+            "gpus": [g.to_json() for g in self.scheduler.gpus],
+            "idle_timeout": self.idle_timeout,
+            "bulk_root": self.bulk_root,
+            "bulk_probe": self.bulk_probe,
+        }
+
+    def _status(self) -> dict:
+        now = time.monotonic()
+        gpus = []
+        for g in self.scheduler.gpus:
+            gpus.append({**g.to_json(), "session": self.scheduler.holder.get(g.uuid)})
+        sessions = [
+            {
+                "id": s.id,
+                "state": s.state,
+                "device": s.device,
+                "gpus": [g.uuid for g in s.gpus],
+                "idle_s": now - s.last_active if s.state == "idle" else 0.0,
+                "idle_timeout": self.idle_timeout,
+                "held_s": now - s.started_at,
+                "usd": self._price(s) * (now - s.started_at) / 3600,
+                "cells": len(s.cells),
+            }
+            for s in self.sessions.values()
+        ]
+        return {"gpus": gpus, "sessions": sessions, "queue": self.scheduler.queue(), "backend": self.backend}
+
+    def _cost(self, session: str) -> dict:
+        cells = self.ledger.get(session, [])
+        s = self.sessions.get(session)
+        held = (time.monotonic() - s.started_at) if s else 0.0
+        return {
+            "cells": cells,
+            "cells_usd": sum(c["usd"] for c in cells),
+            "live_held_s": held,
+            "live_usd": self._price(s) * held / 3600 if s else 0.0,
+            "released_usd": sum(c.get("released_usd", 0.0) for c in cells),
+        }
+
+    async def _handle_release(self, ident: bytes, msg: P.Message) -> None:
+        s = self.sessions.get(msg.session)
+        if s is not None:
+            await self._release(s, "released by the user", code=P.Err.RELEASED)
+        self._to_client(ident, msg.reply(P.Msg.REPLY, {"released": s is not None}))
+
+    async def _handle_interrupt(self, ident: bytes, msg: P.Message) -> None:
+        s = self.sessions.get(msg.session)
+        done = False
+        if s is not None and s.state == "busy" and s.handle is not None:
+            await self.backend_instance.signal(s.handle, signal.SIGINT)
+            done = True
+        elif s is not None and s.state == "starting":
+            for t in list(s.tasks):
+                t.cancel()
+            done = True
+        self._to_client(ident, msg.reply(P.Msg.REPLY, {"interrupted": done}))
+
+    async def _handle_run(self, ident: bytes, msg: P.Message) -> None:
+        """EXECUTE or PULL: make sure the session has a worker, then hand the request over."""
+        s = self.sessions.get(msg.session)
+        if s is not None and s.state != "idle":
+            self._fail(ident, msg, P.Err.BUSY, f"session {msg.session} is {s.state}: one request at a time")
+            return
+        if msg.type == P.Msg.PULL and s is None:
+            why = self.ended.get(msg.session, "it has no worker")
+            self._fail(ident, msg, P.Err.NO_SESSION, f"nothing to pull: {why}")
+            return
+        if msg.type == P.Msg.EXECUTE and (s is None or msg.content.get("gpu")):
+            try:
+                req = scheduler.parse(str(msg.content.get("gpu") or scheduler.ANY))
+                self.scheduler.check(req)
+            except scheduler.SpecError as e:
+                bad = "cannot provide" in str(e)
+                self._fail(ident, msg, P.Err.NO_SUCH_GPU if bad else P.Err.BAD_SPEC, str(e))
+                return
+            if s is not None and not self.scheduler.satisfies(req, s.gpus):
+                old = s.request.text
+                await self._release(s, f"moved from {old} to {req.text}")
+                s = None
+            if s is None:
+                s = await self._start_session(ident, msg, req)
+                if s is None:
+                    return
+        s.client = ident
+        s.current = msg
+        s.state = "busy"
+        s.cell_started = time.monotonic()
+        s.cell_done.clear()
+        s.telemetry = inventory.Sample()
+        self._to_worker(s, msg)
+        if msg.type == P.Msg.EXECUTE:
+            if any(not g.simulated for g in s.gpus):
+                self._spawn(self._sample(s), s.tasks)
+            timeout = msg.content.get("timeout")
+            if isinstance(timeout, (int, float)) and timeout > 0:
+                self._spawn(self._enforce_timeout(s, msg, float(timeout)), s.tasks)
+
+    async def _start_session(self, ident: bytes, msg: P.Message, req: scheduler.Request) -> Session | None:
+        key = P.new_key()
+        s = Session(msg.session, req, key, P.Signer(key), client=ident, current=msg)
+        self.sessions[s.id] = s
+        previous = self.ended.pop(s.id, None)
+        t0 = time.monotonic()
+        me = asyncio.current_task()
+        s.tasks.add(me)  # so an interrupt can cancel the wait
+        try:
+            s.gpus = self.scheduler.allocate_now(req, s.id) or []
+            if s.gpus == [] and not self.scheduler.satisfies(req, []):
+                if msg.content.get("no_wait"):
+                    holders = sorted(set(self.scheduler.holder.values()) - {s.id})
+                    raise _Refused(
+                        P.Err.UNAVAILABLE,
+                        f"no {req.text} free right now (held by {len(holders)} other session(s)); "
+                        "drop --no-wait to queue for it",
+                    )
+
+                def position(n: int) -> None:
+                    self._to_client(ident, msg.reply(P.Msg.QUEUED, {"position": n, "request": req.text}))
+
+                waiter = self._spawn(self.scheduler.acquire(req, s.id, position, None), s.tasks)
+                s.gpus = await waiter
+            waited = time.monotonic() - t0
+            s.started_at = time.monotonic()
+            await self._start_worker(s)
+        except _Refused as e:
+            self._forget(s)
+            self._fail(ident, msg, e.code, e.text)
+            return None
+        except asyncio.CancelledError:
+            self._forget(s)
+            await self._stop_worker(s)
+            self._fail(ident, msg, P.Err.RELEASED, "interrupted while waiting for a GPU or a worker; nothing ran")
+            if self._stopping is not None and self._stopping.is_set():
+                raise
+            return None
+        except Exception as e:
+            self._forget(s)
+            await self._stop_worker(s)
+            self.log.warning("worker for %s failed to start: %s", s.id, e)
+            self._fail(ident, msg, P.Err.WORKER_START, f"could not start a worker: {e}")
+            return None
+        finally:
+            s.tasks.discard(me)
+        s.state = "idle"
+        self.ledger.setdefault(s.id, [])
+        info = {
+            "gpus": [g.to_json() for g in s.gpus],
+            "device": s.device,
+            "waited_s": waited,
+            "start_s": time.monotonic() - s.started_at,
+            "cold": True,
+            "previous": previous,
+            "versions": s.versions,
+            "idle_timeout": self.idle_timeout,
+            "price_per_hour": self._price(s),
+        }
+        self._to_client(ident, msg.reply(P.Msg.STARTED, info))
+        return s
+
+    async def _start_worker(self, s: Session) -> None:
+        s.ready = asyncio.get_running_loop().create_future()
+        bulk_dir = os.path.join(self.bulk_root, s.id)
+        os.makedirs(bulk_dir, mode=0o700, exist_ok=True)
+        env = {
+            ENV_ENDPOINT: self.back_url,
+            ENV_SESSION: s.id,
+            ENV_KEY: s.key.decode(),
+            ENV_BULK_DIR: bulk_dir,
+            ENV_FLUSH_MS: str(self.flush_ms),
+            ENV_HEARTBEAT_S: str(self.worker_heartbeat_interval),
+        }
+        options = {k: s.current.content.get(k) for k in ("image", "volumes")} if s.current else {}
+        spec = WorkerSpec(s.id, s.gpus, env, os.path.join(self.state_dir, f"{s.id}.log"), options)
+        s.handle = await self.backend_instance.start(spec)
+        watcher = self._spawn(self._watch(s))
+        done, _ = await asyncio.wait({s.ready, watcher}, timeout=self.worker_start_timeout, return_when=asyncio.FIRST_COMPLETED)
+        if s.ready not in done:
+            raise RuntimeError(
+                "the worker exited before it connected; see its log " + spec.log_path
+                if watcher in done
+                else f"the worker did not connect within {self.worker_start_timeout:.0f} s; see {spec.log_path}"
+            )
+        s.versions = s.ready.result().get("versions", {})
+        s.last_heard = time.monotonic()
+
+    def _forget(self, s: Session) -> None:
+        if self.sessions.get(s.id) is s:
+            del self.sessions[s.id]
+        s.releasing = True
+        self.scheduler.release(s.gpus)
+        s.gpus = []
+
+    async def _stop_worker(self, s: Session) -> None:
+        if s.handle is not None:
+            await self.backend_instance.stop(s.handle)
+        shutil.rmtree(os.path.join(self.bulk_root, s.id), ignore_errors=True)
+
+    async def _release(self, s: Session, why: str, code: str = P.Err.RELEASED) -> None:
+        """Stop the worker and return its GPUs; a request in flight gets a FAIL saying why."""
+        if s.releasing:
+            return
+        current = s.current if s.state == "busy" else None
+        self._close_ledger(s)
+        self._forget(s)
+        for t in list(s.tasks):
+            if t is not asyncio.current_task():
+                t.cancel()
+        self.ended[s.id] = why
+        await self._stop_worker(s)
+        if current is not None:
+            self._fail(s.client, current, code, f"session {s.id} ended: {why}")
+        self.log.info("session %s released: %s", s.id, why)
+
+    def _close_ledger(self, s: Session) -> None:
+        cells = self.ledger.setdefault(s.id, [])
+        held = time.monotonic() - s.started_at
+        cells.append(
+            {
+                "kind": "release",
+                "device": s.device,
+                "count": len(s.gpus),
+                "held_s": held,
+                "idle_s": max(0.0, held - s.busy_s),
+                "usd": 0.0,
+                "released_usd": self._price(s) * held / 3600,
+            }
+        )
+
+    async def _watch(self, s: Session) -> None:
+        """End the session cleanly when its worker dies on its own."""
+        exit = await self.backend_instance.wait(s.handle)
+        if s.releasing:
+            return
+        log = os.path.join(self.state_dir, f"{s.id}.log")
+        why = f"its worker {exit.reason}"
+        if s.state == "busy":
+            why += " while running the cell"
+        await self._release(
+            s,
+            f"{why}; variables defined on the worker are lost, the next cell starts a fresh one (worker log: {log})",
+            code=P.Err.WORKER_DIED,
+        )
+
+    async def _enforce_timeout(self, s: Session, msg: P.Message, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(s.cell_done.wait(), timeout)
+            return
+        except asyncio.TimeoutError:
+            pass
+        if s.current is not msg or s.state != "busy":
+            return
+        self._to_client(
+            s.client,
+            msg.reply(P.Msg.STREAM, {"name": "stderr", "text": f"\n[jupyter-gpu] cell passed --timeout {timeout:g} s: interrupting\n"}),
+        )
+        await self.backend_instance.signal(s.handle, signal.SIGINT)
+        try:
+            await asyncio.wait_for(s.cell_done.wait(), self.interrupt_grace)
+        except asyncio.TimeoutError:
+            await self._release(
+                s,
+                f"the cell passed --timeout {timeout:g} s and did not stop within {self.interrupt_grace:g} s of an "
+                "interrupt, so its worker was killed; variables defined on it are lost",
+                code=P.Err.TIMEOUT,
+            )
+
+    async def _sample(self, s: Session) -> None:
+        while s.state == "busy":
+            inventory.sample(s.gpus, s.telemetry)
+            try:
+                await asyncio.wait_for(s.cell_done.wait(), self.telemetry_interval)
+            except asyncio.TimeoutError:
+                continue
+
+    # ------------------------------------------------------------------ back: executors
+
+    async def _serve_back(self) -> None:
+        while True:
+            frames = await self.back.recv_multipart(copy=False)
+            sid = frames[0].bytes.decode("utf-8", "replace")
+            s = self.sessions.get(sid)
+            if s is None:
+                continue  # a worker we already let go of
+            try:
+                _, rest = P.split_routing(frames[1:])
+                msg = P.unpack(rest, s.signer, self.limits, P.EXECUTOR_REPLIES)
+            except P.ProtocolError as e:
+                self.log.warning("dropped a bad message from worker %s: %s", sid, e.text)
+                continue
+            s.last_heard = time.monotonic()
+            self._from_worker(s, msg)
+
+    def _from_worker(self, s: Session, msg: P.Message) -> None:
+        t = msg.type
+        if t == P.Msg.READY:
+            if s.ready is not None and not s.ready.done():
+                s.ready.set_result(msg.content)
+            return
+        if t in (P.Msg.HEARTBEAT, P.Msg.PONG):
+            return
+        if s.current is None or msg.parent != s.current.id:
+            return  # output of a request that was already answered
+        if t == P.Msg.DONE:
+            msg.content["cost"] = self._account(s)
+        if t in (P.Msg.DONE, P.Msg.VALUES):
+            s.state = "idle"
+            s.current = None
+            s.last_active = time.monotonic()
+            s.cell_done.set()
+        self._to_client(s.client, msg)
+
+    def _price(self, s: Session | None) -> float:
+        if s is None:
+            return 0.0
+        return float(self.prices.get(s.device, 0.0)) * max(1, len(s.gpus))
+
+    def _account(self, s: Session) -> dict:
+        now = time.monotonic()
+        wall = now - s.cell_started
+        s.busy_s += wall
+        held = now - s.started_at
+        price = self._price(s)
+        cell = {
+            "kind": "cell",
+            "device": s.device,
+            "count": len(s.gpus),
+            "simulated": any(g.simulated for g in s.gpus),
+            "wall_s": wall,
+            "usd": price * wall / 3600,
+            "price_per_hour": price,
+            "peak_memory_bytes": s.telemetry.peak_memory_bytes if s.telemetry.count else None,
+            "mean_util": s.telemetry.mean_util,
+            "session_held_s": held,
+            "session_usd": price * held / 3600,
+            "session_idle_s": max(0.0, held - s.busy_s),
+            "session_idle_usd": price * max(0.0, held - s.busy_s) / 3600,
+        }
+        s.cells.append(cell)
+        self.ledger.setdefault(s.id, []).append(cell)
+        return cell
+
+    # ------------------------------------------------------------------ housekeeping
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(self.reap_interval)  # a periodic timer, not a synchronisation
+            now = time.monotonic()
+            for s in list(self.sessions.values()):
+                if s.state == "idle" and now - s.last_active > self.idle_timeout:
+                    self._spawn(self._release(s, f"it was idle for more than {self.idle_timeout:g} s (idle_timeout)"))
+                elif s.state != "starting" and now - s.last_heard > self.worker_heartbeat_timeout:
+                    self._spawn(
+                        self._release(
+                            s,
+                            f"its worker sent no heartbeat for {self.worker_heartbeat_timeout:g} s and was stopped",
+                            code=P.Err.WORKER_DIED,
+                        )
+                    )
+            quiet = now - self._last_request
+            if self.exit_when_idle and not self.sessions and quiet > self.exit_when_idle:
+                self.log.info("no sessions and no requests for %.0f s: exiting", quiet)
+                self.stop()
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, text: str):
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+def _valid_bulk(moved: Any, nframes: int) -> bool:
+    if not isinstance(moved, dict):
+        return False
+    for k, ref in moved.items():
+        if not (k.isdigit() and int(k) < nframes and isinstance(ref, dict)):
+            return False
+        if not bulk.valid_name(ref.get("file")) or not isinstance(ref.get("size"), int):
+            return False
+    return True

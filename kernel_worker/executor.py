@@ -1,0 +1,397 @@
+"""The executor: runs a session's cells in one persistent namespace.
+
+It is started by a backend (a local process, a container) and dials back to the
+daemon. It needs only Python, pyzmq and cloudpickle, so it can be injected into
+any image; with IPython present, cells run through ``InteractiveShell`` (magics,
+``!cmd``, ``display()``, inline matplotlib, the last expression as Out[]).
+
+Threads: the main thread runs user code (so SIGINT lands there as
+KeyboardInterrupt); one I/O thread owns the ZeroMQ socket. Everything the cell
+emits goes through an ordered ``Outbox`` that coalesces stream text and is flushed
+by the I/O thread every ``JUPYTER_GPU_FLUSH_MS`` or at once for non-stream messages.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+import platform
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import zmq
+
+from kernel_worker import bulk, serialize
+from kernel_worker import protocol as P
+
+ENV_ENDPOINT = "JUPYTER_GPU_ENDPOINT"
+ENV_SESSION = "JUPYTER_GPU_SESSION"
+ENV_KEY = "JUPYTER_GPU_SESSION_KEY"
+ENV_BULK_DIR = "JUPYTER_GPU_BULK_DIR"
+ENV_FLUSH_MS = "JUPYTER_GPU_FLUSH_MS"
+ENV_HEARTBEAT_S = "JUPYTER_GPU_HEARTBEAT_S"
+ENV_DEVICES = "JUPYTER_GPU_DEVICES"
+
+
+class Outbox:
+    """Ordered outgoing messages; consecutive writes to one stream merge into one message.
+
+    Stream text waits up to ``flush_s`` to be batched; any other message is sent at
+    once, behind the text that came before it.
+    """
+
+    def __init__(self, flush_s: float) -> None:
+        self.flush_s = flush_s
+        self._lock = threading.Lock()
+        self._items: list = []  # [stream_name, [texts]] or Message
+        self._since = 0.0  # when the oldest pending item was queued
+        self._urgent = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self.parent: P.Message | None = None  # the request whose output this is
+
+    def fileno(self) -> int:
+        return self._wake_r
+
+    def _queue(self, item: Any, urgent: bool) -> None:
+        with self._lock:
+            wake = urgent or not self._items
+            if not self._items:
+                self._since = time.monotonic()
+            last = self._items[-1] if self._items else None
+            if not urgent and isinstance(last, list) and last[0] == item[0]:
+                last[1].extend(item[1])
+            else:
+                self._items.append(item)
+            self._urgent |= urgent
+        if wake:
+            os.write(self._wake_w, b"x")
+
+    def stream(self, name: str, text: str) -> None:
+        if text:
+            self._queue([name, [text]], False)
+
+    def send(self, msg: P.Message) -> None:
+        self._queue(msg, True)
+
+    def due_in(self, idle: float) -> float:
+        """Seconds until the outbox should be flushed (``idle`` when empty)."""
+        with self._lock:
+            if not self._items:
+                return idle
+            if self._urgent:
+                return 0.0
+            return max(0.0, self._since + self.flush_s - time.monotonic())
+
+    def drain(self) -> list[P.Message]:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        with self._lock:
+            items, self._items, self._urgent = self._items, [], False
+        parent = self.parent
+        out = []
+        for item in items:
+            if isinstance(item, list):
+                if parent is not None:
+                    out.append(parent.reply(P.Msg.STREAM, {"name": item[0], "text": "".join(item[1])}))
+            else:
+                out.append(item)
+        return out
+
+
+class StreamWriter(io.TextIOBase):
+    """sys.stdout / sys.stderr replacement feeding the outbox."""
+
+    def __init__(self, name: str, outbox: Outbox):
+        self.name = name
+        self._outbox = outbox
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self._outbox.stream(self.name, text)
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+
+class IOThread(threading.Thread):
+    """Owns the socket: sends what the outbox holds, receives requests into ``inbox``."""
+
+    def __init__(self, sock: zmq.Socket, signer: P.Signer, outbox: Outbox, inbox: queue.Queue, session: str):
+        super().__init__(name="jgpu-io", daemon=True)
+        self.sock, self.signer, self.outbox, self.inbox, self.session = sock, signer, outbox, inbox, session
+        self.heartbeat_s = float(os.environ.get(ENV_HEARTBEAT_S, "2"))
+        self.stopping = threading.Event()
+
+    def _send(self, msg: P.Message) -> None:
+        self.sock.send_multipart(P.pack(msg, self.signer), copy=False)
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.outbox.fileno(), zmq.POLLIN)
+        next_beat = time.monotonic() + self.heartbeat_s
+        while not self.stopping.is_set():
+            events = dict(poller.poll(self.outbox.due_in(self.heartbeat_s) * 1000))
+            if self.outbox.due_in(self.heartbeat_s) == 0.0:
+                for msg in self.outbox.drain():
+                    self._send(msg)
+            elif self.outbox.fileno() in events:
+                try:
+                    os.read(self.outbox.fileno(), 4096)
+                except BlockingIOError:
+                    pass
+            if self.sock in events:
+                frames = self.sock.recv_multipart(copy=False)
+                try:
+                    _, rest = P.split_routing(frames)
+                    self.inbox.put(P.unpack(rest, self.signer, allowed=P.EXECUTOR_REQUESTS))
+                except P.ProtocolError as e:
+                    print(f"jupyter-gpu executor: dropped bad message: {e}", file=sys.__stderr__)
+            now = time.monotonic()
+            if now >= next_beat:
+                self._send(P.Message(P.Msg.HEARTBEAT, {}, self.session))
+                next_beat = now + self.heartbeat_s
+
+
+def _versions() -> dict:
+    import cloudpickle
+
+    out = {
+        "python": platform.python_version(),
+        "cloudpickle": cloudpickle.__version__,
+        "pyzmq": zmq.__version__,
+        "pid": os.getpid(),
+        "host": platform.node(),
+    }
+    for mod in ("numpy", "torch", "IPython"):
+        m = sys.modules.get(mod)
+        out[mod] = getattr(m, "__version__", None) if m else None
+    return out
+
+
+class Runner:
+    """Runs code in the persistent namespace, reporting output through the outbox."""
+
+    def __init__(self, outbox: Outbox):
+        self.outbox = outbox
+        self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+        self.shell = None
+        try:
+            self.shell = _make_shell(outbox, self.ns)
+        except ImportError:
+            pass
+
+    def run(self, code: str) -> bool:
+        """Run ``code``; True when it raised nothing."""
+        if self.shell is not None:
+            result = self.shell.run_cell(code, store_history=True)
+            return result.success
+        try:
+            tree = ast.parse(code, "<cell>")
+            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            exec(compile(tree, "<cell>", "exec"), self.ns)
+            if last is not None:
+                value = eval(compile(ast.Expression(last.value), "<cell>", "eval"), self.ns)
+                if value is not None:
+                    self.ns["_"] = value
+                    self.outbox.send(self.outbox.parent.reply(P.Msg.RESULT, {"data": {"text/plain": repr(value)}, "metadata": {}}))
+            return True
+        except BaseException as e:  # the user's exception, KeyboardInterrupt included
+            tb = traceback.format_exception(type(e), e, e.__traceback__)
+            self.outbox.send(
+                self.outbox.parent.reply(P.Msg.ERROR, {"ename": type(e).__name__, "evalue": str(e), "traceback": tb})
+            )
+            return False
+
+
+def _make_shell(outbox: Outbox, ns: dict) -> Any:
+    """An InteractiveShell whose displays, results and tracebacks go to the outbox."""
+    from IPython.core.displayhook import DisplayHook
+    from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets import Type
+
+    def reply(kind: str, content: dict) -> None:
+        outbox.send(outbox.parent.reply(kind, content))
+
+    class Publisher(DisplayPublisher):
+        def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kw):
+            kind = P.Msg.UPDATE_DISPLAY if update else P.Msg.DISPLAY
+            reply(kind, {"data": data, "metadata": metadata or {}, "transient": transient or {}})
+
+        def clear_output(self, wait=False):
+            reply(P.Msg.CLEAR, {"wait": bool(wait)})
+
+    class Hook(DisplayHook):
+        def write_output_prompt(self):
+            pass
+
+        def write_format_data(self, format_dict, md_dict=None):
+            reply(P.Msg.RESULT, {"data": format_dict, "metadata": md_dict or {}})
+
+    class WorkerShell(InteractiveShell):
+        display_pub_class = Type(Publisher)
+        displayhook_class = Type(Hook)
+
+        def _showtraceback(self, etype, evalue, stb):
+            reply(P.Msg.ERROR, {"ename": getattr(etype, "__name__", str(etype)), "evalue": str(evalue), "traceback": stb})
+
+        def enable_gui(self, gui=None):
+            pass
+
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    return WorkerShell.instance(user_ns=ns, colors="Linux")
+
+
+def _capture_fds(outbox: Outbox) -> None:
+    """Route file-descriptor level output (C libraries, ``os.system``) into the cell's streams."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        r, w = os.pipe()
+        os.dup2(w, fd)
+        os.close(w)
+
+        def pump(r: int = r, name: str = name) -> None:
+            while True:
+                data = os.read(r, 65536)
+                if not data:
+                    return
+                outbox.stream(name, data.decode("utf-8", "replace"))
+
+        threading.Thread(target=pump, name=f"jgpu-fd{fd}", daemon=True).start()
+
+
+class Executor:
+    def __init__(self) -> None:
+        self.session = os.environ[ENV_SESSION]
+        self.bulk_dir = os.environ.get(ENV_BULK_DIR, "")
+        self.signer = P.Signer(os.environ.pop(ENV_KEY).encode())
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 1000
+        self.sock.identity = self.session.encode()
+        self.sock.connect(os.environ[ENV_ENDPOINT])
+        self.outbox = Outbox(float(os.environ.get(ENV_FLUSH_MS, "5")) / 1000)
+        self.inbox: queue.Queue = queue.Queue()
+        self.io = IOThread(self.sock, self.signer, self.outbox, self.inbox, self.session)
+        self.running = False
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # Only a running cell is interrupted; between cells SIGINT is ignored.
+        if self.running:
+            raise KeyboardInterrupt
+
+    def main(self) -> None:
+        # Keep real stderr for our own diagnostics (it goes to the worker log).
+        sys.__stderr__ = os.fdopen(os.dup(2), "w", buffering=1)
+        _capture_fds(self.outbox)
+        sys.stdout = StreamWriter("stdout", self.outbox)
+        sys.stderr = StreamWriter("stderr", self.outbox)
+        self.runner = Runner(self.outbox)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        self.io.start()
+        self.outbox.send(P.Message(P.Msg.READY, {"versions": _versions(), "ipython": self.runner.shell is not None}, self.session))
+        handlers: dict[str, Callable[[P.Message], None]] = {
+            P.Msg.EXECUTE: self.execute,
+            P.Msg.PULL: self.pull,
+            P.Msg.PING: lambda m: self.outbox.send(m.reply(P.Msg.PONG)),
+        }
+        while True:
+            msg = self.inbox.get()
+            handlers[msg.type](msg)
+
+    def _values_in(self, msg: P.Message) -> dict:
+        frames = msg.buffers
+        moved = msg.content.get("bulk") or {}
+        if moved:
+            frames = bulk.restore(frames, moved, self.bulk_dir)
+        # A zmq frame is read-only memory; values must be writable like local ones.
+        frames = [f if isinstance(f, memoryview) else bytearray(f.buffer) for f in frames]
+        return serialize.load_values(msg.content.get("values", []), frames)
+
+    def _values_out(self, names: list, bulk_ok: bool) -> tuple[dict, list]:
+        missing = [n for n in names if n not in self.ns]
+        if missing:
+            raise NameError(f"not defined on the worker: {', '.join(missing)}")
+        specs, frames = serialize.dump_values({n: self.ns[n] for n in names})
+        content: dict = {"values": specs}
+        if bulk_ok and self.bulk_dir:
+            frames, moved = bulk.offload(frames, self.bulk_dir)
+            content["bulk"] = moved
+        return content, frames
+
+    @property
+    def ns(self) -> dict:
+        return self.runner.ns
+
+    def execute(self, msg: P.Message) -> None:
+        self.outbox.parent = msg
+        t0 = time.monotonic()
+        ok, content, frames = True, {}, []
+        try:
+            self.ns.update(self._values_in(msg))
+        except Exception as e:
+            ok = False
+            self.outbox.send(msg.reply(P.Msg.ERROR, _err("could not load the values sent with the cell", e)))
+        code = msg.content.get("code", "")
+        before = {k: id(v) for k, v in self.ns.items()}
+        if ok and code.strip():
+            self.running = True
+            try:
+                ok = self.runner.run(code)
+            except KeyboardInterrupt:  # landed outside the user's code
+                ok = False
+            finally:
+                self.running = False
+        sys.stdout.flush()
+        after = {k: id(v) for k, v in self.ns.items()}
+        content["bound"] = sorted(k for k, v in after.items() if before.get(k) != v and not k.startswith("_"))
+        content["deleted"] = sorted(k for k in before if k not in after)
+        pull = msg.content.get("pull") or []
+        if ok and pull:
+            try:
+                extra, frames = self._values_out(pull, bool(msg.content.get("bulk_ok")))
+                content.update(extra)
+            except Exception as e:
+                ok = False
+                self.outbox.send(msg.reply(P.Msg.ERROR, _err("could not send back --pull values", e)))
+        content["ok"] = ok
+        content["seconds"] = time.monotonic() - t0
+        self.outbox.send(msg.reply(P.Msg.DONE, content, frames))
+
+    def pull(self, msg: P.Message) -> None:
+        try:
+            content, frames = self._values_out(msg.content.get("names", []), bool(msg.content.get("bulk_ok")))
+        except Exception as e:
+            self.outbox.send(msg.reply(P.Msg.ERROR, _err("pull failed", e)))
+            content, frames = {"values": []}, []
+        self.outbox.send(msg.reply(P.Msg.VALUES, content, frames))
+
+
+def _err(what: str, e: BaseException) -> dict:
+    return {
+        "ename": type(e).__name__,
+        "evalue": f"{what}: {e}",
+        "traceback": traceback.format_exception(type(e), e, e.__traceback__),
+    }
+
+
+if __name__ == "__main__":
+    Executor().main()

@@ -1,0 +1,121 @@
+"""What GPUs this host has, and how busy they are.
+
+Real GPUs come from pynvml. A machine without one can declare a simulated inventory
+(``"H100:2,A100-80GB:1"``): the scheduler, accounting and pinning then behave as on a
+real host, but nothing is measured. The ``cpu`` device is always there.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+CPU = "cpu"
+
+# Marketing names as NVML reports them -> the short names users type.
+_MODELS = [
+    (re.compile(r"H200"), "H200"),
+    (re.compile(r"H100"), "H100"),
+    (re.compile(r"A100.*80\s*GB"), "A100-80GB"),
+    (re.compile(r"A100"), "A100-40GB"),
+    (re.compile(r"L40S"), "L40S"),
+    (re.compile(r"A10G"), "A10G"),
+    (re.compile(r"\bL4\b"), "L4"),
+    (re.compile(r"\bT4\b"), "T4"),
+]
+_SIMULATED_MEMORY = {"H100": 80, "H200": 141, "A100-80GB": 80, "A100-40GB": 40, "L40S": 48, "A10G": 24, "L4": 24, "T4": 16}
+
+
+def model_of(nvml_name: str) -> str:
+    """Short model name for an NVML device name ("NVIDIA H100 80GB HBM3" -> "H100")."""
+    for pattern, model in _MODELS:
+        if pattern.search(nvml_name):
+            return model
+    return nvml_name.removeprefix("NVIDIA ").strip().replace(" ", "-")
+
+
+@dataclass(frozen=True)
+class GPU:
+    index: int
+    model: str
+    name: str
+    uuid: str
+    memory_bytes: int
+    simulated: bool = False
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index,
+            "model": self.model,
+            "name": self.name,
+            "uuid": self.uuid,
+            "memory_bytes": self.memory_bytes,
+            "simulated": self.simulated,
+        }
+
+
+def parse_simulated(spec: str) -> list[GPU]:
+    """``"H100:2,A100-80GB:1"`` -> GPUs with made-up UUIDs that say they are simulated."""
+    gpus: list[GPU] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        model, _, count = part.partition(":")
+        if not re.fullmatch(r"[A-Za-z0-9-]+", model) or not (count or "1").isdigit():
+            raise ValueError(f"bad simulated GPU entry {part!r}; expected MODEL[:COUNT], e.g. H100:2")
+        for _ in range(int(count or 1)):
+            i = len(gpus)
+            mem = _SIMULATED_MEMORY.get(model, 16) * 1024**3
+            gpus.append(GPU(i, model, f"Simulated {model}", f"GPU-simulated-{i:04d}-{model}", mem, True))
+    return gpus
+
+
+def discover() -> list[GPU]:
+    """GPUs visible through pynvml; none when pynvml or the driver is missing."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    gpus = []
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        h = pynvml.nvmlDeviceGetHandleByIndex(i)
+        name = pynvml.nvmlDeviceGetName(h)
+        name = name.decode() if isinstance(name, bytes) else name
+        uuid = pynvml.nvmlDeviceGetUUID(h)
+        uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+        mem = pynvml.nvmlDeviceGetMemoryInfo(h).total
+        gpus.append(GPU(i, model_of(name), name, uuid, int(mem)))
+    return gpus
+
+
+@dataclass
+class Sample:
+    """Accumulated telemetry for a set of GPUs over one cell."""
+
+    peak_memory_bytes: int = 0
+    util_sum: float = 0.0
+    count: int = 0
+    per_sample: list = field(default_factory=list)
+
+    @property
+    def mean_util(self) -> float | None:
+        return self.util_sum / self.count if self.count else None
+
+
+def sample(gpus: list[GPU], into: Sample) -> None:
+    """Add one reading of utilisation and memory in use (real GPUs only)."""
+    real = [g for g in gpus if not g.simulated]
+    if not real:
+        return
+    import pynvml
+
+    used, util = 0, 0.0
+    for g in real:
+        h = pynvml.nvmlDeviceGetHandleByUUID(g.uuid)
+        used += pynvml.nvmlDeviceGetMemoryInfo(h).used
+        util += pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+    into.peak_memory_bytes = max(into.peak_memory_bytes, used)
+    into.util_sum += util / len(real)
+    into.count += 1

@@ -1,0 +1,281 @@
+"""The jupyter-gpu wire protocol: the one definition every side (notebook client,
+daemon, executor) imports.
+
+It needs only pyzmq and the standard library, because the executor runs inside
+arbitrary user images.
+
+A message on the wire is a list of ZeroMQ frames::
+
+    [routing ids...] DELIM  signature  header  buffer_0 ... buffer_n
+
+``header`` is small UTF-8 JSON (type, ids, session, frame sizes, content). The
+signature is HMAC-SHA256 of the header under the daemon's (or the session's) key,
+compared in constant time, with a bounded history of seen signatures as a replay
+guard -- the way jupyter_client's ``Session`` signs. As in jupyter_client, the
+binary buffers are not signed (hashing gigabytes would cost more than the
+transfer); their sizes are, so frames cannot be dropped, added or resized
+unnoticed, and the transport (ipc file permissions, an SSH tunnel) protects them.
+
+Buffers are pickle protocol 5 out-of-band buffers; the daemon relays them as
+ZeroMQ frames without ever looking inside. Buffers too big for a cheap relay may
+instead travel through a shared-memory file ("bulk" buffers) that the daemon
+names and the executor maps; see ``kernel_worker.bulk``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+PROTOCOL_VERSION = 1
+DELIM = b"<JGPU1>"
+
+
+class Msg:
+    """Message types. Each direction accepts only its own subset (see below)."""
+
+    # client -> daemon
+    HELLO = "hello"
+    EXECUTE = "execute"
+    INTERRUPT = "interrupt"
+    PULL = "pull"
+    RELEASE = "release"
+    STATUS = "status"
+    COST = "cost"
+    PING = "ping"
+    # daemon -> client
+    WELCOME = "welcome"
+    QUEUED = "queued"
+    STARTED = "started"
+    REPLY = "reply"
+    FAIL = "fail"
+    PONG = "pong"
+    # executor -> daemon -> client (the cell's output, in order)
+    STREAM = "stream"
+    DISPLAY = "display_data"
+    UPDATE_DISPLAY = "update_display_data"
+    CLEAR = "clear_output"
+    RESULT = "execute_result"
+    ERROR = "error"
+    DONE = "done"
+    VALUES = "values"
+    # executor <-> daemon only
+    READY = "ready"
+    HEARTBEAT = "heartbeat"
+
+
+CLIENT_REQUESTS = frozenset(
+    {Msg.HELLO, Msg.EXECUTE, Msg.INTERRUPT, Msg.PULL, Msg.RELEASE, Msg.STATUS, Msg.COST, Msg.PING}
+)
+# Requests the daemon passes on to the session's executor.
+EXECUTOR_REQUESTS = frozenset({Msg.EXECUTE, Msg.PULL, Msg.PING})
+# What an executor may send. Everything but READY/HEARTBEAT is relayed to the client.
+EXECUTOR_REPLIES = frozenset(
+    {
+        Msg.READY,
+        Msg.HEARTBEAT,
+        Msg.STREAM,
+        Msg.DISPLAY,
+        Msg.UPDATE_DISPLAY,
+        Msg.CLEAR,
+        Msg.RESULT,
+        Msg.ERROR,
+        Msg.DONE,
+        Msg.VALUES,
+        Msg.PONG,
+    }
+)
+# Replies that end a request: the client stops waiting after one of these.
+FINAL_REPLIES = frozenset({Msg.DONE, Msg.VALUES, Msg.REPLY, Msg.FAIL, Msg.WELCOME, Msg.PONG})
+
+
+class Err:
+    """Error codes carried in FAIL replies, so clients can react without parsing text."""
+
+    BAD_MESSAGE = "bad_message"
+    BAD_SIGNATURE = "bad_signature"
+    REPLAYED = "replayed"
+    TOO_LARGE = "too_large"
+    VERSION = "version_mismatch"
+    UNKNOWN_TYPE = "unknown_type"
+    NO_SUCH_GPU = "no_such_gpu"
+    BAD_SPEC = "bad_spec"
+    UNAVAILABLE = "unavailable"
+    NO_SESSION = "no_session"
+    BUSY = "busy"
+    WORKER_DIED = "worker_died"
+    WORKER_START = "worker_start_failed"
+    TIMEOUT = "timeout"
+    RELEASED = "released"
+    SHUTDOWN = "shutdown"
+
+
+class ProtocolError(Exception):
+    """A message that cannot be accepted. ``msg_id`` is set when the header was readable,
+    so the error reply can name the request it answers."""
+
+    def __init__(self, code: str, text: str, msg_id: str | None = None, session: str = ""):
+        super().__init__(text)
+        self.code = code
+        self.text = text
+        self.msg_id = msg_id
+        self.session = session
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds checked on every received message before anything else is done with it."""
+
+    max_header_bytes: int = 4 * 1024 * 1024
+    max_frames: int = 4096
+    max_message_bytes: int = 16 * 1024**3
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,128}$")
+
+
+@dataclass
+class Message:
+    type: str
+    content: dict = field(default_factory=dict)
+    session: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    parent: str = ""
+    buffers: list = field(default_factory=list)
+
+    def reply(self, type: str, content: dict | None = None, buffers: Sequence = ()) -> "Message":
+        """A message answering this one (same session, ``parent`` set to our id)."""
+        return Message(type, content or {}, self.session, parent=self.id, buffers=list(buffers))
+
+
+def new_key() -> bytes:
+    return uuid.uuid4().hex.encode() + uuid.uuid4().hex.encode()
+
+
+class Signer:
+    """HMAC-SHA256 signing and checking of headers, with a replay guard."""
+
+    def __init__(self, key: bytes, history: int = 65536):
+        if not key:
+            raise ValueError("a signing key is required")
+        self._key = key
+        self._seen: set[bytes] = set()
+        self._order: deque[bytes] = deque()
+        self._history = history
+
+    def sign(self, header: bytes) -> bytes:
+        return hmac.new(self._key, header, hashlib.sha256).hexdigest().encode()
+
+    def check(self, header: bytes, signature: bytes, msg_id: str | None = None) -> None:
+        if not hmac.compare_digest(self.sign(header), bytes(signature)):
+            raise ProtocolError(Err.BAD_SIGNATURE, "message signature does not match: wrong key?", msg_id)
+        if signature in self._seen:
+            raise ProtocolError(Err.REPLAYED, "message was already received once (replay refused)", msg_id)
+        self._seen.add(signature)
+        self._order.append(signature)
+        if len(self._order) > self._history:
+            self._seen.discard(self._order.popleft())
+
+
+def _frame_len(frame: Any) -> int:
+    if isinstance(frame, (bytes, bytearray)):
+        return len(frame)
+    if hasattr(frame, "buffer"):  # zmq.Frame
+        return len(frame.buffer)
+    return memoryview(frame).nbytes
+
+
+def pack(msg: Message, signer: Signer) -> list:
+    """Frames for ``msg`` (without routing ids). Buffers are passed through untouched."""
+    header = json.dumps(
+        {
+            "v": PROTOCOL_VERSION,
+            "type": msg.type,
+            "id": msg.id,
+            "parent": msg.parent,
+            "session": msg.session,
+            "frames": [_frame_len(b) for b in msg.buffers],
+            "content": msg.content,
+        },
+        separators=(",", ":"),
+    ).encode()
+    return [DELIM, signer.sign(header), header, *msg.buffers]
+
+
+def split_routing(frames: list) -> tuple[list, list]:
+    """Split ROUTER routing-id frames from the message proper."""
+    for i, f in enumerate(frames):
+        if _as_bytes_if_small(f) == DELIM:
+            return frames[:i], frames[i + 1 :]
+    raise ProtocolError(Err.BAD_MESSAGE, "no protocol delimiter frame: not a jupyter-gpu message")
+
+
+def _as_bytes_if_small(frame: Any) -> bytes | None:
+    if _frame_len(frame) != len(DELIM):
+        return None
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def unpack(
+    frames: list,
+    signer: Signer,
+    limits: Limits = Limits(),
+    allowed: Iterable[str] | None = None,
+) -> Message:
+    """Check and decode frames that follow the delimiter. Raises ProtocolError.
+
+    Only the header is decoded; buffers stay as the frames they arrived in.
+    """
+    if len(frames) < 2:
+        raise ProtocolError(Err.BAD_MESSAGE, "message has no signature or header frame")
+    if len(frames) - 2 > limits.max_frames:
+        raise ProtocolError(Err.TOO_LARGE, f"message has {len(frames) - 2} buffers; at most {limits.max_frames}")
+    sizes = [_frame_len(f) for f in frames]
+    if sizes[1] > limits.max_header_bytes:
+        raise ProtocolError(Err.TOO_LARGE, f"header is {sizes[1]} bytes; at most {limits.max_header_bytes}")
+    total = sum(sizes)
+    if total > limits.max_message_bytes:
+        raise ProtocolError(
+            Err.TOO_LARGE, f"message is {total} bytes; this daemon accepts at most {limits.max_message_bytes}"
+        )
+    sig = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
+    raw = frames[1].bytes if hasattr(frames[1], "bytes") else bytes(frames[1])
+    try:
+        h = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(Err.BAD_MESSAGE, "header is not valid UTF-8 JSON") from None
+    msg_id = h.get("id") if isinstance(h, dict) and isinstance(h.get("id"), str) else None
+    if msg_id is not None and not _ID_RE.match(msg_id):
+        msg_id = None
+    signer.check(raw, sig, msg_id)
+    if not isinstance(h, dict):
+        raise ProtocolError(Err.BAD_MESSAGE, "header must be a JSON object")
+    if h.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            Err.VERSION, f"protocol version {h.get('v')!r}; this side speaks {PROTOCOL_VERSION}", msg_id
+        )
+    for name, typ in (("type", str), ("id", str), ("parent", str), ("session", str), ("frames", list), ("content", dict)):
+        if not isinstance(h.get(name), typ):
+            raise ProtocolError(Err.BAD_MESSAGE, f"header field {name!r} must be a {typ.__name__}", msg_id)
+    for name in ("id", "parent", "session"):
+        if not _ID_RE.match(h[name]):
+            raise ProtocolError(Err.BAD_MESSAGE, f"header field {name!r} has characters or length not allowed", msg_id)
+    if h["frames"] != sizes[2:]:
+        raise ProtocolError(Err.BAD_MESSAGE, "buffer frames do not match the sizes the header declares", msg_id)
+    if allowed is not None and h["type"] not in allowed:
+        raise ProtocolError(Err.UNKNOWN_TYPE, f"message type {h['type'][:40]!r} is not accepted here", msg_id, h["session"])
+    return Message(h["type"], h["content"], h["session"], h["id"], h["parent"], list(frames[2:]))
+
+
+def fail(parent: Message | None, code: str, text: str, session: str = "", **extra: Any) -> Message:
+    """A FAIL reply. ``parent`` may be None when the request could not be read."""
+    content = {"code": code, "message": text, **extra}
+    if parent is None:
+        return Message(Msg.FAIL, content, session)
+    return parent.reply(Msg.FAIL, content)
