@@ -13,7 +13,9 @@ __version__ = "0.1.0"
 def load_ipython_extension(ipython: Any) -> None:
     from jupyter_gpu.magics import GPUMagics
 
-    ipython.register_magics(GPUMagics(shell=ipython))
+    magics = GPUMagics(shell=ipython)
+    ipython.register_magics(magics)
+    ipython.configurables.append(magics)  # so `%config GPUMagics` works
 
 
 def unload_ipython_extension(ipython: Any) -> None:

@@ -1,0 +1,176 @@
+"""Fixtures that start the real parts: a daemon subprocess, a real InteractiveShell with
+the extension loaded, and real kernels through nbclient. Everything started here is
+stopped again by its process id."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from jupyter_gpu.client import DaemonClient
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 30.0
+
+
+class LogWatcher:
+    """Collects a process's stderr lines; ``wait_for`` blocks until a line matches."""
+
+    def __init__(self, stream, path: Path):
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._path = path
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        with open(self._path, "a") as out:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode("utf-8", "replace")
+                out.write(line)
+                out.flush()
+                with self._cond:
+                    self.lines.append(line)
+                    self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 20.0, start: int = 0) -> re.Match:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            i = start
+            while True:
+                while i < len(self.lines):
+                    m = rx.search(self.lines[i])
+                    if m:
+                        return m
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no log line matching {pattern!r} within {timeout} s:\n{''.join(self.lines[-30:])}")
+                self._cond.wait(left)
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    connection_file: str
+    url: str
+    key: bytes
+    log: LogWatcher
+    clients: list = field(default_factory=list)
+
+    def client(self, **kw) -> DaemonClient:
+        c = DaemonClient(self.url, self.key, **kw)
+        self.clients.append(c)
+        return c
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_daemon(tmp: Path, *args: str) -> Daemon:
+    cf = tmp / "daemon.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kernel_worker",
+            "--print-ready",
+            f"--WorkerDaemon.connection_file={cf}",
+            f"--WorkerDaemon.url=ipc://{tmp}/daemon.sock",
+            f"--WorkerDaemon.bulk_root={tmp}/bulk",
+            "--log-level=INFO",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp,
+    )
+    ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
+    line = proc.stdout.readline() if ready else b""
+    log = LogWatcher(proc.stderr, tmp / "daemon.log")
+    if not line:
+        proc.kill()
+        raise AssertionError(f"daemon did not start: {proc.wait()} {''.join(log.lines)}")
+    info = json.loads(line)
+    conn = json.loads(cf.read_text())
+    return Daemon(proc, str(cf), info["url"], conn["key"].encode(), log)
+
+
+@pytest.fixture
+def runtime_dir(tmp_path, monkeypatch) -> Path:
+    """A private Jupyter runtime dir, so tests never meet the user's own daemon."""
+    rt = tmp_path / "runtime"
+    rt.mkdir()
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(rt))
+    return rt
+
+
+@pytest.fixture
+def daemon_factory(tmp_path, runtime_dir):
+    started: list[Daemon] = []
+
+    def make(*args: str) -> Daemon:
+        d = start_daemon(tmp_path, *args)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> Daemon:
+    """A daemon with a simulated host of one H100 and two A100-80GB."""
+    return daemon_factory("--simulate-gpus=H100:1,A100-80GB:2", "--WorkerDaemon.worker_heartbeat_interval=0.5")
+
+
+@pytest.fixture
+def shell(daemon, monkeypatch):
+    """A real IPython InteractiveShell with the extension loaded, pointed at ``daemon``."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", daemon.connection_file)
+    InteractiveShell.clear_instance()
+    ip = InteractiveShell.instance()
+    ip.run_cell("%load_ext jupyter_gpu", store_history=False)
+    yield ip
+    magics = ip.magics_manager.registry["GPUMagics"]
+    magics._at_exit()
+    magics._drop_client()
+    InteractiveShell.clear_instance()
+
+
+def run(ip, cell: str):
+    """Run a cell and capture what it showed (stdout, stderr, rich outputs)."""
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap:
+        result = ip.run_cell(cell, store_history=True)
+    return result, cap
+
+
+def plain(text: str) -> str:
+    """``text`` without ANSI colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
