@@ -58,8 +58,11 @@ class DaemonClient:
         if not self.sock.poll(timeout * 1000):
             return None
         frames = self.sock.recv_multipart(copy=False)
-        _, rest = P.split_routing(frames)
-        return P.unpack(rest, self.signer)
+        try:
+            _, rest = P.split_routing(frames)
+            return P.unpack(rest, self.signer)
+        except P.ProtocolError as e:
+            raise DaemonError(e.code, f"unreadable reply from the daemon at {self.url}: {e.text}") from None
 
     def request(
         self,

@@ -239,20 +239,21 @@ def unpack(
     sizes = [_frame_len(f) for f in frames]
     if sizes[1] > limits.max_header_bytes:
         raise ProtocolError(Err.TOO_LARGE, f"header is {sizes[1]} bytes; at most {limits.max_header_bytes}")
-    total = sum(sizes)
-    if total > limits.max_message_bytes:
-        raise ProtocolError(
-            Err.TOO_LARGE, f"message is {total} bytes; this daemon accepts at most {limits.max_message_bytes}"
-        )
     sig = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
     raw = frames[1].bytes if hasattr(frames[1], "bytes") else bytes(frames[1])
     try:
         h = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError(Err.BAD_MESSAGE, "header is not valid UTF-8 JSON") from None
+    # The id is read before the signature is checked only to say which request an error answers.
     msg_id = h.get("id") if isinstance(h, dict) and isinstance(h.get("id"), str) else None
     if msg_id is not None and not _ID_RE.match(msg_id):
         msg_id = None
+    total = sum(sizes)
+    if total > limits.max_message_bytes:
+        raise ProtocolError(
+            Err.TOO_LARGE, f"message is {total} bytes; this daemon accepts at most {limits.max_message_bytes}", msg_id
+        )
     signer.check(raw, sig, msg_id)
     if not isinstance(h, dict):
         raise ProtocolError(Err.BAD_MESSAGE, "header must be a JSON object")

@@ -1,0 +1,117 @@
+"""Junk sent straight to the daemon's socket gets an error reply, and everyone else
+keeps working."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import zmq
+
+from kernel_worker import protocol as P
+
+
+@pytest.fixture
+def raw(daemon):
+    """A bare DEALER on the daemon's socket, plus helpers to send frames and read the reply."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(daemon.url)
+    signer = P.Signer(daemon.key)
+
+    def exchange(frames: list) -> P.Message:
+        sock.send_multipart(frames)
+        assert sock.poll(10_000), "the daemon did not answer"
+        _, rest = P.split_routing(sock.recv_multipart())
+        return P.unpack(rest, P.Signer(daemon.key))
+
+    def header(**over) -> bytes:
+        h = {"v": 1, "type": "status", "id": "m1", "parent": "", "session": "", "frames": [], "content": {}}
+        h.update(over)
+        return json.dumps(h).encode()
+
+    yield exchange, signer, header
+    sock.close(0)
+
+
+def _run(client, session: str, code: str) -> P.Message:
+    return client.request(P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": code}, session), timeout=30)
+
+
+def test_malformed_messages_get_error_replies_while_a_session_keeps_working(daemon, raw):
+    exchange, signer, header = raw
+    good = daemon.client()
+    assert _run(good, "keeper", "kept = 41").type == P.Msg.DONE
+
+    cases = [
+        ([b"not a jupyter-gpu message"], P.Err.BAD_MESSAGE, ""),
+        ([P.DELIM], P.Err.BAD_MESSAGE, ""),
+        ([P.DELIM, b"0" * 64, header(id="m2")], P.Err.BAD_SIGNATURE, "m2"),
+        ([P.DELIM, signer.sign(b"[1,2]"), b"[1,2]"], P.Err.BAD_MESSAGE, ""),
+        ([P.DELIM, signer.sign(b"\xff\xfe"), b"\xff\xfe"], P.Err.BAD_MESSAGE, ""),
+        ([P.DELIM, signer.sign(h := header(id="m3", v=99)), h], P.Err.VERSION, "m3"),
+        ([P.DELIM, signer.sign(h := header(id="m4", type="rm -rf")), h], P.Err.UNKNOWN_TYPE, "m4"),
+        ([P.DELIM, signer.sign(h := header(id="m5", type="ready")), h], P.Err.UNKNOWN_TYPE, "m5"),
+        ([P.DELIM, signer.sign(h := header(id="m6", frames=[10])), h, b"123"], P.Err.BAD_MESSAGE, "m6"),
+        ([P.DELIM, signer.sign(h := header(id="m7", session="../../etc")), h], P.Err.BAD_MESSAGE, "m7"),
+        ([P.DELIM, signer.sign(h := header(id="m8", content=[])), h], P.Err.BAD_MESSAGE, "m8"),
+        (
+            [P.DELIM, signer.sign(h := header(id="m9", type="execute", session="s9", frames=[0],
+                                              content={"code": "", "bulk": {"0": {"file": "../../x", "size": 1}}})), h, b""],
+            P.Err.BAD_MESSAGE,
+            "m9",
+        ),
+    ]
+    for frames, code, parent in cases:
+        reply = exchange(frames)
+        assert reply.type == P.Msg.FAIL, frames
+        assert reply.content["code"] == code, (frames, reply.content)
+        assert reply.parent == parent
+        assert reply.content["message"]
+
+    # The same valid message twice: the second is a replay.
+    frames = [P.DELIM, signer.sign(h := header(id="m10")), h]
+    assert exchange(frames).type == P.Msg.REPLY
+    assert exchange(frames).content["code"] == P.Err.REPLAYED
+
+    reply = _run(good, "keeper", "print(kept + 1)")
+    assert reply.type == P.Msg.DONE and reply.content["ok"]
+    assert daemon.proc.poll() is None
+
+
+def test_oversized_message_is_refused_with_a_reply(daemon_factory):
+    d = daemon_factory("--WorkerDaemon.max_message_bytes=1048576")
+    client = d.client()
+    big = P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": ""}, "s", buffers=[b"x" * (2 * 1024 * 1024)])
+    with pytest.raises(Exception, match="this daemon accepts at most 1048576"):
+        client.request(big, timeout=10)
+    assert client.request(P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": "1"}, "s"), timeout=30).type == P.Msg.DONE
+
+
+def test_values_that_fail_to_load_on_the_worker_give_an_error_and_keep_it_alive(daemon):
+    client = daemon.client()
+    seen: list[P.Message] = []
+    bogus = P.Message(
+        P.Msg.EXECUTE,
+        {"gpu": "cpu", "code": "print('should not run')", "values": [{"name": "v", "nframes": 1}]},
+        "loader",
+        buffers=[b"this is not a pickle"],
+    )
+    done = client.request(bogus, seen.append, timeout=30)
+    assert done.type == P.Msg.DONE and not done.content["ok"]
+    errors = [m for m in seen if m.type == P.Msg.ERROR]
+    assert errors and "could not load the values" in errors[0].content["evalue"]
+    assert not any(m.type == P.Msg.STREAM for m in seen)
+    assert _run(client, "loader", "print('alive')").content["ok"]
+
+
+def test_wrong_key_is_refused(daemon):
+    from jupyter_gpu.client import DaemonClient, DaemonError
+
+    intruder = DaemonClient(daemon.url, b"not-the-key")
+    try:
+        with pytest.raises(DaemonError):
+            intruder.call(P.Msg.STATUS, timeout=5)
+    finally:
+        intruder.close()

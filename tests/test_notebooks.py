@@ -1,0 +1,176 @@
+"""Whole notebooks through a real kernel: nbclient, `jupyter nbconvert --execute`, and a
+kernel interrupted mid-cell through jupyter_client."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbformat.v4 import new_code_cell, new_notebook
+
+from conftest import ROOT, plain
+
+KERNEL_TIMEOUT = 120
+
+
+def execute(cells: list[str], tmp: Path, allow_errors: bool = False) -> nbformat.NotebookNode:
+    nb = new_notebook(cells=[new_code_cell(c) for c in cells])
+    NotebookClient(
+        nb, timeout=KERNEL_TIMEOUT, kernel_name="python3", allow_errors=allow_errors, resources={"metadata": {"path": str(tmp)}}
+    ).execute()
+    return nb
+
+
+def outputs(cell) -> list[tuple[str, str]]:
+    """(kind, payload) per output: stream name + text, or the richest mime type's data."""
+    out = []
+    for o in cell.outputs:
+        if o.output_type == "stream":
+            out.append((o.name, o.text))
+        elif o.output_type in ("display_data", "execute_result"):
+            kind = next((m for m in ("image/png", "text/html") if m in o.data), "text/plain")
+            out.append((f"{o.output_type}:{kind}", o.data[kind]))
+        elif o.output_type == "error":
+            out.append(("error", o.ename + ": " + o.evalue))
+    return out
+
+
+def cost_lines(*cells) -> list[str]:
+    return [o.data["text/plain"] for c in cells for o in c.outputs if o.get("metadata", {}).get("jupyter_gpu")]
+
+
+@pytest.fixture
+def via_daemon(daemon, monkeypatch):
+    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", daemon.connection_file)
+    return daemon
+
+
+def test_output_arrives_in_order_as_the_notebooks_own(via_daemon, tmp_path):
+    nb = execute(
+        [
+            "%load_ext jupyter_gpu",
+            "%%gpu any\n"
+            "import sys\n"
+            "from IPython.display import display, HTML, clear_output\n"
+            "print('first')\n"
+            "display(HTML('<b>bold</b>'))\n"
+            "print('progress 1', end='\\r'); print('progress 2')\n"
+            "print('oops', file=sys.stderr)\n"
+            "h = display('one', display_id=True)\n"
+            "h.update('two')\n"
+            "print('last')\n"
+            "6 * 7",
+        ],
+        tmp_path,
+    )
+    got = [(k, v) for k, v in outputs(nb.cells[1]) if "jupyter-gpu" not in v]
+    kinds = [k for k, _ in got]
+    assert kinds.index("display_data:text/html") > kinds.index("stdout")
+    text = "".join(v for k, v in got if k == "stdout")
+    assert text.startswith("first\n") and "progress 1\rprogress 2\n" in text and text.endswith("last\n")
+    assert ("stderr", "oops\n") in got
+    assert ("display_data:text/html", "<b>bold</b>") in got
+    assert ("display_data:text/plain", "'two'") in got  # updated in place
+    assert ("display_data:text/plain", "'one'") not in got
+    assert got[-1] == ("execute_result:text/plain", "42")
+    cost = cost_lines(nb.cells[1])
+    assert len(cost) == 1 and cost[0].startswith("⏱ H100 ×1")
+
+
+def test_rich_output_matplotlib_png_and_pandas_html(via_daemon, tmp_path):
+    nb = execute(
+        [
+            "%load_ext jupyter_gpu",
+            "%%gpu any\n"
+            "import pandas as pd, matplotlib.pyplot as plt\n"
+            "display(pd.DataFrame({'x': [1, 2]}))\n"
+            "plt.plot([1, 2, 3])\n"
+            "plt.show()\n",
+            "%%gpu any\nfrom IPython.display import clear_output\nprint('gone')\nclear_output(wait=True)\nprint('kept')",
+        ],
+        tmp_path,
+    )
+    got = outputs(nb.cells[1])
+    html = [v for k, v in got if k == "display_data:text/html" and "<table" in v]
+    assert html and "dataframe" in html[0]
+    png = [v for k, v in got if k == "display_data:image/png"]
+    assert png and len(png[0]) > 1000
+    texts = [v for k, v in outputs(nb.cells[2]) if k == "stdout"]
+    assert texts == ["kept\n"]
+
+
+def test_quickstart_runs_headless_with_nbconvert(via_daemon, tmp_path):
+    out = tmp_path / "out.ipynb"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+         str(ROOT / "examples" / "quickstart.ipynb"), "--output", str(out)],
+        capture_output=True, text=True, timeout=KERNEL_TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    nb = nbformat.read(out, 4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    all_out = [o for c in code for o in outputs(c)]
+    costs = cost_lines(*code)
+    assert len(costs) == 3 and all(c.startswith("⏱ H100 ×1 (simulated)") for c in costs)
+    assert any(k == "execute_result:text/plain" and v.startswith("np.float64(") for k, v in all_out)
+    assert any(k == "stderr" and "100/100" in v for k, v in all_out)  # tqdm, in place
+    assert any(k == "stdout" and "b is local now: ndarray (1000,)" in v for k, v in all_out)
+    assert any(k == "display_data:image/png" for k, v in all_out)
+
+
+def test_interrupting_the_kernel_stops_the_remote_cell_within_2s(via_daemon):
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        kc.execute_interactive("%load_ext jupyter_gpu", timeout=KERNEL_TIMEOUT)
+        kc.execute_interactive("%%gpu any\nwarm = 'still here'", timeout=KERNEL_TIMEOUT)
+        msg_id = kc.execute("%%gpu any\nimport time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+        while True:  # wait for the remote cell to be running
+            m = kc.get_iopub_msg(timeout=KERNEL_TIMEOUT)
+            if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "stream" and "sleeping" in m["content"]["text"]:
+                break
+        t0 = time.monotonic()
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=10)
+        elapsed = time.monotonic() - t0
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert elapsed < 2.0, f"remote cell stopped {elapsed:.2f} s after the interrupt"
+        outs: list[str] = []
+        kc.execute_interactive("%%gpu any\nprint(warm)", timeout=KERNEL_TIMEOUT, output_hook=lambda m: outs.append(json.dumps(m["content"])))
+        assert any("still here" in o for o in outs)  # the session stayed warm
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_embedded_daemon_starts_is_shared_and_exits_when_quiet(runtime_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("JUPYTER_GPU_CONNECTION_FILE", raising=False)
+    quiet = "%config GPUMagics.embedded_exit_when_idle = 8"
+    first = execute(["%load_ext jupyter_gpu", quiet, "%%gpu any\nimport os\nprint('worker', os.getpid())"], tmp_path)
+    cf = runtime_dir / "jupyter-gpu-daemon.json"
+    pid = json.loads(cf.read_text())["pid"]
+    pidfd = os.pidfd_open(pid)
+    try:
+        assert any("cpu ready: cold start" in plain(v) for _, v in outputs(first.cells[2]))
+        # A second kernel finds the same daemon and does not start another.
+        second = execute(["%load_ext jupyter_gpu", quiet, "%%gpu cpu\nprint('second ran')"], tmp_path)
+        assert json.loads(cf.read_text())["pid"] == pid
+        assert any("second ran" in v for _, v in outputs(second.cells[2]))
+        # Both kernels released their sessions on exit; after 8 quiet seconds it leaves by itself.
+        assert select.select([pidfd], [], [], 30)[0], "the embedded daemon did not exit when quiet"
+    finally:
+        if not select.select([pidfd], [], [], 0)[0]:
+            os.kill(pid, 15)
+        os.close(pidfd)
+    assert not cf.exists()  # it cleaned up after itself
