@@ -77,51 +77,60 @@ class DaemonClient:
         within ``heartbeat_timeout`` raises DaemonLost. A FAIL reply raises DaemonError.
         """
         self.send(msg)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last_heard = time.monotonic()
-        ping: P.Message | None = None
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._last_heard = time.monotonic()
+        self._ping: P.Message | None = None
         interrupted = False
         while True:
-            now = time.monotonic()
-            if deadline is not None and now > deadline:
-                raise DaemonLost(P.Err.TIMEOUT, f"no reply to {msg.type} from the daemon at {self.url} in {timeout:g} s")
-            wait = self.heartbeat_interval if ping is None else self.heartbeat_timeout - (now - ping_sent)
-            if deadline is not None:
-                wait = min(wait, deadline - now)
             try:
-                reply = self._recv(max(wait, 0.0))
+                reply = self._next_reply(msg, timeout)
+                if reply.type == P.Msg.FAIL:
+                    raise DaemonError(reply.content.get("code", ""), reply.content.get("message", "request failed"))
+                if reply.type in P.FINAL_REPLIES:
+                    return reply
+                if on_message is not None:
+                    on_message(reply)
             except KeyboardInterrupt:
+                # Wherever Ctrl-C lands in this loop, the first one goes to the remote cell.
                 if interrupted or on_interrupt is None:
                     raise
                 interrupted = True
                 on_interrupt()
-                continue
+
+    def _next_reply(self, msg: P.Message, timeout: float | None) -> P.Message:
+        """The next reply to ``msg``, pinging the daemon through silences."""
+        while True:
+            now = time.monotonic()
+            if self._deadline is not None and now > self._deadline:
+                raise DaemonLost(P.Err.TIMEOUT, f"no reply to {msg.type} from the daemon at {self.url} in {timeout:g} s")
+            if self._ping is None:
+                wait = self.heartbeat_interval
+            else:
+                wait = self.heartbeat_timeout - (now - self._ping_sent)
+            if self._deadline is not None:
+                wait = min(wait, self._deadline - now)
+            reply = self._recv(max(wait, 0.0))
             now = time.monotonic()
             if reply is None:
-                if ping is None:
-                    ping = P.Message(P.Msg.PING, {}, msg.session)
-                    ping_sent = now
-                    self.send(ping)
-                elif now - ping_sent >= self.heartbeat_timeout:
+                if self._ping is None:
+                    self._ping = P.Message(P.Msg.PING, {}, msg.session)
+                    self._ping_sent = now
+                    self.send(self._ping)
+                elif now - self._ping_sent >= self.heartbeat_timeout:
                     raise DaemonLost(
                         P.Err.TIMEOUT,
                         f"lost contact with the jupyter-gpu daemon at {self.url}: no answer for "
-                        f"{now - last_heard:.0f} s. The remote cell may still be running; "
+                        f"{now - self._last_heard:.0f} s. The remote cell may still be running; "
                         "check `%gpu status` once the daemon is back.",
                     )
                 continue
-            last_heard = now
-            if ping is not None and reply.parent == ping.id:
-                ping = None
+            self._last_heard = now
+            if self._ping is not None and reply.parent == self._ping.id:
+                self._ping = None
                 continue
-            if reply.parent != msg.id:
-                continue  # late output of an earlier request
-            if reply.type == P.Msg.FAIL:
-                raise DaemonError(reply.content.get("code", ""), reply.content.get("message", "request failed"))
-            if reply.type in P.FINAL_REPLIES:
+            if reply.parent == msg.id:
                 return reply
-            if on_message is not None:
-                on_message(reply)
+            # else: late output of an earlier request
 
     def call(self, type: str, content: dict | None = None, session: str = "", timeout: float = 30.0) -> dict:
         """A simple request/reply (status, cost, release, hello); returns the reply content."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import xxhash
 
@@ -72,14 +72,17 @@ class _Reads(ast.NodeVisitor):
     visit_ImportFrom = visit_Import
 
 
-def names_read(source: str) -> list[str]:
-    """Names ``source`` reads before binding them. ``source`` must be plain Python
-    (run IPython's ``transform_cell`` first); a syntax error reads nothing, so the
-    worker reports it with its own traceback."""
+def names_read(source: str, transform: Callable[[str], str] | None = None) -> list[str]:
+    """Names ``source`` reads before binding them. Cells using IPython syntax (``!ls``,
+    ``%time``) are first made Python by ``transform``; a cell that still does not parse
+    reads nothing, so the worker reports the syntax error with its own traceback."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
-        return []
+        try:
+            tree = ast.parse(transform(source) if transform else source)
+        except SyntaxError:
+            return []
     v = _Reads()
     v.visit(tree)
     return [n for n in v.reads if n not in _SKIP and not (n.startswith("_i") and n[2:].isdigit())]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import uuid
 from typing import Any
@@ -67,6 +68,7 @@ class GPUMagics(Magics, Configurable):
         self.session_id = uuid.uuid4().hex
         self.remote = RemoteNamespace()
         self._client: DaemonClient | None = None
+        self._made_bulk_dir = ""
         atexit.register(self._at_exit)
 
     # ------------------------------------------------------------------ plumbing
@@ -86,12 +88,19 @@ class GPUMagics(Magics, Configurable):
             self._client = None
 
     def _bulk_dir(self) -> str | None:
+        """This session's directory for bulk buffers, when the daemon shares our host."""
         root = self.client.bulk_root()
         if root is None:
             return None
         path = os.path.join(root, self.session_id)
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        if path != self._made_bulk_dir:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            self._made_bulk_dir = path
         return path
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 -- one instance per kernel; the same lines recur
+    def _args(self, line: str) -> Any:
+        return parse_argstring(self.gpu_cell, line)
 
     def _request(self, msg: P.Message, on_message: Any = None) -> P.Message:
         """Send ``msg``; Ctrl-C interrupts the remote side; errors become GPUCellError."""
@@ -134,13 +143,12 @@ class GPUMagics(Magics, Configurable):
         (``--pull`` or ``%gpu pull`` brings them back). Output streams back as it happens,
         and the cell ends with its cost.
         """
-        args = parse_argstring(self.gpu_cell, line)
+        args = self._args(line)
         spec = args.spec or self.default_gpu
         pull = _names(args.pull)
         user_ns = self.shell.user_ns
-        source = self.shell.transform_cell(cell)
         try:
-            specs, frames, prints = self.remote.to_ship(names_read(source), user_ns)
+            specs, frames, prints = self.remote.to_ship(names_read(cell, self.shell.transform_cell), user_ns)
         except serialize.SerializationError as e:
             raise GPUCellError(f"{e} Nothing was run.") from None
         content: dict = {

@@ -299,7 +299,7 @@ class WorkerDaemon(LoggingConfigurable):
             elif (moved := msg.content.get("bulk")) is not None and not _valid_bulk(moved, len(msg.buffers)):
                 self._fail(ident, msg, P.Err.BAD_MESSAGE, "bad bulk buffer references")
             else:
-                self._spawn(self._handle_run(ident, msg))
+                self._handle_run(ident, msg)
 
     def _welcome(self) -> dict:
         return {
@@ -363,8 +363,9 @@ class WorkerDaemon(LoggingConfigurable):
             done = True
         self._to_client(ident, msg.reply(P.Msg.REPLY, {"interrupted": done}))
 
-    async def _handle_run(self, ident: bytes, msg: P.Message) -> None:
-        """EXECUTE or PULL: make sure the session has a worker, then hand the request over."""
+    def _handle_run(self, ident: bytes, msg: P.Message) -> None:
+        """EXECUTE or PULL: hand it to the session's worker at once when there is one
+        (the hot path, no task), else queue for GPUs and start a worker first."""
         s = self.sessions.get(msg.session)
         if s is not None and s.state != "idle":
             self._fail(ident, msg, P.Err.BUSY, f"session {msg.session} is {s.state}: one request at a time")
@@ -373,6 +374,7 @@ class WorkerDaemon(LoggingConfigurable):
             why = self.ended.get(msg.session, "it has no worker")
             self._fail(ident, msg, P.Err.NO_SESSION, f"nothing to pull: {why}")
             return
+        req = None
         if msg.type == P.Msg.EXECUTE and (s is None or msg.content.get("gpu")):
             try:
                 req = scheduler.parse(str(msg.content.get("gpu") or scheduler.ANY))
@@ -381,14 +383,15 @@ class WorkerDaemon(LoggingConfigurable):
                 bad = "cannot provide" in str(e)
                 self._fail(ident, msg, P.Err.NO_SUCH_GPU if bad else P.Err.BAD_SPEC, str(e))
                 return
-            if s is not None and not self.scheduler.satisfies(req, s.gpus):
-                old = s.request.text
-                await self._release(s, f"moved from {old} to {req.text}")
-                s = None
-            if s is None:
-                s = await self._start_session(ident, msg, req)
-                if s is None:
-                    return
+        if s is not None and (req is None or self.scheduler.satisfies(req, s.gpus)):
+            self._begin(s, ident, msg)
+            return
+        assert req is not None
+        old, s = s, self._new_session(ident, msg, req)
+        self.sessions[s.id] = s  # registered now: a second request finds it starting
+        self._spawn(self._start_then_begin(old, s, ident, msg))
+
+    def _begin(self, s: Session, ident: bytes, msg: P.Message) -> None:
         s.client = ident
         s.current = msg
         s.state = "busy"
@@ -403,10 +406,18 @@ class WorkerDaemon(LoggingConfigurable):
             if isinstance(timeout, (int, float)) and timeout > 0:
                 self._spawn(self._enforce_timeout(s, msg, float(timeout)), s.tasks)
 
-    async def _start_session(self, ident: bytes, msg: P.Message, req: scheduler.Request) -> Session | None:
+    def _new_session(self, ident: bytes, msg: P.Message, req: scheduler.Request) -> Session:
         key = P.new_key()
-        s = Session(msg.session, req, key, P.Signer(key), client=ident, current=msg)
-        self.sessions[s.id] = s
+        return Session(msg.session, req, key, P.Signer(key), client=ident, current=msg)
+
+    async def _start_then_begin(self, old: Session | None, s: Session, ident: bytes, msg: P.Message) -> None:
+        if old is not None:
+            await self._release(old, f"moved from {old.request.text} to {s.request.text}")
+        if await self._start_session(s, ident, msg):
+            self._begin(s, ident, msg)
+
+    async def _start_session(self, s: Session, ident: bytes, msg: P.Message) -> bool:
+        req = s.request
         previous = self.ended.pop(s.id, None)
         t0 = time.monotonic()
         me = asyncio.current_task()
@@ -433,20 +444,20 @@ class WorkerDaemon(LoggingConfigurable):
         except _Refused as e:
             self._forget(s)
             self._fail(ident, msg, e.code, e.text)
-            return None
+            return False
         except asyncio.CancelledError:
             self._forget(s)
             await self._stop_worker(s)
             self._fail(ident, msg, P.Err.RELEASED, "interrupted while waiting for a GPU or a worker; nothing ran")
             if self._stopping is not None and self._stopping.is_set():
                 raise
-            return None
+            return False
         except Exception as e:
             self._forget(s)
             await self._stop_worker(s)
             self.log.warning("worker for %s failed to start: %s", s.id, e)
             self._fail(ident, msg, P.Err.WORKER_START, f"could not start a worker: {e}")
-            return None
+            return False
         finally:
             s.tasks.discard(me)
         s.state = "idle"
@@ -463,7 +474,7 @@ class WorkerDaemon(LoggingConfigurable):
             "price_per_hour": self._price(s),
         }
         self._to_client(ident, msg.reply(P.Msg.STARTED, info))
-        return s
+        return True
 
     async def _start_worker(self, s: Session) -> None:
         s.ready = asyncio.get_running_loop().create_future()

@@ -17,7 +17,7 @@ import ast
 import io
 import os
 import platform
-import queue
+import select
 import signal
 import sys
 import threading
@@ -52,6 +52,8 @@ class Outbox:
         self._items: list = []  # [stream_name, [texts]] or Message
         self._since = 0.0  # when the oldest pending item was queued
         self._urgent = False
+        self._text: list | None = None  # texts of the last item, if it is a stream's
+        self._text_name: str | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.parent: P.Message | None = None  # the request whose output this is
@@ -64,21 +66,30 @@ class Outbox:
             wake = urgent or not self._items
             if not self._items:
                 self._since = time.monotonic()
-            last = self._items[-1] if self._items else None
-            if not urgent and isinstance(last, list) and last[0] == item[0]:
-                last[1].extend(item[1])
-            else:
-                self._items.append(item)
+            self._items.append(item)
+            self._text = None if urgent else item[1]
+            self._text_name = None if urgent else item[0]
             self._urgent |= urgent
         if wake:
             os.write(self._wake_w, b"x")
 
     def stream(self, name: str, text: str) -> None:
-        if text:
-            self._queue([name, [text]], False)
+        if not text:
+            return
+        with self._lock:  # the hot path of print(): append to the pending text of this stream
+            if self._text_name == name:
+                self._text.append(text)
+                return
+        self._queue([name, [text]], False)
 
     def send(self, msg: P.Message) -> None:
         self._queue(msg, True)
+
+    def skip_wake(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
 
     def due_in(self, idle: float) -> float:
         """Seconds until the outbox should be flushed (``idle`` when empty)."""
@@ -90,12 +101,10 @@ class Outbox:
             return max(0.0, self._since + self.flush_s - time.monotonic())
 
     def drain(self) -> list[P.Message]:
-        try:
-            os.read(self._wake_r, 4096)
-        except BlockingIOError:
-            pass
+        self.skip_wake()
         with self._lock:
             items, self._items, self._urgent = self._items, [], False
+            self._text = self._text_name = None
         parent = self.parent
         out = []
         for item in items:
@@ -131,44 +140,69 @@ class StreamWriter(io.TextIOBase):
         return "utf-8"
 
 
-class IOThread(threading.Thread):
-    """Owns the socket: sends what the outbox holds, receives requests into ``inbox``."""
+class Channel:
+    """The socket to the daemon, shared by two threads under one lock.
 
-    def __init__(self, sock: zmq.Socket, signer: P.Signer, outbox: Outbox, inbox: queue.Queue, session: str):
-        super().__init__(name="jgpu-io", daemon=True)
-        self.sock, self.signer, self.outbox, self.inbox, self.session = sock, signer, outbox, inbox, session
-        self.heartbeat_s = float(os.environ.get(ENV_HEARTBEAT_S, "2"))
-        self.stopping = threading.Event()
+    Between requests the main thread holds it: it waits for the next request, sends
+    heartbeats and flushes stray output itself, so a request and its reply cost no
+    thread hand-off. While a request runs, the flusher thread sends batched output.
+    Every send drains the outbox under the lock, which keeps messages in order.
+    """
 
-    def _send(self, msg: P.Message) -> None:
+    def __init__(self, sock: zmq.Socket, signer: P.Signer, outbox: Outbox, session: str, heartbeat_s: float):
+        self.sock, self.signer, self.outbox, self.session = sock, signer, outbox, session
+        self.heartbeat_s = heartbeat_s
+        self.lock = threading.Lock()
+        self.busy = threading.Event()  # set while a request runs: the flusher's turn
+        self._next_beat = time.monotonic() + heartbeat_s
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(outbox.fileno(), zmq.POLLIN)
+
+    def send(self, msg: P.Message) -> None:
+        """Send one message now. Caller holds the lock (and has flushed the outbox)."""
         self.sock.send_multipart(P.pack(msg, self.signer), copy=False)
 
-    def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.outbox.fileno(), zmq.POLLIN)
-        next_beat = time.monotonic() + self.heartbeat_s
-        while not self.stopping.is_set():
-            events = dict(poller.poll(self.outbox.due_in(self.heartbeat_s) * 1000))
-            if self.outbox.due_in(self.heartbeat_s) == 0.0:
-                for msg in self.outbox.drain():
-                    self._send(msg)
-            elif self.outbox.fileno() in events:
+    def flush(self) -> None:
+        """Send what the outbox holds, plus a heartbeat when one is due. Caller holds the lock."""
+        for msg in self.outbox.drain():
+            self.send(msg)
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self.send(P.Message(P.Msg.HEARTBEAT, {}, self.session))
+            self._next_beat = now + self.heartbeat_s
+
+    def next_request(self) -> P.Message:
+        """Main thread, between requests: block until the daemon sends one."""
+        with self.lock:
+            self.flush()
+            while True:
+                wait = min(self.outbox.due_in(self.heartbeat_s), max(0.0, self._next_beat - time.monotonic()))
+                if not self._poller.poll(wait * 1000) or self.outbox.due_in(self.heartbeat_s) == 0.0:
+                    self.flush()
+                    continue
                 try:
-                    os.read(self.outbox.fileno(), 4096)
-                except BlockingIOError:
-                    pass
-            if self.sock in events:
-                frames = self.sock.recv_multipart(copy=False)
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    self.outbox.skip_wake()  # only the wake pipe: output not due yet
+                    continue
                 try:
                     _, rest = P.split_routing(frames)
-                    self.inbox.put(P.unpack(rest, self.signer, allowed=P.EXECUTOR_REQUESTS))
+                    return P.unpack(rest, self.signer, allowed=P.EXECUTOR_REQUESTS)
                 except P.ProtocolError as e:
                     print(f"jupyter-gpu executor: dropped bad message: {e}", file=sys.__stderr__)
-            now = time.monotonic()
-            if now >= next_beat:
-                self._send(P.Message(P.Msg.HEARTBEAT, {}, self.session))
-                next_beat = now + self.heartbeat_s
+
+    def flusher(self) -> None:
+        """Flusher thread: while a request runs, send output as it comes due."""
+        while True:
+            self.busy.wait()
+            wait = min(self.outbox.due_in(self.heartbeat_s), max(0.0, self._next_beat - time.monotonic()))
+            ready = select.select([self.outbox.fileno()], [], [], wait)[0]
+            if self.outbox.due_in(self.heartbeat_s) == 0.0 or time.monotonic() >= self._next_beat:
+                with self.lock:
+                    self.flush()
+            elif ready:
+                self.outbox.skip_wake()
 
 
 def _versions() -> dict:
@@ -198,6 +232,26 @@ class Runner:
             self.shell = _make_shell(outbox, self.ns)
         except ImportError:
             pass
+
+    def assigned(self, code: str) -> set[str]:
+        """Names ``code`` binds anywhere (a superset of what it rebinds globally)."""
+        if not code.strip():
+            return set()
+        try:
+            tree = ast.parse(self.shell.transform_cell(code) if self.shell is not None else code)
+        except SyntaxError:
+            return set()
+        names: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+                names.add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, ast.Global):
+                names.update(node.names)
+        return names
 
     def run(self, code: str) -> bool:
         """Run ``code``; True when it raised nothing."""
@@ -257,8 +311,12 @@ def _make_shell(outbox: Outbox, ns: dict) -> Any:
         def enable_gui(self, gui=None):
             pass
 
+    from traitlets.config import Config
+
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    return WorkerShell.instance(user_ns=ns, colors="Linux")
+    # History lives in memory: the SQLite history thread would cost every cell a commit.
+    config = Config({"HistoryManager": {"hist_file": ":memory:"}})
+    return WorkerShell.instance(user_ns=ns, colors="Linux", config=config)
 
 
 def _capture_fds(outbox: Outbox) -> None:
@@ -289,8 +347,9 @@ class Executor:
         self.sock.identity = self.session.encode()
         self.sock.connect(os.environ[ENV_ENDPOINT])
         self.outbox = Outbox(float(os.environ.get(ENV_FLUSH_MS, "5")) / 1000)
-        self.inbox: queue.Queue = queue.Queue()
-        self.io = IOThread(self.sock, self.signer, self.outbox, self.inbox, self.session)
+        self.channel = Channel(
+            self.sock, self.signer, self.outbox, self.session, float(os.environ.get(ENV_HEARTBEAT_S, "2"))
+        )
         self.running = False
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -306,16 +365,23 @@ class Executor:
         sys.stderr = StreamWriter("stderr", self.outbox)
         self.runner = Runner(self.outbox)
         signal.signal(signal.SIGINT, self._on_sigint)
-        self.io.start()
+        threading.Thread(target=self.channel.flusher, name="jgpu-flush", daemon=True).start()
         self.outbox.send(P.Message(P.Msg.READY, {"versions": _versions(), "ipython": self.runner.shell is not None}, self.session))
-        handlers: dict[str, Callable[[P.Message], None]] = {
+        handlers: dict[str, Callable[[P.Message], P.Message]] = {
             P.Msg.EXECUTE: self.execute,
             P.Msg.PULL: self.pull,
-            P.Msg.PING: lambda m: self.outbox.send(m.reply(P.Msg.PONG)),
+            P.Msg.PING: lambda m: m.reply(P.Msg.PONG),
         }
         while True:
-            msg = self.inbox.get()
-            handlers[msg.type](msg)
+            msg = self.channel.next_request()
+            self.channel.busy.set()
+            try:
+                reply = handlers[msg.type](msg)
+            finally:
+                self.channel.busy.clear()
+            with self.channel.lock:  # output first, then the reply, from this thread: no hand-off
+                self.channel.flush()
+                self.channel.send(reply)
 
     def _values_in(self, msg: P.Message) -> dict:
         frames = msg.buffers
@@ -341,7 +407,7 @@ class Executor:
     def ns(self) -> dict:
         return self.runner.ns
 
-    def execute(self, msg: P.Message) -> None:
+    def execute(self, msg: P.Message) -> P.Message:
         self.outbox.parent = msg
         t0 = time.monotonic()
         ok, content, frames = True, {}, []
@@ -351,7 +417,7 @@ class Executor:
             ok = False
             self.outbox.send(msg.reply(P.Msg.ERROR, _err("could not load the values sent with the cell", e)))
         code = msg.content.get("code", "")
-        before = {k: id(v) for k, v in self.ns.items()}
+        before = set(self.ns)
         if ok and code.strip():
             self.running = True
             try:
@@ -361,9 +427,11 @@ class Executor:
             finally:
                 self.running = False
         sys.stdout.flush()
-        after = {k: id(v) for k, v in self.ns.items()}
-        content["bound"] = sorted(k for k, v in after.items() if before.get(k) != v and not k.startswith("_"))
-        content["deleted"] = sorted(k for k in before if k not in after)
+        # What the cell (re)bound: new keys, plus the names its code assigns. Cheaper than
+        # comparing the whole namespace, which IPython grows by two names per cell.
+        bound = (self.ns.keys() - before) | self.runner.assigned(code)
+        content["bound"] = sorted(k for k in bound if k in self.ns and not k.startswith("_"))
+        content["deleted"] = sorted(k for k in before - self.ns.keys() if not k.startswith("_"))
         pull = msg.content.get("pull") or []
         if ok and pull:
             try:
@@ -374,15 +442,15 @@ class Executor:
                 self.outbox.send(msg.reply(P.Msg.ERROR, _err("could not send back --pull values", e)))
         content["ok"] = ok
         content["seconds"] = time.monotonic() - t0
-        self.outbox.send(msg.reply(P.Msg.DONE, content, frames))
+        return msg.reply(P.Msg.DONE, content, frames)
 
-    def pull(self, msg: P.Message) -> None:
+    def pull(self, msg: P.Message) -> P.Message:
         try:
             content, frames = self._values_out(msg.content.get("names", []), bool(msg.content.get("bulk_ok")))
         except Exception as e:
             self.outbox.send(msg.reply(P.Msg.ERROR, _err("pull failed", e)))
             content, frames = {"values": []}, []
-        self.outbox.send(msg.reply(P.Msg.VALUES, content, frames))
+        return msg.reply(P.Msg.VALUES, content, frames)
 
 
 def _err(what: str, e: BaseException) -> dict:

@@ -1,0 +1,228 @@
+"""jupyter-gpu against ipyparallel and raw pyzmq, measured in one run on this machine.
+
+    python bench/bench.py [--quick]
+
+Everything runs through a real IPython InteractiveShell (the magics exactly as a
+notebook calls them), a real daemon subprocess and a real ipyparallel cluster.
+Prints one table. Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing as mp
+import os
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+MB = 1024 * 1024
+BIG = 256 * MB
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.2f} ms"
+
+
+def gbps(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e9:.2f} GB/s ({ms(seconds)})"
+
+
+# ----------------------------------------------------------------------------- raw pyzmq
+
+
+def _echo(url: str) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(url)
+    while True:
+        frames = s.recv_multipart(copy=False)
+        if frames[-1].bytes == b"stop":
+            return
+        s.send_multipart([frames[0], b"ok"])
+
+
+def bench_pyzmq(tmp: str, reps: int) -> dict:
+    url = f"ipc://{tmp}/echo.sock"
+    p = mp.get_context("spawn").Process(target=_echo, args=(url,))
+    p.start()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(url)
+    s.send(b"x")
+    s.recv_multipart()
+    rtt = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        s.send(b"x")
+        s.recv_multipart()
+        rtt.append(time.perf_counter() - t)
+    big = np.random.rand(BIG // 8)
+    sends = []
+    for _ in range(3):
+        t = time.perf_counter()
+        s.send(memoryview(big), copy=False)
+        s.recv_multipart()
+        sends.append(time.perf_counter() - t)
+    s.send(b"stop")
+    p.join(10)
+    s.close(0)
+    ctx.term()
+    return {"rtt": rtt, "big": min(sends)}
+
+
+# ----------------------------------------------------------------------------- jupyter-gpu
+
+
+def start_daemon(tmp: str) -> tuple[subprocess.Popen, str]:
+    cf = os.path.join(tmp, "daemon.json")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kernel_worker", "--print-ready", f"--WorkerDaemon.connection_file={cf}",
+         f"--WorkerDaemon.url=ipc://{tmp}/daemon.sock", "--log-level=WARN"],
+        stdout=subprocess.PIPE,
+    )
+    if not select.select([proc.stdout], [], [], 30)[0]:
+        raise SystemExit("daemon did not start")
+    json.loads(proc.stdout.readline())
+    return proc, cf
+
+
+@contextlib.contextmanager
+def quiet():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def timed(ip, cell: str) -> float:
+    with quiet():
+        t = time.perf_counter()
+        r = ip.run_cell(cell, store_history=False)
+        dt = time.perf_counter() - t
+    if not r.success:
+        raise SystemExit(f"cell failed: {cell!r}: {r.error_in_exec or r.error_before_exec}")
+    return dt
+
+
+def bench_gpu(ip, reps: int, cold_reps: int) -> dict:
+    ip.run_cell("%load_ext jupyter_gpu")
+    timed(ip, "%%gpu cpu\npass")
+    out: dict = {}
+    out["empty"] = [timed(ip, "%%gpu cpu\npass") for _ in range(reps)]
+    ip.user_ns["big"] = np.random.rand(BIG // 8)
+    first = []
+    for _ in range(3):
+        ip.user_ns["big"][0] += 1  # changed locally: travels again
+        first.append(timed(ip, "%%gpu cpu\nbig.shape"))
+    out["big_first"] = min(first)
+    out["big_again"] = min(timed(ip, "%%gpu cpu\nbig.shape") for _ in range(5))
+    del ip.user_ns["big"]
+    timed(ip, "%%gpu cpu\ndel big")
+    cold = []
+    for _ in range(cold_reps):
+        with quiet():
+            ip.run_cell("%gpu release")
+        cold.append(timed(ip, "%%gpu cpu\npass"))
+    out["cold"] = cold
+    lines = 200_000
+    t = timed(ip, f"%%gpu cpu\nfor i in range({lines}): print('x' * 40)")
+    out["stdout"] = (lines * 41, t)
+    return out
+
+
+# ----------------------------------------------------------------------------- ipyparallel
+
+
+def bench_ipp(ip, reps: int) -> dict | None:
+    try:
+        import ipyparallel as ipp
+    except ImportError:
+        return None
+    with quiet():
+        cluster = ipp.Cluster(n=1, log_level=40)
+        rc = cluster.start_and_connect_sync()
+        rc.wait_for_engines(1, timeout=60)
+    try:
+        dv = rc[:]
+        dv.activate()
+        timed(ip, "%%px --block\npass")
+        out: dict = {"px": [timed(ip, "%%px --block\npass") for _ in range(reps)]}
+        dv.apply_sync(lambda: None)
+        apply = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            dv.apply_sync(lambda: None)
+            apply.append(time.perf_counter() - t)
+        out["apply"] = apply
+        big = np.random.rand(BIG // 8)
+        pushes = []
+        for _ in range(3):
+            t = time.perf_counter()
+            dv.push({"big": big}, block=True)
+            pushes.append(time.perf_counter() - t)
+        out["push"] = min(pushes)
+        dv.execute("del big", block=True)
+        lines = 200_000
+        out["stdout"] = (lines * 41, timed(ip, f"%%px --block\nfor i in range({lines}): print('x' * 40)"))
+        return out
+    finally:
+        with quiet():
+            cluster.stop_cluster_sync()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--no-ipp", action="store_true", help="skip ipyparallel")
+    args = ap.parse_args()
+    reps, cold_reps = (100, 3) if args.quick else (500, 10)
+    from IPython.core.interactiveshell import InteractiveShell
+
+    with tempfile.TemporaryDirectory(prefix="jgpu-bench-") as tmp:
+        os.environ["JUPYTER_RUNTIME_DIR"] = tmp
+        proc, cf = start_daemon(tmp)
+        os.environ["JUPYTER_GPU_CONNECTION_FILE"] = cf
+        try:
+            zmq_r = bench_pyzmq(tmp, reps)  # before IPython replaces __main__ (spawn needs it)
+            ip = InteractiveShell.instance()
+            gpu = bench_gpu(ip, reps, cold_reps)
+            ipp_r = None if args.no_ipp else bench_ipp(ip, reps)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    rows = [
+        ("empty cell round trip, warm, p50", ms(pct(gpu["empty"], 50)),
+         ms(pct(ipp_r["px"], 50)) + " (%%px)" if ipp_r else "-", ms(pct(zmq_r["rtt"], 50)), "< 1.5 ms, 2x faster than %%px"),
+        ("empty cell round trip, warm, p99", ms(pct(gpu["empty"], 99)),
+         ms(pct(ipp_r["px"], 99)) + " (%%px)" if ipp_r else "-", ms(pct(zmq_r["rtt"], 99)), ""),
+        ("apply_sync(lambda: None), p50", "-", ms(pct(ipp_r["apply"], 50)) if ipp_r else "-", "-", ""),
+        ("256 MB local array, first time", gbps(BIG, gpu["big_first"]),
+         gbps(BIG, ipp_r["push"]) + " (push)" if ipp_r else "-", gbps(BIG, zmq_r["big"]), ">= 1 GB/s"),
+        ("256 MB local array, unchanged", ms(gpu["big_again"]), "-", "-", "< 20 ms"),
+        ("cold start (first cell, new session), median", ms(statistics.median(gpu["cold"])), "-", "-", "< 1 s"),
+        ("stdout throughput (8 MB of print)", f"{gpu['stdout'][0] / gpu['stdout'][1] / 1e6:.1f} MB/s",
+         f"{ipp_r['stdout'][0] / ipp_r['stdout'][1] / 1e6:.1f} MB/s" if ipp_r else "-", "-", ""),
+    ]
+    head = ("metric", "jupyter-gpu", "ipyparallel", "raw pyzmq", "target")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
+    print(f"# {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {reps} reps, process backend, cpu device")
+    for r in [head, tuple("-" * w for w in widths), *rows]:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+if __name__ == "__main__":
+    main()
