@@ -33,6 +33,35 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop(args: argparse.Namespace) -> int:
+    """Stop the daemon named by the connection file (the embedded one by default), by its pid."""
+    import os
+    import signal
+
+    from kernel_worker.daemon import default_connection_file
+
+    path = args.connection_file or default_connection_file()
+    try:
+        with open(path) as f:
+            pid = int(json.load(f)["pid"])
+    except (OSError, ValueError, KeyError):
+        print(f"no daemon to stop: no connection file at {path}")
+        return 0
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        print(f"daemon {pid} is not running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    import select
+
+    if not select.select([pidfd], [], [], args.timeout)[0]:
+        print(f"daemon {pid} did not stop within {args.timeout:g} s", file=sys.stderr)
+        return 1
+    print(f"stopped daemon {pid}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["daemon"]:
@@ -49,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("daemon", help="run the worker daemon on this host (see `jupyter gpu daemon --help`)")
     st = sub.add_parser("status", help="GPUs, sessions and queue of the daemon")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    stop = sub.add_parser("stop", help="stop the daemon (the embedded local one unless --connection-file)")
+    stop.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
     args = parser.parse_args(argv)
-    return {"status": _status}[args.command](args)
+    return {"status": _status, "stop": _stop}[args.command](args)
 
 
 if __name__ == "__main__":

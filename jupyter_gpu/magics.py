@@ -69,6 +69,7 @@ class GPUMagics(Magics, Configurable):
         self.remote = RemoteNamespace()
         self._client: DaemonClient | None = None
         self._made_bulk_dir = ""
+        self._had_worker = False  # a worker was started for this notebook before
         atexit.register(self._at_exit)
 
     # ------------------------------------------------------------------ plumbing
@@ -178,7 +179,7 @@ class GPUMagics(Magics, Configurable):
                 else:
                     queue_note.update({"text/plain": text}, raw=True)
             elif m.type == P.Msg.STARTED:
-                self._started(m.content, had_session=bool(self.remote.remote))
+                self._started(m.content)
             else:
                 relay(m)
 
@@ -203,16 +204,18 @@ class GPUMagics(Magics, Configurable):
             raise relay.error
         return relay.result
 
-    def _started(self, info: dict, had_session: bool) -> None:
+    def _started(self, info: dict) -> None:
+        """A new worker for this notebook: whatever the old one held is gone."""
         self.remote.reset()
-        if info.get("previous") or had_session:
-            why = info.get("previous") or "it ended"
+        if info.get("previous") or self._had_worker:
+            why = info.get("previous") or "the daemon no longer knows it"
             show_note(f"the previous worker is gone ({why}); its variables are lost. Starting a fresh one.")
         gpus = info.get("gpus") or []
         device = f"{info.get('device')} ×{len(gpus)}" if gpus else info.get("device", "cpu")
         waited = f", after {info['waited_s']:.1f} s in the queue" if info.get("waited_s", 0) >= 0.05 else ""
         start = "cold" if info.get("cold") else "warm"
         show_note(f"{device} ready: {start} start in {info.get('start_s', 0):.2f} s{waited}")
+        self._had_worker = True
 
     # ------------------------------------------------------------------ %gpu
 
@@ -255,6 +258,7 @@ class GPUMagics(Magics, Configurable):
     def _release(self, _: str) -> None:
         released = self._request(P.Message(P.Msg.RELEASE, {}, self.session_id)).content.get("released")
         self.remote.reset()
+        self._had_worker = False  # released on purpose: the next start is no surprise
         print("released: worker stopped, GPUs returned" if released else "nothing to release")
 
     def _pull(self, rest: str) -> None:
@@ -295,7 +299,7 @@ class GPUMagics(Magics, Configurable):
 
         cells = [x for x in c["cells"] if x.get("kind") == "cell"]
         for i, cell in enumerate(cells, 1):
-            print(f"  cell {i}: " + " · ".join(cost_parts(cell)[:-1]))
+            print(f"  cell {i}: " + " · ".join(cost_parts(cell, session=False)))
         total = c["cells_usd"]
         print(
             f"cells: {len(cells)}, ${total:.4f} of GPU time; "

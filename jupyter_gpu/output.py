@@ -90,22 +90,24 @@ def _usd(x: float) -> str:
     return f"${x:.4f}" if x < 1 else f"${x:.2f}"
 
 
-def cost_parts(cost: dict) -> list[str]:
+def cost_parts(cost: dict, session: bool = True) -> list[str]:
+    """The pieces of a cost line; ``session`` adds what the session has cost so far."""
     device = cost.get("device", "cpu")
     count = cost.get("count", 0)
     parts = [f"{device} ×{count}" if count else device]
     if cost.get("simulated"):
         parts[0] += " (simulated)"
     parts.append(f"{cost.get('wall_s', 0.0):.2f} s")
-    parts.append(_usd(cost.get("usd", 0.0)))
+    parts.append(_usd(cost.get("usd", 0.0)) + ("" if cost.get("price_per_hour") else " (no price set)"))
     if cost.get("peak_memory_bytes") is not None:
         parts.append(f"peak {_bytes(cost['peak_memory_bytes'])}")
     if cost.get("mean_util") is not None:
         parts.append(f"util {cost['mean_util']:.0f}%")
-    session = f"session {_usd(cost.get('session_usd', 0.0))}"
-    if cost.get("session_idle_s", 0) >= 0.01:
-        session += f" (warm idle {cost['session_idle_s']:.0f} s, {_usd(cost.get('session_idle_usd', 0.0))})"
-    parts.append(session)
+    if session and cost.get("price_per_hour"):
+        total = f"session {_usd(cost.get('session_usd', 0.0))}"
+        if cost.get("session_idle_s", 0) >= 1:
+            total += f" (warm idle {cost['session_idle_s']:.0f} s, {_usd(cost.get('session_idle_usd', 0.0))})"
+        parts.append(total)
     return parts
 
 

@@ -158,6 +158,10 @@ class Channel:
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(outbox.fileno(), zmq.POLLIN)
+        # The daemon going away (crash, kill -9) closes its socket: then nobody will ever
+        # send us work again, so the worker ends instead of holding its GPU forever.
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller.register(self._monitor, zmq.POLLIN)
 
     def send(self, msg: P.Message) -> None:
         """Send one message now. Caller holds the lock (and has flushed the outbox)."""
@@ -178,7 +182,12 @@ class Channel:
             self.flush()
             while True:
                 wait = min(self.outbox.due_in(self.heartbeat_s), max(0.0, self._next_beat - time.monotonic()))
-                if not self._poller.poll(wait * 1000) or self.outbox.due_in(self.heartbeat_s) == 0.0:
+                events = dict(self._poller.poll(wait * 1000))
+                if self._monitor in events:
+                    self._monitor.recv_multipart()
+                    print("jupyter-gpu executor: the daemon went away; exiting", file=sys.__stderr__)
+                    os._exit(3)
+                if not events or self.outbox.due_in(self.heartbeat_s) == 0.0:
                     self.flush()
                     continue
                 try:

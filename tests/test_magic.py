@@ -219,3 +219,35 @@ def test_large_array_travels_through_bulk_path_and_is_writable(shell, daemon):
     import os
 
     assert os.listdir(os.path.join(os.path.dirname(daemon.connection_file), "bulk", shell.magics_manager.registry["GPUMagics"].session_id)) == []
+
+
+def test_daemon_killed_mid_cell_is_reported_and_next_cell_reconnects(daemon_factory, tmp_path, monkeypatch):
+    import os
+    import select
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+    d = daemon_factory()
+    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
+    InteractiveShell.clear_instance()
+    ip = InteractiveShell.instance()
+    ip.run_cell("%load_ext jupyter_gpu")
+    ip.run_cell("%config GPUMagics.heartbeat_interval = 0.5\n%config GPUMagics.heartbeat_timeout = 1.0")
+    ip.user_ns.update(dpid=d.proc.pid, pidfile=str(tmp_path / "worker.pid"))
+    result, cap = run(
+        ip,
+        "%%gpu cpu\nimport os, signal, time\nopen(pidfile, 'w').write(str(os.getpid()))\n"
+        "os.kill(dpid, signal.SIGKILL)\ntime.sleep(2)",
+    )
+    assert not result.success
+    assert "lost contact with the jupyter-gpu daemon" in str(result.error_in_exec)
+    # The orphaned worker notices its daemon is gone and exits by itself.
+    worker = os.pidfd_open(int((tmp_path / "worker.pid").read_text()))
+    assert select.select([worker], [], [], 15)[0], "the orphaned worker did not exit"
+    os.close(worker)
+    d2 = daemon_factory()  # the daemon comes back at the same address
+    assert d2.connection_file == d.connection_file
+    result, cap = run(ip, "%%gpu cpu\nprint('back')")
+    assert result.success and "back" in cap.stdout
+    assert "the previous worker is gone" in cap.stderr
+    InteractiveShell.clear_instance()
