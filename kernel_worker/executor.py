@@ -247,9 +247,12 @@ class Runner:
         if not code.strip():
             return set()
         try:
-            tree = ast.parse(self.shell.transform_cell(code) if self.shell is not None else code)
-        except SyntaxError:
-            return set()
+            tree = ast.parse(code)
+        except SyntaxError:  # IPython syntax (%magic, !cmd): transform it first
+            try:
+                tree = ast.parse(self.shell.transform_cell(code) if self.shell is not None else code)
+            except SyntaxError:
+                return set()
         names: set[str] = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
