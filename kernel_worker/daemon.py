@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -26,7 +27,8 @@ from traitlets.config import LoggingConfigurable
 from kernel_worker import bulk, inventory, scheduler
 from kernel_worker import protocol as P
 from kernel_worker.backends import Backend, WorkerSpec, backend_class
-from kernel_worker.executor import ENV_BULK_DIR, ENV_ENDPOINT, ENV_FLUSH_MS, ENV_HEARTBEAT_S, ENV_KEY, ENV_SESSION
+from kernel_worker.backends.base import SOCKET_NAME
+from kernel_worker.executor import ENV_FLUSH_MS, ENV_HEARTBEAT_S, ENV_KEY, ENV_ORPHAN_S, ENV_SESSION
 from kernel_worker.inventory import GPU
 
 DEFAULT_PRICES = {
@@ -74,6 +76,7 @@ class Session:
     tasks: set = field(default_factory=set)
     releasing: bool = False
     cell_done: asyncio.Event = field(default_factory=asyncio.Event)
+    user: str = ""
 
     @property
     def device(self) -> str:
@@ -189,8 +192,6 @@ class WorkerDaemon(LoggingConfigurable):
         self.front.linger = 0
         self.back = self.ctx.socket(zmq.ROUTER)
         self.back.linger = 0
-        self.back_url = "ipc://" + os.path.join(self.state_dir, "workers.sock")
-        self.back.bind(self.back_url)
         if self.url.startswith("ipc://"):
             os.makedirs(os.path.dirname(self.url[6:]) or ".", exist_ok=True)
         self.front.bind(self.url)
@@ -507,26 +508,35 @@ class WorkerDaemon(LoggingConfigurable):
         self._to_client(ident, msg.reply(P.Msg.STARTED, info))
         return True
 
+    def _session_dir(self, sid: str) -> str:
+        """Private per-session directory: the worker's socket (mounted into its container,
+        so a worker sees its own socket and nothing else) and its log."""
+        return os.path.join(self.state_dir, "sessions", sid)
+
     async def _start_worker(self, s: Session) -> None:
         s.ready = asyncio.get_running_loop().create_future()
         bulk_dir = os.path.join(self.bulk_root, s.id)
-        os.makedirs(bulk_dir, mode=0o700, exist_ok=True)
+        sock_dir = self._session_dir(s.id)
+        for d in (bulk_dir, sock_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        self._bind_worker(s.id)
         env = {
-            ENV_ENDPOINT: self.back_url,
             ENV_SESSION: s.id,
             ENV_KEY: s.key.decode(),
-            ENV_BULK_DIR: bulk_dir,
             ENV_FLUSH_MS: str(self.flush_ms),
             ENV_HEARTBEAT_S: str(self.worker_heartbeat_interval),
+            ENV_ORPHAN_S: str(self.backend_instance.orphan_timeout),
         }
         options = {k: s.current.content.get(k) for k in ("image", "volumes")} if s.current else {}
-        spec = WorkerSpec(s.id, s.gpus, env, os.path.join(self.state_dir, f"{s.id}.log"), options)
+        os.makedirs(os.path.join(self.state_dir, "logs"), exist_ok=True)
+        log_path = self._log_path(s.id)
+        spec = WorkerSpec(s.id, s.gpus, env, sock_dir, bulk_dir, log_path, s.user, options)
         s.handle = await self.backend_instance.start(spec)
         watcher = self._spawn(self._watch(s))
         done, _ = await asyncio.wait({s.ready, watcher}, timeout=self.worker_start_timeout, return_when=asyncio.FIRST_COMPLETED)
         if s.ready not in done:
             raise RuntimeError(
-                "the worker exited before it connected; see its log " + spec.log_path
+                self._exit_reason(s, spec.log_path)
                 if watcher in done
                 else f"the worker did not connect within {self.worker_start_timeout:.0f} s; see {spec.log_path}"
             )
@@ -540,10 +550,35 @@ class WorkerDaemon(LoggingConfigurable):
         self.scheduler.release(s.gpus)
         s.gpus = []
 
+    def _log_path(self, sid: str) -> str:
+        return os.path.join(self.state_dir, "logs", f"{sid}.log")
+
+    def _bind_worker(self, sid: str) -> None:
+        path = os.path.join(self._session_dir(sid), SOCKET_NAME)
+        self.back.bind(f"ipc://{path}")
+
     async def _stop_worker(self, s: Session) -> None:
         if s.handle is not None:
             await self.backend_instance.stop(s.handle)
+        try:
+            self.back.unbind(f"ipc://{os.path.join(self._session_dir(s.id), SOCKET_NAME)}")
+        except zmq.ZMQError:
+            pass  # never bound: the start failed before
         shutil.rmtree(os.path.join(self.bulk_root, s.id), ignore_errors=True)
+        shutil.rmtree(self._session_dir(s.id), ignore_errors=True)
+
+    def _exit_reason(self, s: Session, log_path: str) -> str:
+        """Why a worker ended before connecting, from the last lines it wrote."""
+        try:
+            with open(log_path, errors="replace") as f:
+                tail = f.read()[-4000:]
+        except OSError:
+            tail = ""
+        missing = re.search(r"JUPYTER_GPU_MISSING: (.*)", tail)
+        if missing:
+            return missing.group(1)
+        last = tail.strip().splitlines()[-1:] or ["(no output)"]
+        return f"the worker exited before it connected: {last[0]} (log: {log_path})"
 
     async def _release(self, s: Session, why: str, code: str = P.Err.RELEASED) -> None:
         """Stop the worker and return its GPUs; a request in flight gets a FAIL saying why."""
@@ -581,7 +616,7 @@ class WorkerDaemon(LoggingConfigurable):
         exit = await self.backend_instance.wait(s.handle)
         if s.releasing:
             return
-        log = os.path.join(self.state_dir, f"{s.id}.log")
+        log = self._log_path(s.id)
         why = f"its worker {exit.reason}"
         if s.state == "busy":
             why += " while running the cell"

@@ -26,6 +26,7 @@ import traceback
 from typing import Any, Callable
 
 import zmq
+import zmq.utils.monitor
 
 from kernel_worker import bulk, serialize
 from kernel_worker import protocol as P
@@ -37,6 +38,7 @@ ENV_BULK_DIR = "JUPYTER_GPU_BULK_DIR"
 ENV_FLUSH_MS = "JUPYTER_GPU_FLUSH_MS"
 ENV_HEARTBEAT_S = "JUPYTER_GPU_HEARTBEAT_S"
 ENV_DEVICES = "JUPYTER_GPU_DEVICES"
+ENV_ORPHAN_S = "JUPYTER_GPU_ORPHAN_S"
 
 
 class Outbox:
@@ -158,9 +160,12 @@ class Channel:
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(outbox.fileno(), zmq.POLLIN)
-        # The daemon going away (crash, kill -9) closes its socket: then nobody will ever
-        # send us work again, so the worker ends instead of holding its GPU forever.
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # The daemon going away (crash, kill -9) closes its socket. A daemon that comes back
+        # within ``orphan_s`` adopts us again; otherwise nobody will ever send us work, so
+        # the worker ends instead of holding its GPU forever.
+        self.orphan_s = float(os.environ.get(ENV_ORPHAN_S, "0"))
+        self._lost_since: float | None = None
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         self._poller.register(self._monitor, zmq.POLLIN)
 
     def send(self, msg: P.Message) -> None:
@@ -182,11 +187,18 @@ class Channel:
             self.flush()
             while True:
                 wait = min(self.outbox.due_in(self.heartbeat_s), max(0.0, self._next_beat - time.monotonic()))
+                if self._lost_since is not None:
+                    left = self._lost_since + self.orphan_s - time.monotonic()
+                    if left <= 0:
+                        print("jupyter-gpu executor: the daemon went away and did not come back; exiting", file=sys.__stderr__)
+                        os._exit(3)
+                    wait = min(wait, left)
                 events = dict(self._poller.poll(wait * 1000))
                 if self._monitor in events:
-                    self._monitor.recv_multipart()
-                    print("jupyter-gpu executor: the daemon went away; exiting", file=sys.__stderr__)
-                    os._exit(3)
+                    event = zmq.utils.monitor.parse_monitor_message(self._monitor.recv_multipart())
+                    connected = event["event"] == zmq.EVENT_CONNECTED
+                    self._lost_since = None if connected else (self._lost_since or time.monotonic())
+                    continue
                 if not events or self.outbox.due_in(self.heartbeat_s) == 0.0:
                     self.flush()
                     continue
@@ -474,4 +486,6 @@ def _err(what: str, e: BaseException) -> dict:
 
 
 if __name__ == "__main__":
-    Executor().main()
+    from kernel_worker.worker import main
+
+    main()

@@ -11,18 +11,31 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
+from traitlets import Float
 from traitlets.config import LoggingConfigurable
 
 from kernel_worker.inventory import GPU
+
+
+SOCKET_NAME = "worker.sock"
 
 
 @dataclass
 class WorkerSpec:
     session: str
     gpus: list[GPU]
-    env: dict[str, str]  # what the executor needs: endpoint, session, key, bulk dir
+    env: dict[str, str]  # what every executor needs: session, key, flush and heartbeat settings
+    socket_dir: str  # host directory holding this session's ipc socket (SOCKET_NAME), and only it
+    bulk_dir: str  # host directory for this session's bulk buffers
     log_path: str  # where the worker's own diagnostics go
-    options: dict[str, Any] = field(default_factory=dict)  # per-cell backend options
+    user: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # per-cell backend options (image, volumes)
+
+    def executor_env(self, socket_dir: str, bulk_dir: str) -> dict[str, str]:
+        """The executor's environment, with the two directories as the worker sees them."""
+        from kernel_worker.executor import ENV_BULK_DIR, ENV_ENDPOINT
+
+        return {**self.env, ENV_ENDPOINT: f"ipc://{socket_dir}/{SOCKET_NAME}", ENV_BULK_DIR: bulk_dir}
 
 
 @dataclass
@@ -44,6 +57,10 @@ def describe_exit(code: int | None) -> str:
 
 class Backend(LoggingConfigurable):
     """Runs executors. Implementations: ``process`` (this host), ``docker``."""
+
+    orphan_timeout = Float(
+        0.0, help="Seconds a worker waits for its daemon to come back after losing it, then exits."
+    ).tag(config=True)
 
     async def start(self, spec: WorkerSpec) -> Any:
         """Start the worker; return a handle. The executor connects back by itself."""

@@ -25,14 +25,19 @@ class ProcessBackend(Backend):
                 f"the process backend cannot honour {', '.join('--' + k for k in unsupported)}: "
                 "run the daemon with --backend docker for images and volumes"
             )
-        env = {**os.environ, **self.gpu_env(spec.gpus), **spec.env, "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            **self.gpu_env(spec.gpus),
+            **spec.executor_env(spec.socket_dir, spec.bulk_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
         with open(spec.log_path, "ab") as log:
             return await asyncio.create_subprocess_exec(
                 self.python,
                 "-m",
-                "kernel_worker.executor",
+                "kernel_worker.worker",
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
