@@ -33,6 +33,22 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _volumes(args: argparse.Namespace) -> int:
+    from jupyter_gpu.client import DaemonError
+    from jupyter_gpu.output import format_volumes
+
+    if args.op in ("create", "rm") and not args.name:
+        print(f"jupyter gpu volumes {args.op} needs a NAME", file=sys.stderr)
+        return 2
+    try:
+        result = _client(args).call(P.Msg.VOLUMES, {"op": args.op, "name": args.name}, timeout=120)["result"]
+    except DaemonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_volumes(args.op, result))
+    return 0
+
+
 def _stop(args: argparse.Namespace) -> int:
     """Stop the daemon named by the connection file (the embedded one by default), by its pid."""
     import os
@@ -78,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("daemon", help="run the worker daemon on this host (see `jupyter gpu daemon --help`)")
     st = sub.add_parser("status", help="GPUs, sessions and queue of the daemon")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    vol = sub.add_parser("volumes", help="your volumes on the daemon's host (docker backend)")
+    vol.add_argument("op", choices=["ls", "du", "create", "rm"], help="list, list with sizes, create, remove")
+    vol.add_argument("name", nargs="?", default="", help="volume name (create, rm)")
     stop = sub.add_parser("stop", help="stop the daemon (the embedded local one unless --connection-file)")
     stop.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
     args = parser.parse_args(argv)
-    return {"status": _status, "stop": _stop}[args.command](args)
+    return {"status": _status, "stop": _stop, "volumes": _volumes}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import atexit
 import functools
+import platform
 import os
 import uuid
 from typing import Any
 
+import cloudpickle
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
@@ -20,7 +22,7 @@ from kernel_worker import protocol as P
 from jupyter_gpu import connect
 from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
 from jupyter_gpu.closure import RemoteNamespace, names_read
-from jupyter_gpu.output import Relay, show_cost, show_note
+from jupyter_gpu.output import Relay, format_volumes, show_cost, show_note
 
 
 class GPUCellError(Exception):
@@ -28,6 +30,9 @@ class GPUCellError(Exception):
 
     def _render_traceback_(self) -> list[str]:
         return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
+
+CLIENT_VERSIONS = {"python": platform.python_version(), "cloudpickle": cloudpickle.__version__}
 
 
 def _ordinal(n: int) -> str:
@@ -161,6 +166,7 @@ class GPUMagics(Magics, Configurable):
             "no_wait": args.no_wait,
             "image": args.image,
             "volumes": args.volume,
+            "client_versions": CLIENT_VERSIONS,
         }
         directory = self._bulk_dir()
         content["bulk_ok"] = directory is not None
@@ -228,6 +234,7 @@ class GPUMagics(Magics, Configurable):
         %gpu pull a,b        copy worker variables into the notebook
         %gpu push a,b        send notebook variables to the worker
         %gpu cost            this session's cells and total spend
+        %gpu volumes [ls | du | create NAME | rm NAME]   your volumes (docker backend)
         """
         cmd, _, rest = line.strip().partition(" ")
         handlers = {
@@ -236,6 +243,7 @@ class GPUMagics(Magics, Configurable):
             "pull": self._pull,
             "push": self._push,
             "cost": self._cost,
+            "volumes": self._volumes,
         }
         if cmd not in handlers:
             raise GPUCellError(f"unknown %gpu command {cmd!r}; use one of: {', '.join(handlers)}")
@@ -305,6 +313,12 @@ class GPUMagics(Magics, Configurable):
             f"cells: {len(cells)}, ${total:.4f} of GPU time; "
             f"session total (warm idle included): ${c['live_usd'] + c['released_usd']:.4f}"
         )
+
+    def _volumes(self, rest: str) -> None:
+        op, _, name = (rest or "ls").partition(" ")
+        content = {"op": op, "name": name.strip()}
+        result = self._request(P.Message(P.Msg.VOLUMES, content, self.session_id)).content["result"]
+        print(format_volumes(op, result))
 
     def _at_exit(self) -> None:
         if self._client is None or not self.release_on_exit:

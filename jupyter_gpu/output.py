@@ -125,3 +125,19 @@ def show_cost(cost: dict) -> None:
 def show_note(text: str) -> None:
     """A one-line status note from jupyter-gpu itself (queue place, cold start...)."""
     print(f"[jupyter-gpu] {text}", file=sys.stderr, flush=True)
+
+
+def format_volumes(op: str, result: object) -> str:
+    """What `%gpu volumes` and `jupyter gpu volumes` print."""
+    if op == "create":
+        return f"created volume {result['name']}"
+    if op == "rm":
+        return f"removed volume {result['removed']}"
+    if not result:
+        return "no volumes yet: `%%gpu ... --volume NAME:/path` creates one on first use"
+    lines = []
+    for v in result:
+        size = f"  {_bytes(v['bytes'])}" if v.get("bytes", -1) >= 0 else ""
+        used = f"  mounted by {', '.join(u[:8] for u in v['in_use_by'])}" if v["in_use_by"] else ""
+        lines.append(f"{v['name']}{size}{used}")
+    return "\n".join(lines)

@@ -8,6 +8,8 @@ ZeroMQ frames they arrived in, never unpickled and never copied.
 from __future__ import annotations
 
 import asyncio
+import getpass
+import hashlib
 import json
 import os
 import re
@@ -27,7 +29,7 @@ from traitlets.config import LoggingConfigurable
 from kernel_worker import bulk, inventory, scheduler
 from kernel_worker import protocol as P
 from kernel_worker.backends import Backend, WorkerSpec, backend_class
-from kernel_worker.backends.base import SOCKET_NAME
+from kernel_worker.backends.base import SOCKET_NAME, VolumeError
 from kernel_worker.executor import ENV_FLUSH_MS, ENV_HEARTBEAT_S, ENV_KEY, ENV_ORPHAN_S, ENV_SESSION
 from kernel_worker.inventory import GPU
 
@@ -125,9 +127,10 @@ class WorkerDaemon(LoggingConfigurable):
     bulk_root = Unicode(
         help="Directory (ideally tmpfs) where same-host clients and workers exchange large buffers."
     ).tag(config=True)
-    state_dir = Unicode(help="Private directory for worker sockets and logs. Default: a new temporary one.").tag(
-        config=True
-    )
+    state_dir = Unicode(
+        help="Private directory for worker sockets, session records and logs; keep it across restarts so "
+        "a restarted daemon can adopt its workers."
+    ).tag(config=True)
 
     backend_instance = Instance(Backend, allow_none=True)
 
@@ -138,6 +141,13 @@ class WorkerDaemon(LoggingConfigurable):
     @default("connection_file")
     def _cf(self) -> str:
         return default_connection_file()
+
+    @default("state_dir")
+    def _state(self) -> str:
+        # Stable across restarts (so a restarted daemon finds its workers) and short
+        # (ipc socket paths are limited to about 100 characters).
+        tag = hashlib.sha1(os.path.abspath(self.connection_file).encode()).hexdigest()[:10]
+        return os.path.join(tempfile.gettempdir(), f"jupyter-gpu-{os.getuid()}-{tag}")
 
     @default("bulk_root")
     def _bulk(self) -> str:
@@ -159,8 +169,10 @@ class WorkerDaemon(LoggingConfigurable):
         self._tasks: set[asyncio.Task] = set()
         self._stopping: asyncio.Event | None = None
         self._last_request = time.monotonic()
+        self.user = getpass.getuser()  # the identity sessions run as (per-user keys: see issue 4)
+        self.daemon_id = hashlib.sha1(os.path.abspath(self.state_dir).encode()).hexdigest()[:12]
         if self.backend_instance is None:
-            self.backend_instance = backend_class(self.backend)(parent=self)
+            self.backend_instance = backend_class(self.backend)(parent=self, daemon_id=self.daemon_id)
 
     def _spawn(self, coro: Any, owner: set | None = None) -> asyncio.Task:
         """Start a task the daemon owns (and cancels at shutdown)."""
@@ -181,8 +193,7 @@ class WorkerDaemon(LoggingConfigurable):
             except (RuntimeError, ValueError):  # not the main thread
                 pass
         self.ctx = zmq.Context()
-        made_state_dir = not self.state_dir
-        self.state_dir = self.state_dir or tempfile.mkdtemp(prefix="jupyter-gpu-")
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         os.makedirs(self.bulk_root, mode=0o700, exist_ok=True)
         self.bulk_probe = secrets.token_hex(16)
@@ -200,18 +211,19 @@ class WorkerDaemon(LoggingConfigurable):
         self.log.info("jupyter-gpu daemon on %s (%s backend; %s)", self.url, self.backend, self.scheduler.describe())
         try:
             self._watch_sockets()
+            await self._adopt_or_reap()
             self._spawn(self._reaper())
             if ready is not None:
                 ready({"url": self.url, "pid": os.getpid(), "connection_file": self.connection_file})
             await self._stopping.wait()
         finally:
-            await self._shutdown(made_state_dir)
+            await self._shutdown()
 
     def stop(self) -> None:
         if self._stopping is not None:
             self._stopping.set()
 
-    async def _shutdown(self, remove_state_dir: bool) -> None:
+    async def _shutdown(self) -> None:
         for s in list(self.sessions.values()):
             await self._release(s, "the daemon shut down", code=P.Err.SHUTDOWN)
         for t in list(self._tasks):
@@ -232,8 +244,6 @@ class WorkerDaemon(LoggingConfigurable):
                 os.unlink(self.url[6:])
             except OSError:
                 pass
-        if remove_state_dir:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def _write_connection_file(self) -> None:
         info = {"url": self.url, "key": self.key.decode(), "pid": os.getpid(), "backend": self.backend}
@@ -323,6 +333,8 @@ class WorkerDaemon(LoggingConfigurable):
             self._to_client(ident, msg.reply(P.Msg.REPLY, self._cost(msg.session)))
         elif t == P.Msg.RELEASE:
             self._spawn(self._handle_release(ident, msg))
+        elif t == P.Msg.VOLUMES:
+            self._spawn(self._handle_volumes(ident, msg))
         elif t == P.Msg.INTERRUPT:
             self._spawn(self._handle_interrupt(ident, msg))
         elif t in (P.Msg.EXECUTE, P.Msg.PULL):
@@ -376,6 +388,25 @@ class WorkerDaemon(LoggingConfigurable):
             "live_usd": self._price(s) * held / 3600 if s else 0.0,
             "released_usd": sum(c.get("released_usd", 0.0) for c in cells),
         }
+
+    async def _handle_volumes(self, ident: bytes, msg: P.Message) -> None:
+        b = self.backend_instance
+        op, name = msg.content.get("op"), str(msg.content.get("name") or "")
+        ops = {
+            "ls": lambda: b.list_volumes(self.user),
+            "du": lambda: b.volume_usage(self.user),
+            "create": lambda: b.create_volume(self.user, name),
+            "rm": lambda: b.remove_volume(self.user, name),
+        }
+        if op not in ops:
+            self._fail(ident, msg, P.Err.BAD_MESSAGE, f"unknown volumes operation {str(op)[:20]!r}; use ls, du, create, rm")
+            return
+        try:
+            result = await asyncio.to_thread(ops[op])  # the Docker SDK blocks
+        except VolumeError as e:
+            self._fail(ident, msg, P.Err.VOLUME, str(e))
+            return
+        self._to_client(ident, msg.reply(P.Msg.REPLY, {"result": result}))
 
     async def _handle_release(self, ident: bytes, msg: P.Message) -> None:
         s = self.sessions.get(msg.session)
@@ -473,6 +504,9 @@ class WorkerDaemon(LoggingConfigurable):
             waited = time.monotonic() - t0
             s.started_at = time.monotonic()
             await self._start_worker(s)
+            mismatch = _version_mismatch(msg.content.get("client_versions") or {}, s.versions)
+            if mismatch:
+                raise _Refused(P.Err.VERSION, mismatch)
         except _Refused as e:
             self._forget(s)
             self._fail(ident, msg, e.code, e.text)
@@ -488,7 +522,8 @@ class WorkerDaemon(LoggingConfigurable):
             self._forget(s)
             await self._stop_worker(s)
             self.log.warning("worker for %s failed to start: %s", s.id, e)
-            self._fail(ident, msg, P.Err.WORKER_START, f"could not start a worker: {e}")
+            code = P.Err.VOLUME if isinstance(e, VolumeError) else P.Err.WORKER_START
+            self._fail(ident, msg, code, f"could not start a worker: {e}")
             return False
         finally:
             s.tasks.discard(me)
@@ -507,6 +542,60 @@ class WorkerDaemon(LoggingConfigurable):
         }
         self._to_client(ident, msg.reply(P.Msg.STARTED, info))
         return True
+
+    def _record_path(self, sid: str) -> str:
+        return os.path.join(self._session_dir(sid), "session.json")
+
+    def _save_record(self, s: Session) -> None:
+        """What a restarted daemon needs to adopt this session's worker."""
+        record = {
+            "key": s.key.decode(),
+            "request": s.request.text,
+            "gpus": [g.uuid for g in s.gpus],
+            "user": s.user,
+            "held_since": time.time() - (time.monotonic() - s.started_at),
+        }
+        path = self._record_path(s.id)
+        fd = os.open(path + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+
+    async def _adopt_or_reap(self) -> None:
+        """After a restart: adopt the workers we have records for, remove the rest."""
+        found = dict(await self.backend_instance.find())
+        sessions_dir = os.path.join(self.state_dir, "sessions")
+        known = set(os.listdir(sessions_dir)) if os.path.isdir(sessions_dir) else set()
+        for sid in sorted(known | set(found)):
+            handle = found.get(sid)
+            try:
+                with open(self._record_path(sid)) as f:
+                    record = json.load(f)
+            except (OSError, ValueError):
+                record = None
+            gpus = [g for g in self.scheduler.gpus if record and g.uuid in record.get("gpus", [])]
+            free = all(g.uuid not in self.scheduler.holder for g in gpus)
+            if handle is not None and record and self.backend_instance.is_running(handle) and free:
+                self._adopt(sid, record, handle, gpus)
+                continue
+            if handle is not None:
+                self.log.info("removing leftover worker of session %s", sid)
+                await self.backend_instance.stop(handle)
+            shutil.rmtree(self._session_dir(sid), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.bulk_root, sid), ignore_errors=True)
+
+    def _adopt(self, sid: str, record: dict, handle: Any, gpus: list[GPU]) -> None:
+        key = record["key"].encode()
+        req = scheduler.parse(record["request"])
+        s = Session(sid, req, key, P.Signer(key), gpus=gpus, handle=handle, state="idle", user=record.get("user", ""))
+        s.started_at = time.monotonic() - max(0.0, time.time() - float(record.get("held_since", time.time())))
+        for g in gpus:
+            self.scheduler.holder[g.uuid] = sid
+        self.sessions[sid] = s
+        self.ledger.setdefault(sid, [])
+        self._bind_worker(sid)  # the worker reconnects to its socket by itself
+        self._spawn(self._watch(s))
+        self.log.info("adopted the running worker of session %s (%s)", sid, s.device)
 
     def _session_dir(self, sid: str) -> str:
         """Private per-session directory: the worker's socket (mounted into its container,
@@ -542,6 +631,7 @@ class WorkerDaemon(LoggingConfigurable):
             )
         s.versions = s.ready.result().get("versions", {})
         s.last_heard = time.monotonic()
+        self._save_record(s)
 
     def _forget(self, s: Session) -> None:
         if self.sessions.get(s.id) is s:
@@ -749,6 +839,26 @@ class _Refused(Exception):
     def __init__(self, code: str, text: str):
         super().__init__(text)
         self.code, self.text = code, text
+
+
+def _version_mismatch(client: dict, worker: dict) -> str:
+    """Why values could not travel between these two sides, or "" when they can."""
+
+    def part(v: str | None, n: int) -> str:
+        return ".".join((v or "?").split(".")[:n])
+
+    problems = []
+    if client.get("python") and part(client["python"], 2) != part(worker.get("python"), 2):
+        problems.append(f"Python {client['python']} in the notebook, {worker.get('python')} on the worker")
+    if client.get("cloudpickle") and part(client["cloudpickle"], 1) != part(worker.get("cloudpickle"), 1):
+        problems.append(f"cloudpickle {client['cloudpickle']} in the notebook, {worker.get('cloudpickle')} on the worker")
+    if not problems:
+        return ""
+    return (
+        "the worker cannot exchange values with this notebook: "
+        + "; ".join(problems)
+        + ". Use an image whose Python minor version and cloudpickle major version match the notebook's."
+    )
 
 
 def _valid_bulk(moved: Any, nframes: int) -> bool:

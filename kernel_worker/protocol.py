@@ -48,6 +48,7 @@ class Msg:
     RELEASE = "release"
     STATUS = "status"
     COST = "cost"
+    VOLUMES = "volumes"
     PING = "ping"
     # daemon -> client
     WELCOME = "welcome"
@@ -71,7 +72,7 @@ class Msg:
 
 
 CLIENT_REQUESTS = frozenset(
-    {Msg.HELLO, Msg.EXECUTE, Msg.INTERRUPT, Msg.PULL, Msg.RELEASE, Msg.STATUS, Msg.COST, Msg.PING}
+    {Msg.HELLO, Msg.EXECUTE, Msg.INTERRUPT, Msg.PULL, Msg.RELEASE, Msg.STATUS, Msg.COST, Msg.VOLUMES, Msg.PING}
 )
 # Requests the daemon passes on to the session's executor.
 EXECUTOR_REQUESTS = frozenset({Msg.EXECUTE, Msg.PULL, Msg.PING})
@@ -114,6 +115,7 @@ class Err:
     TIMEOUT = "timeout"
     RELEASED = "released"
     SHUTDOWN = "shutdown"
+    VOLUME = "volume"
 
 
 class ProtocolError(Exception):

@@ -10,7 +10,11 @@ def backend_class(name: str) -> type[Backend]:
         from kernel_worker.backends.process import ProcessBackend
 
         return ProcessBackend
-    raise ValueError(f"unknown backend {name!r}; this daemon has: process")
+    if name == "docker":
+        from kernel_worker.backends.docker import DockerBackend
+
+        return DockerBackend
+    raise ValueError(f"unknown backend {name!r}; this daemon has: process, docker")
 
 
 __all__ = ["Backend", "WorkerExit", "WorkerSpec", "backend_class"]

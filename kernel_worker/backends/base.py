@@ -11,13 +11,18 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from traitlets import Float
+from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
 from kernel_worker.inventory import GPU
 
 
 SOCKET_NAME = "worker.sock"
+NO_VOLUMES = "volumes need the docker backend: run the daemon with `jupyter gpu daemon --backend docker`"
+
+
+class VolumeError(ValueError):
+    """A volume request that cannot be honoured; the message says why and what to do."""
 
 
 @dataclass
@@ -61,6 +66,27 @@ class Backend(LoggingConfigurable):
     orphan_timeout = Float(
         0.0, help="Seconds a worker waits for its daemon to come back after losing it, then exits."
     ).tag(config=True)
+    daemon_id = Unicode("", help="Names this daemon's workers, so a restarted daemon finds its own (set by the daemon).")
+
+    async def find(self) -> list[tuple[str, Any]]:
+        """Workers of this daemon that outlived it: (session id, handle). None by default."""
+        return []
+
+    def is_running(self, handle: Any) -> bool:
+        return False
+
+    # Volumes: only backends that can mount them implement these (blocking; run off the loop).
+    def list_volumes(self, user: str | None) -> list[dict]:
+        raise VolumeError(NO_VOLUMES)
+
+    def create_volume(self, user: str, name: str) -> dict:
+        raise VolumeError(NO_VOLUMES)
+
+    def remove_volume(self, user: str, name: str) -> dict:
+        raise VolumeError(NO_VOLUMES)
+
+    def volume_usage(self, user: str) -> list[dict]:
+        raise VolumeError(NO_VOLUMES)
 
     async def start(self, spec: WorkerSpec) -> Any:
         """Start the worker; return a handle. The executor connects back by itself."""
