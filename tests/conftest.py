@@ -140,10 +140,54 @@ def daemon_factory(tmp_path, runtime_dir):
         d.stop()
 
 
+@pytest.fixture(scope="session")
+def engine():
+    """One real Docker engine for the whole run, stopped by its pid at the end."""
+    import dockerd
+
+    eng = dockerd.start_engine(LogWatcher)
+    try:
+        dockerd.ensure_images(eng.client, eng.url)
+        yield eng
+    finally:
+        eng.stop()
+
+
+def docker_args(engine, *extra: str, notebook_libs: bool = True) -> list[str]:
+    """A docker backend on the test engine. ``notebook_libs`` mounts this venv's packages
+    (numpy, IPython, pandas... at the notebook's exact versions) read-only into workers,
+    the way an operator shares a package directory with ``DockerBackend.extra_mounts``."""
+    import dockerd
+
+    args = [
+        "--backend=docker",
+        f"--DockerBackend.docker_url={engine.url}",
+        f"--DockerBackend.image={dockerd.IMAGE}",
+        "--DockerBackend.network_mode=none",
+    ]
+    if notebook_libs:
+        import sysconfig
+
+        site = sysconfig.get_paths()["purelib"]
+        args += [f"--DockerBackend.extra_mounts={site}:/opt/notebook-site:ro",
+                 "--DockerBackend.extra_env=PYTHONPATH=/opt/notebook-site"]
+    return args + list(extra)
+
+
+@pytest.fixture(params=["process", "docker"])
+def backend_args(request) -> list[str]:
+    """Daemon options for each backend the notebook-level suite runs against."""
+    if request.param == "process":
+        return []
+    return docker_args(request.getfixturevalue("engine"))
+
+
 @pytest.fixture
-def daemon(daemon_factory) -> Daemon:
-    """A daemon with a simulated host of one H100 and two A100-80GB."""
-    return daemon_factory("--simulate-gpus=H100:1,A100-80GB:2", "--WorkerDaemon.worker_heartbeat_interval=0.5")
+def daemon(daemon_factory, backend_args) -> Daemon:
+    """A daemon with a simulated host of one H100 and two A100-80GB, on each backend."""
+    return daemon_factory(
+        "--simulate-gpus=H100:1,A100-80GB:2", "--WorkerDaemon.worker_heartbeat_interval=0.5", *backend_args
+    )
 
 
 @pytest.fixture

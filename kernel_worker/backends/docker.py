@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from traitlets import Bool, Float, Int, Unicode
+from traitlets import Bool, Dict, Float, Int, List, Unicode
 
 from kernel_worker.backends.base import Backend, VolumeError, WorkerExit, WorkerSpec, describe_exit
 
@@ -77,6 +77,12 @@ class DockerBackend(Backend):
     run_as_daemon_user = Bool(True, help="Run containers as the daemon's uid:gid, so shared files keep one owner.").tag(
         config=True
     )
+    extra_mounts = List(
+        Unicode(), help="Host paths every worker gets, as HOST:CONTAINER[:ro] (shared datasets, a package dir)."
+    ).tag(config=True)
+    extra_env = Dict(
+        value_trait=Unicode(), help="Environment for every worker; a PYTHONPATH here is appended to the executor's."
+    ).tag(config=True)
     orphan_timeout = Float(
         600.0, help="Seconds a container waits for a restarted daemon to adopt it before exiting."
     ).tag(config=True)
@@ -182,10 +188,15 @@ class DockerBackend(Backend):
         for v in volumes:
             vol = self._volume(spec.user, v.name, create=True)
             mounts.append(d.types.Mount(v.path, vol.name, type="volume", read_only=v.read_only))
+        for extra in self.extra_mounts:
+            host, _, rest = extra.partition(":")
+            target, _, mode = rest.partition(":")
+            mounts.append(d.types.Mount(target, host, type="bind", read_only=mode == "ro"))
         env = {
+            **self.extra_env,
             **self.gpu_env(spec.gpus),
             **spec.executor_env(SOCKET_TARGET, BULK_TARGET),
-            "PYTHONPATH": os.path.dirname(PKG_TARGET),
+            "PYTHONPATH": ":".join(filter(None, [os.path.dirname(PKG_TARGET), self.extra_env.get("PYTHONPATH")])),
             "PYTHONUNBUFFERED": "1",
             "HOME": "/tmp",
             "JUPYTER_GPU_IMAGE": image,
@@ -214,6 +225,7 @@ class DockerBackend(Backend):
                 pids_limit=self.pids_limit,
                 shm_size=self.shm_size,
                 working_dir="/tmp",
+                init=True,  # a real PID 1: reaps `!cmd` children, forwards signals, lets a crash be a crash
                 **kw,
             )
         except d.errors.APIError as e:
@@ -258,7 +270,7 @@ class DockerBackend(Backend):
             if state.get("OOMKilled"):
                 limit = f", limit {_human(handle.mem_limit)}" if handle.mem_limit else ""
                 return WorkerExit(code, f"container was killed: out of memory{limit}")
-            reason = describe_exit(code - 256 if code > 128 else code)  # 137 = 128 + SIGKILL
+            reason = describe_exit(128 - code if code > 128 else code)  # 137 = 128 + SIGKILL
             return WorkerExit(code, f"container {reason}")
 
         return await asyncio.to_thread(wait)

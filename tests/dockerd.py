@@ -1,0 +1,102 @@
+"""A real Docker engine for the tests: Debian's dockerd on its own socket and data root,
+and test images made from a debootstrap root file system (``make test-image``), never
+pulled from a registry."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cloudpickle
+
+ROOT = Path(__file__).resolve().parent.parent
+ROOTFS_TAR = ROOT / ".cache" / "rootfs-bookworm.tar"
+IMAGE = "jupyter-gpu-test:bookworm"  # python3, pyzmq, and the notebook's own cloudpickle
+IMAGE_NOZMQ = "jupyter-gpu-test:nozmq"  # pyzmq removed
+IMAGE_OLDPICKLE = "jupyter-gpu-test:oldpickle"  # Debian's cloudpickle 2.x
+START_TIMEOUT = 60
+
+
+@dataclass
+class Engine:
+    proc: subprocess.Popen
+    url: str
+    client: object
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start_engine(log) -> Engine:  # noqa: ANN001
+    """dockerd without networking of its own, on a private socket. ``log`` is a LogWatcher factory."""
+    import docker
+
+    if shutil.which("dockerd") is None:
+        raise RuntimeError("dockerd is not installed: `make test` installs Debian's docker.io")
+    run = Path(tempfile.mkdtemp(prefix="jgpu-dockerd-"))
+    data = ROOT / ".cache" / "docker-data"
+    data.mkdir(parents=True, exist_ok=True)
+    url = f"unix://{run}/docker.sock"
+    proc = subprocess.Popen(
+        [
+            shutil.which("dockerd"), "--bridge=none", "--iptables=false", "--ip6tables=false",
+            f"--data-root={data}", f"--exec-root={run}/exec", f"--pidfile={run}/docker.pid",
+            f"--host={url}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    watcher = log(proc.stderr, run / "dockerd.log")
+    watcher.wait_for(r"API listen on", timeout=START_TIMEOUT)
+    return Engine(proc, url, docker.DockerClient(base_url=url, timeout=120))
+
+
+def ensure_images(client, url: str) -> None:  # noqa: ANN001
+    """Import the debootstrap root file system once, then derive the variants from it."""
+    import docker
+
+    def have(tag: str) -> bool:
+        try:
+            client.images.get(tag)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+
+    if not have(IMAGE_OLDPICKLE):
+        if not ROOTFS_TAR.exists():
+            raise RuntimeError(f"{ROOTFS_TAR} is missing: `make test-image` builds it with debootstrap")
+        subprocess.run(["docker", "-H", url, "import", str(ROOTFS_TAR), IMAGE_OLDPICKLE], check=True,
+                       stdout=subprocess.DEVNULL, timeout=300)
+    if not have(IMAGE):
+        # The notebook's cloudpickle (pure Python) where the image's Python finds it first.
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            tar.add(os.path.dirname(cloudpickle.__file__), arcname="cloudpickle")
+        c = client.containers.create(IMAGE_OLDPICKLE, ["true"])
+        try:
+            c.put_archive("/usr/local/lib/python3.11/dist-packages", buf.getvalue())
+            c.commit("jupyter-gpu-test", "bookworm")
+        finally:
+            c.remove(force=True)
+    if not have(IMAGE_NOZMQ):
+        c = client.containers.run(IMAGE, ["rm", "-rf", "/usr/lib/python3/dist-packages/zmq"], detach=True,
+                                  network_mode="none")
+        try:
+            c.wait()
+            c.commit("jupyter-gpu-test", "nozmq")
+        finally:
+            c.remove(force=True)
