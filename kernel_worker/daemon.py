@@ -79,6 +79,7 @@ class Session:
     releasing: bool = False
     cell_done: asyncio.Event = field(default_factory=asyncio.Event)
     user: str = ""
+    watcher: asyncio.Task | None = None
 
     @property
     def device(self) -> str:
@@ -132,7 +133,16 @@ class WorkerDaemon(LoggingConfigurable):
         "a restarted daemon can adopt its workers."
     ).tag(config=True)
 
+    user = Unicode(
+        help="Who the sessions of this daemon's connection file belong to; volumes are namespaced by it. "
+        "Set by the operator, never by a client. Default: the OS user running the daemon."
+    ).tag(config=True)
+
     backend_instance = Instance(Backend, allow_none=True)
+
+    @default("user")
+    def _user(self) -> str:
+        return getpass.getuser()
 
     @default("url")
     def _url(self) -> str:
@@ -160,7 +170,7 @@ class WorkerDaemon(LoggingConfigurable):
         super().__init__(**kw)
         gpus = inventory.parse_simulated(self.simulate_gpus) if self.simulate_gpus else inventory.discover()
         self.scheduler = scheduler.Scheduler(gpus)
-        self.key = P.new_key()
+        self.key = self._load_or_make_key()
         self.signer = P.Signer(self.key)
         self.limits = P.Limits(self.max_header_bytes, P.Limits.max_frames, self.max_message_bytes)
         self.sessions: dict[str, Session] = {}
@@ -169,10 +179,27 @@ class WorkerDaemon(LoggingConfigurable):
         self._tasks: set[asyncio.Task] = set()
         self._stopping: asyncio.Event | None = None
         self._last_request = time.monotonic()
-        self.user = getpass.getuser()  # the identity sessions run as (per-user keys: see issue 4)
         self.daemon_id = hashlib.sha1(os.path.abspath(self.state_dir).encode()).hexdigest()[:12]
         if self.backend_instance is None:
             self.backend_instance = backend_class(self.backend)(parent=self, daemon_id=self.daemon_id)
+
+    def _load_or_make_key(self) -> bytes:
+        """The signing key, kept in the state directory so a restarted daemon keeps its
+        clients (and they keep their sessions)."""
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self.state_dir, "daemon.key")
+        try:
+            with open(path, "rb") as f:
+                key = f.read().strip()
+            if key:
+                return key
+        except FileNotFoundError:
+            pass
+        key = P.new_key()
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        return key
 
     def _spawn(self, coro: Any, owner: set | None = None) -> asyncio.Task:
         """Start a task the daemon owns (and cancels at shutdown)."""
@@ -203,6 +230,7 @@ class WorkerDaemon(LoggingConfigurable):
         self.front.linger = 0
         self.back = self.ctx.socket(zmq.ROUTER)
         self.back.linger = 0
+        self.back.router_mandatory = True  # a worker that is not connected is an error, not a silent drop
         if self.url.startswith("ipc://"):
             os.makedirs(os.path.dirname(self.url[6:]) or ".", exist_ok=True)
         self.front.bind(self.url)
@@ -269,7 +297,10 @@ class WorkerDaemon(LoggingConfigurable):
         self._to_client(ident, msg)
 
     def _to_worker(self, s: Session, msg: P.Message) -> None:
-        self.back.send_multipart([s.id.encode(), *P.pack(msg, s.signer)], copy=False)
+        try:
+            self.back.send_multipart([s.id.encode(), *P.pack(msg, s.signer)], copy=False)
+        except zmq.ZMQError as e:  # EHOSTUNREACH: the worker's connection is gone
+            self._spawn(self._release(s, f"its worker is not connected ({e.strerror})", code=P.Err.WORKER_DIED))
         self._schedule_pump()
 
     # ------------------------------------------------------------------ front: notebooks
@@ -430,6 +461,9 @@ class WorkerDaemon(LoggingConfigurable):
         """EXECUTE or PULL: hand it to the session's worker at once when there is one
         (the hot path, no task), else queue for GPUs and start a worker first."""
         s = self.sessions.get(msg.session)
+        if s is not None and s.state == "adopting":
+            self._spawn(self._begin_when_adopted(s, ident, msg))
+            return
         if s is not None and s.state != "idle":
             self._fail(ident, msg, P.Err.BUSY, f"session {msg.session} is {s.state}: one request at a time")
             return
@@ -469,9 +503,19 @@ class WorkerDaemon(LoggingConfigurable):
             if isinstance(timeout, (int, float)) and timeout > 0:
                 self._spawn(self._enforce_timeout(s, msg, float(timeout)), s.tasks)
 
+    async def _begin_when_adopted(self, s: Session, ident: bytes, msg: P.Message) -> None:
+        """A request for a worker adopted after a restart that has not reconnected yet."""
+        try:
+            await asyncio.wait_for(asyncio.shield(s.ready), self.worker_start_timeout)
+        except asyncio.TimeoutError:
+            await self._release(s, "its worker did not reconnect after the daemon restarted", code=P.Err.WORKER_DIED)
+            self._fail(ident, msg, P.Err.WORKER_DIED, f"session {s.id} ended: its worker did not reconnect after the daemon restarted")
+            return
+        self._handle_run(ident, msg)
+
     def _new_session(self, ident: bytes, msg: P.Message, req: scheduler.Request) -> Session:
         key = P.new_key()
-        return Session(msg.session, req, key, P.Signer(key), client=ident, current=msg)
+        return Session(msg.session, req, key, P.Signer(key), client=ident, current=msg, user=self.user)
 
     async def _start_then_begin(self, old: Session | None, s: Session, ident: bytes, msg: P.Message) -> None:
         if old is not None:
@@ -507,8 +551,11 @@ class WorkerDaemon(LoggingConfigurable):
             mismatch = _version_mismatch(msg.content.get("client_versions") or {}, s.versions)
             if mismatch:
                 raise _Refused(P.Err.VERSION, mismatch)
+            if s.watcher is not None and s.watcher.done():
+                raise RuntimeError(f"the worker ended right after it started; see {self._log_path(s.id)}")
         except _Refused as e:
             self._forget(s)
+            await self._stop_worker(s)
             self._fail(ident, msg, e.code, e.text)
             return False
         except asyncio.CancelledError:
@@ -587,12 +634,16 @@ class WorkerDaemon(LoggingConfigurable):
     def _adopt(self, sid: str, record: dict, handle: Any, gpus: list[GPU]) -> None:
         key = record["key"].encode()
         req = scheduler.parse(record["request"])
-        s = Session(sid, req, key, P.Signer(key), gpus=gpus, handle=handle, state="idle", user=record.get("user", ""))
+        s = Session(sid, req, key, P.Signer(key), gpus=gpus, handle=handle, state="adopting", user=record.get("user", ""))
+        s.ready = asyncio.get_running_loop().create_future()
+        s.ready.add_done_callback(lambda f: setattr(s, "state", "idle") if s.state == "adopting" else None)
         s.started_at = time.monotonic() - max(0.0, time.time() - float(record.get("held_since", time.time())))
         for g in gpus:
             self.scheduler.holder[g.uuid] = sid
         self.sessions[sid] = s
         self.ledger.setdefault(sid, [])
+        if hasattr(handle, "log_path"):
+            handle.log_path = self._log_path(sid)
         self._bind_worker(sid)  # the worker reconnects to its socket by itself
         self._spawn(self._watch(s))
         self.log.info("adopted the running worker of session %s (%s)", sid, s.device)
@@ -621,7 +672,7 @@ class WorkerDaemon(LoggingConfigurable):
         log_path = self._log_path(s.id)
         spec = WorkerSpec(s.id, s.gpus, env, sock_dir, bulk_dir, log_path, s.user, options)
         s.handle = await self.backend_instance.start(spec)
-        watcher = self._spawn(self._watch(s))
+        s.watcher = watcher = self._spawn(self._watch(s))
         done, _ = await asyncio.wait({s.ready, watcher}, timeout=self.worker_start_timeout, return_when=asyncio.FIRST_COMPLETED)
         if s.ready not in done:
             raise RuntimeError(
@@ -704,8 +755,8 @@ class WorkerDaemon(LoggingConfigurable):
     async def _watch(self, s: Session) -> None:
         """End the session cleanly when its worker dies on its own."""
         exit = await self.backend_instance.wait(s.handle)
-        if s.releasing:
-            return
+        if s.releasing or s.state == "starting":
+            return  # a start in progress sees this task end and fails with the reason itself
         log = self._log_path(s.id)
         why = f"its worker {exit.reason}"
         if s.state == "busy":
@@ -849,9 +900,9 @@ def _version_mismatch(client: dict, worker: dict) -> str:
 
     problems = []
     if client.get("python") and part(client["python"], 2) != part(worker.get("python"), 2):
-        problems.append(f"Python {client['python']} in the notebook, {worker.get('python')} on the worker")
+        problems.append(f"Python {client['python']} in the notebook, Python {worker.get('python')} on the worker")
     if client.get("cloudpickle") and part(client["cloudpickle"], 1) != part(worker.get("cloudpickle"), 1):
-        problems.append(f"cloudpickle {client['cloudpickle']} in the notebook, {worker.get('cloudpickle')} on the worker")
+        problems.append(f"cloudpickle {client['cloudpickle']} in the notebook, cloudpickle {worker.get('cloudpickle')} on the worker")
     if not problems:
         return ""
     return (

@@ -165,6 +165,7 @@ class Channel:
         # the worker ends instead of holding its GPU forever.
         self.orphan_s = float(os.environ.get(ENV_ORPHAN_S, "0"))
         self._lost_since: float | None = None
+        self.ready_content: dict = {}
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         self._poller.register(self._monitor, zmq.POLLIN)
 
@@ -198,6 +199,8 @@ class Channel:
                     event = zmq.utils.monitor.parse_monitor_message(self._monitor.recv_multipart())
                     connected = event["event"] == zmq.EVENT_CONNECTED
                     self._lost_since = None if connected else (self._lost_since or time.monotonic())
+                    if connected:  # a (restarted) daemon is there: say who we are
+                        self.send(P.Message(P.Msg.READY, self.ready_content, self.session))
                     continue
                 if not events or self.outbox.due_in(self.heartbeat_s) == 0.0:
                     self.flush()
@@ -369,11 +372,13 @@ class Executor:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 1000
         self.sock.identity = self.session.encode()
-        self.sock.connect(os.environ[ENV_ENDPOINT])
         self.outbox = Outbox(float(os.environ.get(ENV_FLUSH_MS, "5")) / 1000)
         self.channel = Channel(
             self.sock, self.signer, self.outbox, self.session, float(os.environ.get(ENV_HEARTBEAT_S, "2"))
         )
+        # Connect only once the channel watches connection events: every connect, the
+        # first included, is answered with READY.
+        self.sock.connect(os.environ[ENV_ENDPOINT])
         self.running = False
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -390,7 +395,7 @@ class Executor:
         self.runner = Runner(self.outbox)
         signal.signal(signal.SIGINT, self._on_sigint)
         threading.Thread(target=self.channel.flusher, name="jgpu-flush", daemon=True).start()
-        self.outbox.send(P.Message(P.Msg.READY, {"versions": _versions(), "ipython": self.runner.shell is not None}, self.session))
+        self.channel.ready_content = {"versions": _versions(), "ipython": self.runner.shell is not None}
         handlers: dict[str, Callable[[P.Message], P.Message]] = {
             P.Msg.EXECUTE: self.execute,
             P.Msg.PULL: self.pull,

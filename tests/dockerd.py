@@ -62,7 +62,13 @@ def start_engine(log) -> Engine:  # noqa: ANN001
     )
     watcher = log(proc.stderr, run / "dockerd.log")
     watcher.wait_for(r"API listen on", timeout=START_TIMEOUT)
-    return Engine(proc, url, docker.DockerClient(base_url=url, timeout=120))
+    client = docker.DockerClient(base_url=url, timeout=120)
+    # The data root is reused between runs (it caches the images): start from no leftovers.
+    for c in client.containers.list(all=True):
+        c.remove(force=True)
+    for v in client.volumes.list():
+        v.remove(force=True)
+    return Engine(proc, url, client)
 
 
 def ensure_images(client, url: str) -> None:  # noqa: ANN001

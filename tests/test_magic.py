@@ -248,6 +248,6 @@ def test_daemon_killed_mid_cell_is_reported_and_next_cell_reconnects(daemon_fact
     d2 = daemon_factory()  # the daemon comes back at the same address
     assert d2.connection_file == d.connection_file
     result, cap = run(ip, "%%gpu cpu\nprint('back')")
-    assert result.success and "back" in cap.stdout
+    assert result.success and "back" in cap.stdout, (result.error_in_exec, cap.stdout)
     assert "the previous worker is gone" in cap.stderr
     InteractiveShell.clear_instance()

@@ -276,6 +276,8 @@ class DockerBackend(Backend):
         return await asyncio.to_thread(wait)
 
     def _save_logs(self, handle: Container) -> None:
+        if not handle.log_path:
+            return  # a leftover being removed: nobody will read its log
         try:
             data = handle.obj.logs(stdout=True, stderr=True)
         except self._docker.errors.APIError:

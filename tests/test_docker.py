@@ -1,0 +1,182 @@
+"""The Docker backend against a real engine: volumes, isolation, limits, restarts."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+import dockerd
+from conftest import Daemon, docker_args, run
+from kernel_worker import protocol as P
+from kernel_worker.backends.docker import LABEL_SESSION
+
+
+@pytest.fixture
+def make_shell(monkeypatch):
+    """A fresh InteractiveShell with the extension, pointed at a given daemon."""
+    made = []
+
+    def make(d: Daemon):
+        monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
+        InteractiveShell.clear_instance()
+        ip = InteractiveShell.instance()
+        ip.run_cell("%load_ext jupyter_gpu")
+        made.append(ip)
+        return ip
+
+    yield make
+    for ip in made:
+        ip.magics_manager.registry["GPUMagics"]._drop_client()
+    InteractiveShell.clear_instance()
+
+
+def containers(engine, session: str | None = None, all: bool = True) -> list:
+    label = f"{LABEL_SESSION}={session}" if session else LABEL_SESSION
+    return engine.client.containers.list(all=all, filters={"label": label})
+
+
+def session_of(ip) -> str:
+    return ip.magics_manager.registry["GPUMagics"].session_id
+
+
+def test_volume_survives_release_and_daemon_restart(engine, daemon_factory, make_shell):
+    args = docker_args(engine, "--simulate-gpus=H100:1")
+    d = daemon_factory(*args)
+    ip = make_shell(d)
+    result, cap = run(ip, "%%gpu H100 --volume data:/data\nopen('/data/checkpoint.txt', 'w').write('epoch 3')\nprint('saved')")
+    assert result.success, cap.stdout
+    run(ip, "%gpu release")
+    result, cap = run(ip, "%%gpu H100 --volume data:/data\nprint(open('/data/checkpoint.txt').read())")
+    assert "epoch 3" in cap.stdout
+    result, cap = run(ip, "%gpu volumes ls")
+    assert cap.stdout.startswith("data") and "mounted by" in cap.stdout
+    result, cap = run(ip, "%gpu volumes rm data")
+    assert "is mounted by running session" in str(result.error_in_exec)
+    run(ip, "%gpu release")
+    d.stop()
+    d2 = daemon_factory(*args)
+    ip = make_shell(d2)
+    result, cap = run(ip, "%%gpu H100 --volume data:/data:ro\nprint(open('/data/checkpoint.txt').read())")
+    assert "epoch 3" in cap.stdout
+    result, cap = run(ip, "%%gpu H100 --volume data:/data:ro\nopen('/data/other.txt', 'w')")
+    assert not result.success and "Read-only file system" in cap.stdout
+    run(ip, "%gpu release")
+    out = subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", "--connection-file", d2.connection_file,
+                          "volumes", "rm", "data"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "removed volume data" in out.stdout
+    assert not [v for v in engine.client.volumes.list() if v.name.endswith("-data")]
+
+
+def test_volumes_of_two_users_never_meet(engine, daemon_factory, make_shell, tmp_path):
+    # Two daemons whose operators run them for different users share one engine.
+    alice = daemon_factory(*docker_args(engine, "--WorkerDaemon.user=alice"))
+    ip = make_shell(alice)
+    assert run(ip, "%%gpu cpu --volume data:/data\nopen('/data/secret', 'w').write('alice')")[0].success
+    run(ip, "%gpu release")
+    bob_dir = tmp_path / "bob"
+    bob_dir.mkdir()
+    from conftest import start_daemon
+
+    bob = start_daemon(bob_dir, *docker_args(engine, "--WorkerDaemon.user=bob"))
+    try:
+        ip = make_shell(bob)
+        result, cap = run(ip, "%%gpu cpu --volume data:/data\nimport os\nprint(sorted(os.listdir('/data')))")
+        assert "[]" in cap.stdout  # bob's "data" is not alice's
+        result, cap = run(ip, "%gpu volumes rm nothere")
+        assert "you have no volume 'nothere'" in str(result.error_in_exec)
+        run(ip, "%gpu release")
+    finally:
+        bob.stop()
+    names = sorted(v.name for v in engine.client.volumes.list() if v.name.endswith("-data"))
+    assert names == ["jupyter-gpu-alice-data", "jupyter-gpu-bob-data"]
+    for v in engine.client.volumes.list():
+        if v.name.endswith("-data"):
+            v.remove()
+
+
+def test_idle_release_removes_the_container(engine, daemon_factory, make_shell):
+    d = daemon_factory(*docker_args(engine, "--idle-timeout=1", "--WorkerDaemon.reap_interval=0.2"))
+    ip = make_shell(d)
+    assert run(ip, "%%gpu cpu\nx = 1")[0].success
+    assert len(containers(engine, session_of(ip))) == 1
+    d.log.wait_for("released: it was idle", timeout=15)
+    assert containers(engine, session_of(ip)) == []
+
+
+def test_sigkilled_daemon_restarts_and_adopts_its_container(engine, daemon_factory, make_shell):
+    args = docker_args(engine, "--simulate-gpus=H100:1")
+    d = daemon_factory(*args)
+    ip = make_shell(d)
+    assert run(ip, "%%gpu H100\nx = 42")[0].success
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    d2 = daemon_factory(*args)
+    d2.log.wait_for("adopted the running worker of session", timeout=20)
+    status = d2.client().call(P.Msg.STATUS)
+    assert status["gpus"][0]["session"] == session_of(ip)  # its GPU is still held
+    result, cap = run(ip, "%%gpu H100\nprint('x is', x)")
+    assert result.success and "x is 42" in cap.stdout  # same worker, same namespace
+
+
+def test_restart_reaps_containers_it_cannot_adopt(engine, daemon_factory, make_shell):
+    args = docker_args(engine, "--simulate-gpus=H100:1")
+    d = daemon_factory(*args)
+    ip = make_shell(d)
+    assert run(ip, "%%gpu H100\nx = 42")[0].success
+    sid = session_of(ip)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    # Lose the daemon's record of the session: the container can only be removed.
+    (records,) = glob.glob(f"{tempfile.gettempdir()}/jupyter-gpu-{os.getuid()}-*/sessions/{sid}/session.json")
+    os.unlink(records)
+    d2 = daemon_factory(*args)
+    d2.log.wait_for(f"removing leftover worker of session {sid}", timeout=20)
+    assert containers(engine, sid) == []
+    assert d2.client().call(P.Msg.STATUS)["gpus"][0]["session"] is None
+    result, cap = run(ip, "%%gpu H100\nprint('x' in globals())")
+    assert "False" in cap.stdout
+
+
+def test_container_over_its_memory_limit_gives_the_oom_error(engine, daemon_factory, make_shell):
+    d = daemon_factory(*docker_args(engine, "--DockerBackend.mem_limit=96m"))
+    ip = make_shell(d)
+    result, cap = run(ip, "%%gpu cpu\nblocks = []\nwhile True:\n    blocks.append(bytearray(16 * 1024 * 1024))")
+    assert not result.success
+    assert "container was killed: out of memory, limit 96 MiB" in str(result.error_in_exec)
+    assert run(ip, "%%gpu cpu\nprint('fresh')")[0].success
+
+
+def test_image_without_pyzmq_fails_at_once_naming_it(engine, daemon_factory, make_shell):
+    d = daemon_factory(*docker_args(engine, notebook_libs=False))
+    ip = make_shell(d)
+    result, cap = run(ip, f"%%gpu cpu --image {dockerd.IMAGE_NOZMQ}\nprint('never')")
+    assert not result.success
+    msg = str(result.error_in_exec)
+    assert f"image '{dockerd.IMAGE_NOZMQ}' lacks pyzmq" in msg
+    assert f"jupyter gpu image build --from {dockerd.IMAGE_NOZMQ}" in msg
+    result, cap = run(ip, "%%gpu cpu --image no-such-image:1\nprint('never')")
+    assert "image 'no-such-image:1' is not on this GPU host" in str(result.error_in_exec)
+    result, cap = run(ip, f"%%gpu cpu --image {dockerd.IMAGE_OLDPICKLE}\nprint('never')")
+    msg = str(result.error_in_exec)
+    assert "cannot exchange values with this notebook" in msg and "cloudpickle 2.2" in msg
+    assert containers(engine) == []  # nothing left behind by the failed starts
+
+
+def test_gpu_assignment_and_no_network_inside_the_container(engine, daemon_factory, make_shell):
+    d = daemon_factory(*docker_args(engine, "--simulate-gpus=H100:2"))
+    ip = make_shell(d)
+    result, cap = run(
+        ip,
+        "%%gpu H100:2\nimport os, socket\nprint(os.environ['JUPYTER_GPU_DEVICES'])\n"
+        "print([n for _, n in socket.if_nameindex()])",
+    )
+    assert result.success, cap.stdout
+    assert "H100:GPU-simulated-0000-H100,H100:GPU-simulated-0001-H100" in cap.stdout
+    assert "['lo']" in cap.stdout  # --network none: loopback only
