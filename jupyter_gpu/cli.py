@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
         daemon_main(argv[1:])
         return 0
+    if argv[:2] == ["image", "build"]:
+        from kernel_worker.image_build import main as build_main
+
+        return build_main(argv[2:])
     parser = argparse.ArgumentParser(
         prog="jupyter gpu",
         description="Run notebook cells on remote GPUs. In a notebook: %load_ext jupyter_gpu, then %%gpu H100.",
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("daemon", help="run the worker daemon on this host (see `jupyter gpu daemon --help`)")
     st = sub.add_parser("status", help="GPUs, sessions and queue of the daemon")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("image", help="`jupyter gpu image build --from IMAGE`: add what the executor needs to an image")
     vol = sub.add_parser("volumes", help="your volumes on the daemon's host (docker backend)")
     vol.add_argument("op", choices=["ls", "du", "create", "rm"], help="list, list with sizes, create, remove")
     vol.add_argument("name", nargs="?", default="", help="volume name (create, rm)")

@@ -180,3 +180,21 @@ def test_gpu_assignment_and_no_network_inside_the_container(engine, daemon_facto
     assert result.success, cap.stdout
     assert "H100:GPU-simulated-0000-H100,H100:GPU-simulated-0001-H100" in cap.stdout
     assert "['lo']" in cap.stdout  # --network none: loopback only
+
+
+def test_image_build_layers_in_what_the_executor_needs(engine, daemon_factory, make_shell):
+    out = subprocess.run(
+        [sys.executable, "-m", "jupyter_gpu.cli", "image", "build", "--from", dockerd.IMAGE_NOZMQ,
+         "--tag", "jupyter-gpu-test:rebuilt", "--docker-url", engine.url],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "built jupyter-gpu-test:rebuilt" in out.stdout
+    d = daemon_factory(*docker_args(engine, notebook_libs=False))
+    ip = make_shell(d)
+    result, cap = run(ip, "%%gpu cpu --image jupyter-gpu-test:rebuilt\nimport zmq, cloudpickle\nprint('ok', cloudpickle.__version__)")
+    assert result.success, cap.stdout
+    import cloudpickle
+
+    assert f"ok {cloudpickle.__version__}" in cap.stdout
+    engine.client.images.remove("jupyter-gpu-test:rebuilt", force=True)
