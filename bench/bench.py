@@ -89,11 +89,11 @@ def bench_pyzmq(tmp: str, reps: int) -> dict:
 # ----------------------------------------------------------------------------- jupyter-gpu
 
 
-def start_daemon(tmp: str) -> tuple[subprocess.Popen, str]:
-    cf = os.path.join(tmp, "daemon.json")
+def start_daemon(tmp: str, *args: str, name: str = "daemon") -> tuple[subprocess.Popen, str]:
+    cf = os.path.join(tmp, f"{name}.json")
     proc = subprocess.Popen(
         [sys.executable, "-m", "kernel_worker", "--print-ready", f"--WorkerDaemon.connection_file={cf}",
-         f"--WorkerDaemon.url=ipc://{tmp}/daemon.sock", "--log-level=WARN"],
+         f"--WorkerDaemon.url=ipc://{tmp}/{name}.sock", "--log-level=WARN", *args],
         stdout=subprocess.PIPE,
     )
     if not select.select([proc.stdout], [], [], 30)[0]:
@@ -118,11 +118,22 @@ def timed(ip, cell: str) -> float:
     return dt
 
 
+def empty_and_cold(ip, reps: int, cold_reps: int) -> dict:
+    """Warm empty-cell round trips, then first cells of new sessions."""
+    timed(ip, "%%gpu cpu\npass")
+    out = {"empty": [timed(ip, "%%gpu cpu\npass") for _ in range(reps)]}
+    cold = []
+    for _ in range(cold_reps):
+        with quiet():
+            ip.run_cell("%gpu release")
+        cold.append(timed(ip, "%%gpu cpu\npass"))
+    out["cold"] = cold
+    return out
+
+
 def bench_gpu(ip, reps: int, cold_reps: int) -> dict:
     ip.run_cell("%load_ext jupyter_gpu")
-    timed(ip, "%%gpu cpu\npass")
-    out: dict = {}
-    out["empty"] = [timed(ip, "%%gpu cpu\npass") for _ in range(reps)]
+    out = empty_and_cold(ip, reps, cold_reps)
     ip.user_ns["big"] = np.random.rand(BIG // 8)
     first = []
     for _ in range(3):
@@ -132,12 +143,6 @@ def bench_gpu(ip, reps: int, cold_reps: int) -> dict:
     out["big_again"] = min(timed(ip, "%%gpu cpu\nbig.shape") for _ in range(5))
     del ip.user_ns["big"]
     timed(ip, "%%gpu cpu\ndel big")
-    cold = []
-    for _ in range(cold_reps):
-        with quiet():
-            ip.run_cell("%gpu release")
-        cold.append(timed(ip, "%%gpu cpu\npass"))
-    out["cold"] = cold
     lines = 200_000
     t = timed(ip, f"%%gpu cpu\nfor i in range({lines}): print('x' * 40)")
     out["stdout"] = (lines * 41, t)
@@ -184,10 +189,47 @@ def bench_ipp(ip, reps: int) -> dict | None:
             cluster.stop_cluster_sync()
 
 
+def bench_docker(ip, tmp: str, reps: int, cold_reps: int) -> dict | None:
+    """The same cells on the docker backend: a real engine and the test image (``make test-image``)."""
+    import sysconfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import dockerd
+    from conftest import LogWatcher
+
+    if not dockerd.ROOTFS_TAR.exists():
+        print(f"# docker rows skipped: {dockerd.ROOTFS_TAR} missing (make test-image)", file=sys.stderr)
+        return None
+    engine = dockerd.start_engine(LogWatcher)
+    try:
+        dockerd.ensure_images(engine.client, engine.url)
+        site = sysconfig.get_paths()["purelib"]
+        proc, cf = start_daemon(
+            tmp, "--backend=docker", f"--DockerBackend.docker_url={engine.url}", f"--DockerBackend.image={dockerd.IMAGE}",
+            "--DockerBackend.network_mode=none", f"--DockerBackend.extra_mounts={site}:/opt/notebook-site:ro",
+            "--DockerBackend.extra_env=PYTHONPATH=/opt/notebook-site", name="docker",
+        )
+        magics = ip.magics_manager.registry["GPUMagics"]
+        with quiet():
+            ip.run_cell("%gpu release")
+        magics._drop_client()
+        magics.connection_file = cf
+        try:
+            return empty_and_cold(ip, reps, cold_reps)
+        finally:
+            with quiet():
+                ip.run_cell("%gpu release")
+            proc.terminate()
+            proc.wait(30)
+    finally:
+        engine.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--no-ipp", action="store_true", help="skip ipyparallel")
+    ap.add_argument("--no-docker", action="store_true", help="skip the docker backend rows")
     args = ap.parse_args()
     reps, cold_reps = (100, 3) if args.quick else (500, 10)
     from IPython.core.interactiveshell import InteractiveShell
@@ -201,6 +243,7 @@ def main() -> None:
             ip = InteractiveShell.instance()
             gpu = bench_gpu(ip, reps, cold_reps)
             ipp_r = None if args.no_ipp else bench_ipp(ip, reps)
+            dock = None if args.no_docker else bench_docker(ip, tmp, reps, cold_reps)
         finally:
             proc.terminate()
             proc.wait(10)
@@ -214,6 +257,10 @@ def main() -> None:
          gbps(BIG, ipp_r["push"]) + " (push)" if ipp_r else "-", gbps(BIG, zmq_r["big"]), ">= 1 GB/s"),
         ("256 MB local array, unchanged", ms(gpu["big_again"]), "-", "-", "< 20 ms"),
         ("cold start (first cell, new session), median", ms(statistics.median(gpu["cold"])), "-", "-", "< 1 s"),
+        ("docker backend: empty cell round trip, warm, p50", ms(pct(dock["empty"], 50)) if dock else "-", "-", "-",
+         "within 20% of process"),
+        ("docker backend: cold start (container start included), median",
+         ms(statistics.median(dock["cold"])) if dock else "-", "-", "-", "< 1.5 s"),
         ("stdout throughput (8 MB of print)", f"{gpu['stdout'][0] / gpu['stdout'][1] / 1e6:.1f} MB/s",
          f"{ipp_r['stdout'][0] / ipp_r['stdout'][1] / 1e6:.1f} MB/s" if ipp_r else "-", "-", ""),
     ]
