@@ -253,13 +253,15 @@ class GPUMagics(Magics, Configurable):
         st = self._request(P.Message(P.Msg.STATUS, {}, self.session_id)).content
         print(f"backend: {st['backend']}")
         for g in st["gpus"]:
-            holder = g["session"] or "free"
+            holder = g["session"] or ("warm pool" if g.get("warm") else "free")
             mine = " (this notebook)" if g["session"] == self.session_id else ""
             sim = " simulated" if g["simulated"] else ""
             print(f"  GPU {g['index']}: {g['model']}{sim}  {g['memory_bytes'] / 1024**3:.0f} GiB  {holder}{mine}")
         for s in st["sessions"]:
             mine = " (this notebook)" if s["id"] == self.session_id else ""
             print(f"  session {s['id'][:8]}{mine}: {s['device']} {s['state']}, held {s['held_s']:.0f} s, ${s['usd']:.4f}")
+        for w in st.get("warm", []):
+            print(f"  warm pool: {w['device']} {w['state']}, waiting {w['idle_s']:.0f} s, ${w['usd']:.4f} of idle time")
         for i, q in enumerate(st["queue"], 1):
             print(f"  queued {i}: {q['session'][:8]} wants {q['request']}")
 

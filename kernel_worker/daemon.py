@@ -18,6 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,10 @@ class Session:
     cell_done: asyncio.Event = field(default_factory=asyncio.Event)
     user: str = ""
     watcher: asyncio.Task | None = None
+    wid: str = ""  # the worker's own id (socket, log, container): the session id, or a warm worker's
+
+    def __post_init__(self) -> None:
+        self.wid = self.wid or self.id
 
     @property
     def device(self) -> str:
@@ -118,6 +123,12 @@ class WorkerDaemon(LoggingConfigurable):
     telemetry_interval = Float(0.5, help="Seconds between GPU utilisation/memory samples while a cell runs.").tag(
         config=True
     )
+    keep_warm = Dict(
+        value_trait=Int(),
+        help="Workers kept started ahead, per GPU model (e.g. {'H100': 1}); the next session asking for that "
+        "model with the default image and no volumes starts warm. Their GPUs are held meanwhile; status shows "
+        "what that idle time costs.",
+    ).tag(config=True)
     pump_batch = Int(64, help="Messages handled per socket before other daemon tasks get a turn.").tag(config=True)
     flush_ms = Float(5.0, help="Milliseconds a worker batches stream output before sending it.").tag(config=True)
     prices = Dict(DEFAULT_PRICES, help="USD per device-hour by model name (H100, A100-80GB, ..., cpu).").tag(
@@ -173,7 +184,9 @@ class WorkerDaemon(LoggingConfigurable):
         self.key = self._load_or_make_key()
         self.signer = P.Signer(self.key)
         self.limits = P.Limits(self.max_header_bytes, P.Limits.max_frames, self.max_message_bytes)
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = {}  # by session id (the notebook's)
+        self.warm: list[Session] = []  # workers started ahead (keep_warm), not yet anyone's
+        self.workers: dict[str, Session] = {}  # by worker id, for messages from workers
         self.ended: dict[str, str] = {}  # session id -> why its worker went away
         self.ledger: dict[str, list[dict]] = {}  # session id -> cells, kept after release
         self._tasks: set[asyncio.Task] = set()
@@ -240,6 +253,7 @@ class WorkerDaemon(LoggingConfigurable):
         try:
             self._watch_sockets()
             await self._adopt_or_reap()
+            self._spawn(self._fill_warm())
             self._spawn(self._reaper())
             if ready is not None:
                 ready({"url": self.url, "pid": os.getpid(), "connection_file": self.connection_file})
@@ -252,7 +266,7 @@ class WorkerDaemon(LoggingConfigurable):
             self._stopping.set()
 
     async def _shutdown(self) -> None:
-        for s in list(self.sessions.values()):
+        for s in [*self.sessions.values(), *self.warm]:
             await self._release(s, "the daemon shut down", code=P.Err.SHUTDOWN)
         for t in list(self._tasks):
             t.cancel()
@@ -298,7 +312,7 @@ class WorkerDaemon(LoggingConfigurable):
 
     def _to_worker(self, s: Session, msg: P.Message) -> None:
         try:
-            self.back.send_multipart([s.id.encode(), *P.pack(msg, s.signer)], copy=False)
+            self.back.send_multipart([s.wid.encode(), *P.pack(msg, s.signer)], copy=False)
         except zmq.ZMQError as e:  # EHOSTUNREACH: the worker's connection is gone
             self._spawn(self._release(s, f"its worker is not connected ({e.strerror})", code=P.Err.WORKER_DIED))
         self._schedule_pump()
@@ -391,7 +405,9 @@ class WorkerDaemon(LoggingConfigurable):
         now = time.monotonic()
         gpus = []
         for g in self.scheduler.gpus:
-            gpus.append({**g.to_json(), "session": self.scheduler.holder.get(g.uuid)})
+            holder = self.scheduler.holder.get(g.uuid)
+            warm = holder is not None and holder.startswith("warm-")
+            gpus.append({**g.to_json(), "session": None if warm else holder, "warm": warm})
         sessions = [
             {
                 "id": s.id,
@@ -406,7 +422,17 @@ class WorkerDaemon(LoggingConfigurable):
             }
             for s in self.sessions.values()
         ]
-        return {"gpus": gpus, "sessions": sessions, "queue": self.scheduler.queue(), "backend": self.backend}
+        warm = [
+            {
+                "device": w.device,
+                "gpus": [g.uuid for g in w.gpus],
+                "state": w.state,
+                "idle_s": now - w.started_at,
+                "usd": self._price(w) * (now - w.started_at) / 3600,
+            }
+            for w in self.warm
+        ]
+        return {"gpus": gpus, "sessions": sessions, "warm": warm, "queue": self.scheduler.queue(), "backend": self.backend}
 
     def _cost(self, session: str) -> dict:
         cells = self.ledger.get(session, [])
@@ -495,6 +521,8 @@ class WorkerDaemon(LoggingConfigurable):
         s.cell_started = time.monotonic()
         s.cell_done.clear()
         s.telemetry = inventory.Sample()
+        if s.wid != s.id and msg.content.get("bulk"):
+            self._move_bulk(msg.content["bulk"], s.id, s.wid)
         self._to_worker(s, msg)
         if msg.type == P.Msg.EXECUTE:
             if any(not g.simulated for g in s.gpus):
@@ -513,6 +541,58 @@ class WorkerDaemon(LoggingConfigurable):
             return
         self._handle_run(ident, msg)
 
+    # ------------------------------------------------------------------ warm pool
+
+    async def _fill_warm(self) -> None:
+        """Start workers ahead, as ``keep_warm`` asks, on GPUs nobody is using."""
+        for model, want in self.keep_warm.items():
+            req = scheduler.parse(model if model == inventory.CPU else f"{model}:1")
+            while sum(w.request.text == req.text for w in self.warm) < want:
+                wid = "warm-" + uuid.uuid4().hex[:16]
+                gpus = self.scheduler.allocate_now(req, wid)
+                if gpus is None:
+                    break  # all busy: try again when one is released
+                key = P.new_key()
+                w = Session(wid, req, key, P.Signer(key), gpus=gpus, user=self.user)
+                self.warm.append(w)
+                try:
+                    await self._start_worker(w)
+                except Exception as e:  # noqa: BLE001 -- a failed pool start must not stop the daemon
+                    self.log.warning("could not start a warm %s worker: %s", model, e)
+                    await self._release(w, f"warm start failed: {e}")
+                    break
+                w.state = "warm"
+                self._save_record(w)
+                self.log.info("warm %s worker ready (%s)", model, wid)
+
+    def _take_warm(self, s: Session, msg: P.Message) -> Session | None:
+        """Hand a ready warm worker to ``s`` when one fits (default image, no volumes)."""
+        if msg.content.get("image") or msg.content.get("volumes"):
+            return None
+        for w in self.warm:
+            if w.state == "warm" and self.scheduler.satisfies(s.request, w.gpus):
+                break
+        else:
+            return None
+        self.warm.remove(w)
+        w.releasing = True  # its watcher stands down; s gets its own below
+        s.wid, s.key, s.signer, s.handle, s.gpus, s.versions = w.wid, w.key, w.signer, w.handle, w.gpus, w.versions
+        s.ready, s.last_heard = w.ready, w.last_heard
+        for g in s.gpus:
+            self.scheduler.holder[g.uuid] = s.id
+        self.workers[s.wid] = s
+        s.watcher = self._spawn(self._watch(s))
+        self._spawn(self._fill_warm())
+        return w
+
+    async def _free_warm_for(self, req: scheduler.Request) -> bool:
+        """Give back warm workers' GPUs that ``req`` could use (it needs another image,
+        volumes...). True when any were freed."""
+        freed = [w for w in self.warm if w.gpus and self.scheduler.could_use(req, w.gpus)]
+        for w in freed:
+            await self._release(w, "its GPU was needed by a session that could not use it warm")
+        return bool(freed)
+
     def _new_session(self, ident: bytes, msg: P.Message, req: scheduler.Request) -> Session:
         key = P.new_key()
         return Session(msg.session, req, key, P.Signer(key), client=ident, current=msg, user=self.user)
@@ -529,9 +609,14 @@ class WorkerDaemon(LoggingConfigurable):
         t0 = time.monotonic()
         me = asyncio.current_task()
         s.tasks.add(me)  # so an interrupt can cancel the wait
+        warm = None
         try:
-            s.gpus = self.scheduler.allocate_now(req, s.id) or []
-            if s.gpus == [] and not self.scheduler.satisfies(req, []):
+            warm = self._take_warm(s, msg)
+            if warm is None:
+                s.gpus = self.scheduler.allocate_now(req, s.id) or []
+                if s.gpus == [] and not self.scheduler.satisfies(req, []) and await self._free_warm_for(req):
+                    s.gpus = self.scheduler.allocate_now(req, s.id) or []
+            if warm is None and s.gpus == [] and not self.scheduler.satisfies(req, []):
                 if msg.content.get("no_wait"):
                     holders = sorted(set(self.scheduler.holder.values()) - {s.id})
                     raise _Refused(
@@ -547,12 +632,14 @@ class WorkerDaemon(LoggingConfigurable):
                 s.gpus = await waiter
             waited = time.monotonic() - t0
             s.started_at = time.monotonic()
-            await self._start_worker(s)
+            if warm is None:
+                await self._start_worker(s)
+            self._save_record(s)
             mismatch = _version_mismatch(msg.content.get("client_versions") or {}, s.versions)
             if mismatch:
                 raise _Refused(P.Err.VERSION, mismatch)
             if s.watcher is not None and s.watcher.done():
-                raise RuntimeError(f"the worker ended right after it started; see {self._log_path(s.id)}")
+                raise RuntimeError(f"the worker ended right after it started; see {self._log_path(s.wid)}")
         except _Refused as e:
             self._forget(s)
             await self._stop_worker(s)
@@ -581,7 +668,8 @@ class WorkerDaemon(LoggingConfigurable):
             "device": s.device,
             "waited_s": waited,
             "start_s": time.monotonic() - s.started_at,
-            "cold": True,
+            "cold": warm is None,
+            "warm_for_s": time.monotonic() - warm.started_at if warm else 0.0,
             "previous": previous,
             "versions": s.versions,
             "idle_timeout": self.idle_timeout,
@@ -596,13 +684,14 @@ class WorkerDaemon(LoggingConfigurable):
     def _save_record(self, s: Session) -> None:
         """What a restarted daemon needs to adopt this session's worker."""
         record = {
+            "session": s.id,
             "key": s.key.decode(),
             "request": s.request.text,
             "gpus": [g.uuid for g in s.gpus],
             "user": s.user,
             "held_since": time.time() - (time.monotonic() - s.started_at),
         }
-        path = self._record_path(s.id)
+        path = self._record_path(s.wid)
         fd = os.open(path + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(record, f)
@@ -623,7 +712,7 @@ class WorkerDaemon(LoggingConfigurable):
             gpus = [g for g in self.scheduler.gpus if record and g.uuid in record.get("gpus", [])]
             free = all(g.uuid not in self.scheduler.holder for g in gpus)
             if handle is not None and record and self.backend_instance.is_running(handle) and free:
-                self._adopt(sid, record, handle, gpus)
+                self._adopt(record.get("session", sid), sid, record, handle, gpus)
                 continue
             if handle is not None:
                 self.log.info("removing leftover worker of session %s", sid)
@@ -631,20 +720,23 @@ class WorkerDaemon(LoggingConfigurable):
             shutil.rmtree(self._session_dir(sid), ignore_errors=True)
             shutil.rmtree(os.path.join(self.bulk_root, sid), ignore_errors=True)
 
-    def _adopt(self, sid: str, record: dict, handle: Any, gpus: list[GPU]) -> None:
+    def _adopt(self, sid: str, wid: str, record: dict, handle: Any, gpus: list[GPU]) -> None:
         key = record["key"].encode()
         req = scheduler.parse(record["request"])
-        s = Session(sid, req, key, P.Signer(key), gpus=gpus, handle=handle, state="adopting", user=record.get("user", ""))
+        s = Session(
+            sid, req, key, P.Signer(key), gpus=gpus, handle=handle, state="adopting", user=record.get("user", ""), wid=wid
+        )
         s.ready = asyncio.get_running_loop().create_future()
         s.ready.add_done_callback(lambda f: setattr(s, "state", "idle") if s.state == "adopting" else None)
         s.started_at = time.monotonic() - max(0.0, time.time() - float(record.get("held_since", time.time())))
         for g in gpus:
             self.scheduler.holder[g.uuid] = sid
         self.sessions[sid] = s
+        self.workers[wid] = s
         self.ledger.setdefault(sid, [])
         if hasattr(handle, "log_path"):
-            handle.log_path = self._log_path(sid)
-        self._bind_worker(sid)  # the worker reconnects to its socket by itself
+            handle.log_path = self._log_path(wid)
+        self._bind_worker(wid)  # the worker reconnects to its socket by itself
         self._spawn(self._watch(s))
         self.log.info("adopted the running worker of session %s (%s)", sid, s.device)
 
@@ -655,13 +747,14 @@ class WorkerDaemon(LoggingConfigurable):
 
     async def _start_worker(self, s: Session) -> None:
         s.ready = asyncio.get_running_loop().create_future()
-        bulk_dir = os.path.join(self.bulk_root, s.id)
-        sock_dir = self._session_dir(s.id)
+        bulk_dir = os.path.join(self.bulk_root, s.wid)
+        sock_dir = self._session_dir(s.wid)
         for d in (bulk_dir, sock_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
-        self._bind_worker(s.id)
+        self._bind_worker(s.wid)
+        self.workers[s.wid] = s
         env = {
-            ENV_SESSION: s.id,
+            ENV_SESSION: s.wid,
             ENV_KEY: s.key.decode(),
             ENV_FLUSH_MS: str(self.flush_ms),
             ENV_HEARTBEAT_S: str(self.worker_heartbeat_interval),
@@ -669,8 +762,8 @@ class WorkerDaemon(LoggingConfigurable):
         }
         options = {k: s.current.content.get(k) for k in ("image", "volumes")} if s.current else {}
         os.makedirs(os.path.join(self.state_dir, "logs"), exist_ok=True)
-        log_path = self._log_path(s.id)
-        spec = WorkerSpec(s.id, s.gpus, env, sock_dir, bulk_dir, log_path, s.user, options)
+        log_path = self._log_path(s.wid)
+        spec = WorkerSpec(s.wid, s.gpus, env, sock_dir, bulk_dir, log_path, s.user, options)
         s.handle = await self.backend_instance.start(spec)
         s.watcher = watcher = self._spawn(self._watch(s))
         done, _ = await asyncio.wait({s.ready, watcher}, timeout=self.worker_start_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -682,14 +775,27 @@ class WorkerDaemon(LoggingConfigurable):
             )
         s.versions = s.ready.result().get("versions", {})
         s.last_heard = time.monotonic()
-        self._save_record(s)
 
     def _forget(self, s: Session) -> None:
         if self.sessions.get(s.id) is s:
             del self.sessions[s.id]
+        if s in self.warm:
+            self.warm.remove(s)
         s.releasing = True
         self.scheduler.release(s.gpus)
         s.gpus = []
+
+    def _move_bulk(self, moved: dict, src: str, dst: str) -> None:
+        """Bulk files travel between a session's and its (warm-started) worker's directory
+        by rename: same tmpfs, no bytes copied, names already checked."""
+        os.makedirs(os.path.join(self.bulk_root, dst), mode=0o700, exist_ok=True)
+        for ref in moved.values():
+            name = ref.get("file") if isinstance(ref, dict) else None
+            if bulk.valid_name(name):
+                try:
+                    os.replace(os.path.join(self.bulk_root, src, name), os.path.join(self.bulk_root, dst, name))
+                except FileNotFoundError:
+                    pass  # the reader reports the missing buffer
 
     def _log_path(self, sid: str) -> str:
         return os.path.join(self.state_dir, "logs", f"{sid}.log")
@@ -702,11 +808,14 @@ class WorkerDaemon(LoggingConfigurable):
         if s.handle is not None:
             await self.backend_instance.stop(s.handle)
         try:
-            self.back.unbind(f"ipc://{os.path.join(self._session_dir(s.id), SOCKET_NAME)}")
+            self.back.unbind(f"ipc://{os.path.join(self._session_dir(s.wid), SOCKET_NAME)}")
         except zmq.ZMQError:
             pass  # never bound: the start failed before
-        shutil.rmtree(os.path.join(self.bulk_root, s.id), ignore_errors=True)
-        shutil.rmtree(self._session_dir(s.id), ignore_errors=True)
+        if self.workers.get(s.wid) is s:
+            del self.workers[s.wid]
+        for d in {s.id, s.wid}:
+            shutil.rmtree(os.path.join(self.bulk_root, d), ignore_errors=True)
+        shutil.rmtree(self._session_dir(s.wid), ignore_errors=True)
 
     def _exit_reason(self, s: Session, log_path: str) -> str:
         """Why a worker ended before connecting, from the last lines it wrote."""
@@ -736,6 +845,8 @@ class WorkerDaemon(LoggingConfigurable):
         if current is not None:
             self._fail(s.client, current, code, f"session {s.id} ended: {why}")
         self.log.info("session %s released: %s", s.id, why)
+        if self.keep_warm and self._stopping is not None and not self._stopping.is_set():
+            self._spawn(self._fill_warm())  # its GPUs may refill the pool
 
     def _close_ledger(self, s: Session) -> None:
         cells = self.ledger.setdefault(s.id, [])
@@ -757,7 +868,7 @@ class WorkerDaemon(LoggingConfigurable):
         exit = await self.backend_instance.wait(s.handle)
         if s.releasing or s.state == "starting":
             return  # a start in progress sees this task end and fails with the reason itself
-        log = self._log_path(s.id)
+        log = self._log_path(s.wid)
         why = f"its worker {exit.reason}"
         if s.state == "busy":
             why += " while running the cell"
@@ -802,7 +913,7 @@ class WorkerDaemon(LoggingConfigurable):
 
     def _on_back(self, frames: list) -> None:
         sid = frames[0].bytes.decode("utf-8", "replace")
-        s = self.sessions.get(sid)
+        s = self.workers.get(sid)
         if s is None:
             return  # a worker we already let go of
         try:
@@ -824,6 +935,9 @@ class WorkerDaemon(LoggingConfigurable):
             return
         if s.current is None or msg.parent != s.current.id:
             return  # output of a request that was already answered
+        msg.session = s.id
+        if s.wid != s.id and msg.content.get("bulk"):
+            self._move_bulk(msg.content["bulk"], s.wid, s.id)
         if t == P.Msg.DONE:
             msg.content["cost"] = self._account(s)
         if t in (P.Msg.DONE, P.Msg.VALUES):

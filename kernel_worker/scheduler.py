@@ -117,6 +117,10 @@ class Scheduler:
                 return True
         return False
 
+    def could_use(self, req: Request, gpus: list[GPU]) -> bool:
+        """Whether any of ``gpus`` is of a model some alternative of ``req`` accepts."""
+        return any(model not in (CPU,) and _matches(model, g) for model, _ in req.alternatives for g in gpus)
+
     def allocate_now(self, req: Request, session: str) -> list[GPU] | None:
         """GPUs for ``req`` if free right now, else None. (A GPU freed while someone
         waits goes to the queue at once, so this never jumps a waiter that fits.)"""

@@ -45,17 +45,20 @@ class LogWatcher:
                     self.lines.append(line)
                     self._cond.notify_all()
 
-    def wait_for(self, pattern: str, timeout: float = 20.0, start: int = 0) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = 20.0, nth: int = 1) -> re.Match:
+        """The ``nth`` line matching ``pattern``, waiting for it up to ``timeout`` seconds."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
-            i = start
+            i, seen = 0, 0
             while True:
                 while i < len(self.lines):
                     m = rx.search(self.lines[i])
-                    if m:
-                        return m
                     i += 1
+                    if m:
+                        seen += 1
+                        if seen == nth:
+                            return m
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"no log line matching {pattern!r} within {timeout} s:\n{''.join(self.lines[-30:])}")

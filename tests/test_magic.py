@@ -251,3 +251,25 @@ def test_daemon_killed_mid_cell_is_reported_and_next_cell_reconnects(daemon_fact
     assert result.success and "back" in cap.stdout, (result.error_in_exec, cap.stdout)
     assert "the previous worker is gone" in cap.stderr
     InteractiveShell.clear_instance()
+
+
+def test_keep_warm_starts_the_next_session_warm(daemon_factory, monkeypatch, backend_args):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    d = daemon_factory("--simulate-gpus=H100:2", "--WorkerDaemon.keep_warm=H100=1", *backend_args)
+    d.log.wait_for(r"warm H100 worker ready", timeout=30)
+    status = d.client().call(P.Msg.STATUS)
+    assert [g["warm"] for g in status["gpus"]] == [True, False] and status["warm"][0]["device"] == "H100"
+    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
+    InteractiveShell.clear_instance()
+    ip = InteractiveShell.instance()
+    ip.run_cell("%load_ext jupyter_gpu")
+    ip.run_cell("import numpy as np\nbig = np.ones(1 << 18)")  # 2 MB: the bulk path, across worker ids
+    result, cap = run(ip, "%%gpu H100 --pull twice\nprint('sum', big.sum())\ntwice = big * 2")
+    assert result.success, cap.stdout
+    assert "H100 ×1 ready: warm start" in cap.stderr
+    assert f"sum {float(1 << 18)}" in cap.stdout and ip.user_ns["twice"][0] == 2.0
+    d.log.wait_for(r"warm H100 worker ready", timeout=30, nth=2)  # the pool refills on the other H100
+    result, cap = run(ip, "%gpu status")
+    assert "warm pool: H100 warm" in cap.stdout and "(this notebook)" in cap.stdout
+    InteractiveShell.clear_instance()
