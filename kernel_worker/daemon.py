@@ -244,6 +244,7 @@ class WorkerDaemon(LoggingConfigurable):
         self.back = self.ctx.socket(zmq.ROUTER)
         self.back.linger = 0
         self.back.router_mandatory = True  # a worker that is not connected is an error, not a silent drop
+        _check_bindable(self.url)
         if self.url.startswith("ipc://"):
             os.makedirs(os.path.dirname(self.url[6:]) or ".", exist_ok=True)
         self.front.bind(self.url)
@@ -1004,6 +1005,18 @@ class _Refused(Exception):
     def __init__(self, code: str, text: str):
         super().__init__(text)
         self.code, self.text = code, text
+
+
+def _check_bindable(url: str) -> None:
+    """Only ipc and loopback tcp: anything reachable from other machines needs CurveZMQ
+    encryption and per-user keys, which this daemon does not offer yet."""
+    m = re.match(r"^tcp://([^:]+):(\d+|\*)$", url)
+    if url.startswith("ipc://") or (m and m.group(1) in ("127.0.0.1", "localhost", "[::1]")):
+        return
+    raise ValueError(
+        f"refusing to listen on {url}: only ipc:// and tcp://127.0.0.1 are allowed without CurveZMQ; "
+        "reach a remote daemon through an SSH tunnel to its loopback port"
+    )
 
 
 def _version_mismatch(client: dict, worker: dict) -> str:

@@ -5,8 +5,6 @@ stopped again by its process id."""
 from __future__ import annotations
 
 import json
-import os
-import queue
 import re
 import select
 import signal
@@ -100,7 +98,7 @@ def start_daemon(tmp: Path, *args: str) -> Daemon:
             "kernel_worker",
             "--print-ready",
             f"--WorkerDaemon.connection_file={cf}",
-            f"--WorkerDaemon.url=ipc://{tmp}/daemon.sock",
+            *([] if any(a.startswith("--url=") for a in args) else [f"--WorkerDaemon.url=ipc://{tmp}/daemon.sock"]),
             f"--WorkerDaemon.bulk_root={tmp}/bulk",
             "--log-level=INFO",
             *args,
@@ -194,19 +192,32 @@ def daemon(daemon_factory, backend_args) -> Daemon:
 
 
 @pytest.fixture
-def shell(daemon, monkeypatch):
-    """A real IPython InteractiveShell with the extension loaded, pointed at ``daemon``."""
+def make_shell(monkeypatch):
+    """Fresh real IPython InteractiveShells with the extension loaded, pointed at a daemon."""
     from IPython.core.interactiveshell import InteractiveShell
 
-    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", daemon.connection_file)
+    made = []
+
+    def make(d: Daemon):
+        monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
+        InteractiveShell.clear_instance()
+        ip = InteractiveShell.instance()
+        ip.run_cell("%load_ext jupyter_gpu", store_history=False)
+        made.append(ip)
+        return ip
+
+    yield make
+    for ip in made:
+        magics = ip.magics_manager.registry["GPUMagics"]
+        magics._at_exit()
+        magics._drop_client()
     InteractiveShell.clear_instance()
-    ip = InteractiveShell.instance()
-    ip.run_cell("%load_ext jupyter_gpu", store_history=False)
-    yield ip
-    magics = ip.magics_manager.registry["GPUMagics"]
-    magics._at_exit()
-    magics._drop_client()
-    InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def shell(daemon, make_shell):
+    """A real InteractiveShell with the extension loaded, pointed at ``daemon``."""
+    return make_shell(daemon)
 
 
 def run(ip, cell: str):

@@ -115,3 +115,18 @@ def test_wrong_key_is_refused(daemon):
             intruder.call(P.Msg.STATUS, timeout=5)
     finally:
         intruder.close()
+
+
+def test_loopback_tcp_works_and_other_addresses_are_refused(daemon_factory, tmp_path):
+    d = daemon_factory("--url=tcp://127.0.0.1:0")
+    assert d.url.startswith("tcp://127.0.0.1:")
+    assert _run(d.client(), "over-tcp", "print('hi')").content["ok"]
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "kernel_worker", "--url=tcp://0.0.0.0:5555",
+         f"--WorkerDaemon.connection_file={tmp_path}/other.json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode != 0 and "refusing to listen on tcp://0.0.0.0:5555" in out.stderr

@@ -9,32 +9,11 @@ import subprocess
 import sys
 import tempfile
 
-import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 import dockerd
-from conftest import Daemon, docker_args, run
+from conftest import docker_args, run
 from kernel_worker import protocol as P
 from kernel_worker.backends.docker import LABEL_SESSION
-
-
-@pytest.fixture
-def make_shell(monkeypatch):
-    """A fresh InteractiveShell with the extension, pointed at a given daemon."""
-    made = []
-
-    def make(d: Daemon):
-        monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
-        InteractiveShell.clear_instance()
-        ip = InteractiveShell.instance()
-        ip.run_cell("%load_ext jupyter_gpu")
-        made.append(ip)
-        return ip
-
-    yield make
-    for ip in made:
-        ip.magics_manager.registry["GPUMagics"]._drop_client()
-    InteractiveShell.clear_instance()
 
 
 def containers(engine, session: str | None = None, all: bool = True) -> list:

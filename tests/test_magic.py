@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 
 import numpy as np
@@ -124,28 +126,17 @@ def test_cell_timeout_interrupts_and_keeps_the_session(shell):
     assert "yes" in cap.stdout
 
 
-def test_cell_ignoring_interrupt_past_timeout_is_killed(daemon_factory, monkeypatch):
-    from IPython.core.interactiveshell import InteractiveShell
-
+def test_cell_ignoring_interrupt_past_timeout_is_killed(daemon_factory, make_shell):
     d = daemon_factory("--WorkerDaemon.interrupt_grace=1")
-    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
-    InteractiveShell.clear_instance()
-    ip = InteractiveShell.instance()
-    ip.run_cell("%load_ext jupyter_gpu")
+    ip = make_shell(d)
     result, cap = run(ip, "%%gpu cpu --timeout 1\nimport signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)")
     assert not result.success
     assert "did not stop within 1 s of an interrupt" in str(result.error_in_exec)
-    InteractiveShell.clear_instance()
 
 
-def test_idle_release_frees_the_gpu_and_next_cell_starts_fresh(daemon_factory, monkeypatch):
-    from IPython.core.interactiveshell import InteractiveShell
-
+def test_idle_release_frees_the_gpu_and_next_cell_starts_fresh(daemon_factory, make_shell):
     d = daemon_factory("--simulate-gpus=H100:1", "--idle-timeout=1", "--WorkerDaemon.reap_interval=0.2")
-    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
-    InteractiveShell.clear_instance()
-    ip = InteractiveShell.instance()
-    ip.run_cell("%load_ext jupyter_gpu")
+    ip = make_shell(d)
     result, cap = run(ip, "%%gpu H100\nremote_only = 42")
     assert result.success
     d.log.wait_for(r"released: it was idle for more than 1 s", timeout=10)
@@ -154,17 +145,11 @@ def test_idle_release_frees_the_gpu_and_next_cell_starts_fresh(daemon_factory, m
     result, cap = run(ip, "%%gpu H100\nprint('remote_only' in globals())")
     assert "False" in cap.stdout
     assert "idle for more than 1 s" in cap.stderr
-    InteractiveShell.clear_instance()
 
 
-def test_queueing_with_one_gpu_and_two_sessions(daemon_factory, monkeypatch):
-    from IPython.core.interactiveshell import InteractiveShell
-
+def test_queueing_with_one_gpu_and_two_sessions(daemon_factory, make_shell):
     d = daemon_factory("--simulate-gpus=H100:1")
-    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
-    InteractiveShell.clear_instance()
-    ip = InteractiveShell.instance()
-    ip.run_cell("%load_ext jupyter_gpu")
+    ip = make_shell(d)
     assert ip.run_cell("%%gpu H100\nholder = 1").success  # session A holds the only H100
 
     other = d.client()
@@ -197,7 +182,6 @@ def test_queueing_with_one_gpu_and_two_sessions(daemon_factory, monkeypatch):
     texts = [m.content.get("text", "") for m in seen if m.type == P.Msg.STREAM]
     assert "B ran\n" in texts
     assert any(m.type == P.Msg.STARTED for m in seen)
-    InteractiveShell.clear_instance()
 
 
 def test_status_and_cost_commands(shell):
@@ -216,22 +200,13 @@ def test_large_array_travels_through_bulk_path_and_is_writable(shell, daemon):
     assert result.success, cap.stdout
     assert f"{4 * 1024 * 1024 + 4}.0 True" in cap.stdout
     assert shell.user_ns["big"][0] == 1  # the local array is untouched
-    import os
+    session = shell.magics_manager.registry["GPUMagics"].session_id
+    assert os.listdir(os.path.join(os.path.dirname(daemon.connection_file), "bulk", session)) == []
 
-    assert os.listdir(os.path.join(os.path.dirname(daemon.connection_file), "bulk", shell.magics_manager.registry["GPUMagics"].session_id)) == []
 
-
-def test_daemon_killed_mid_cell_is_reported_and_next_cell_reconnects(daemon_factory, tmp_path, monkeypatch):
-    import os
-    import select
-
-    from IPython.core.interactiveshell import InteractiveShell
-
+def test_daemon_killed_mid_cell_is_reported_and_next_cell_reconnects(daemon_factory, make_shell, tmp_path):
     d = daemon_factory()
-    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
-    InteractiveShell.clear_instance()
-    ip = InteractiveShell.instance()
-    ip.run_cell("%load_ext jupyter_gpu")
+    ip = make_shell(d)
     ip.run_cell("%config GPUMagics.heartbeat_interval = 0.5\n%config GPUMagics.heartbeat_timeout = 1.0")
     ip.user_ns.update(dpid=d.proc.pid, pidfile=str(tmp_path / "worker.pid"))
     result, cap = run(
@@ -250,20 +225,14 @@ def test_daemon_killed_mid_cell_is_reported_and_next_cell_reconnects(daemon_fact
     result, cap = run(ip, "%%gpu cpu\nprint('back')")
     assert result.success and "back" in cap.stdout, (result.error_in_exec, cap.stdout)
     assert "the previous worker is gone" in cap.stderr
-    InteractiveShell.clear_instance()
 
 
-def test_keep_warm_starts_the_next_session_warm(daemon_factory, monkeypatch, backend_args):
-    from IPython.core.interactiveshell import InteractiveShell
-
+def test_keep_warm_starts_the_next_session_warm(daemon_factory, make_shell, backend_args):
     d = daemon_factory("--simulate-gpus=H100:2", "--WorkerDaemon.keep_warm=H100=1", *backend_args)
     d.log.wait_for(r"warm H100 worker ready", timeout=30)
     status = d.client().call(P.Msg.STATUS)
     assert [g["warm"] for g in status["gpus"]] == [True, False] and status["warm"][0]["device"] == "H100"
-    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
-    InteractiveShell.clear_instance()
-    ip = InteractiveShell.instance()
-    ip.run_cell("%load_ext jupyter_gpu")
+    ip = make_shell(d)
     ip.run_cell("import numpy as np\nbig = np.ones(1 << 18)")  # 2 MB: the bulk path, across worker ids
     result, cap = run(ip, "%%gpu H100 --pull twice\nprint('sum', big.sum())\ntwice = big * 2")
     assert result.success, cap.stdout
@@ -272,4 +241,3 @@ def test_keep_warm_starts_the_next_session_warm(daemon_factory, monkeypatch, bac
     d.log.wait_for(r"warm H100 worker ready", timeout=30, nth=2)  # the pool refills on the other H100
     result, cap = run(ip, "%gpu status")
     assert "warm pool: H100 warm" in cap.stdout and "(this notebook)" in cap.stdout
-    InteractiveShell.clear_instance()

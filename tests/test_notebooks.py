@@ -107,6 +107,15 @@ def test_rich_output_matplotlib_png_and_pandas_html(via_daemon, tmp_path):
     assert texts == ["kept\n"]
 
 
+def test_ipython_syntax_runs_on_the_worker(via_daemon, tmp_path):
+    nb = execute(
+        ["%load_ext jupyter_gpu", "%%gpu any\n!echo from-a-shell\n%timeit -n1 -r1 sum(range(10))\nfiles = !echo a b"],
+        tmp_path,
+    )
+    text = "".join(v for k, v in outputs(nb.cells[1]) if k == "stdout")
+    assert "from-a-shell" in text and "per loop" in text
+
+
 def test_quickstart_runs_headless_with_nbconvert(via_daemon, tmp_path):
     out = tmp_path / "out.ipynb"
     proc = subprocess.run(
