@@ -19,7 +19,6 @@ import signal
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -33,19 +32,9 @@ from kernel_worker.backends import Backend, WorkerSpec, backend_class
 from kernel_worker.backends.base import SOCKET_NAME, VolumeError
 from kernel_worker.executor import ENV_FLUSH_MS, ENV_HEARTBEAT_S, ENV_KEY, ENV_ORPHAN_S, ENV_SESSION
 from kernel_worker.inventory import GPU
+from kernel_worker.ledger import DEFAULT_PRICES, Ledger
+from kernel_worker.session import Session, version_mismatch
 
-DEFAULT_PRICES = {
-    # USD per GPU-hour; typical on-demand list prices, late 2026. Override per host.
-    "H200": 3.79,
-    "H100": 2.99,
-    "A100-80GB": 1.79,
-    "A100-40GB": 1.29,
-    "L40S": 0.99,
-    "A10G": 0.75,
-    "L4": 0.58,
-    "T4": 0.35,
-    "cpu": 0.0,
-}
 
 
 def default_url() -> str:
@@ -54,41 +43,6 @@ def default_url() -> str:
 
 def default_connection_file() -> str:
     return os.path.join(jupyter_runtime_dir(), "jupyter-gpu-daemon.json")
-
-
-@dataclass(eq=False)
-class Session:
-    id: str
-    request: scheduler.Request
-    key: bytes
-    signer: P.Signer
-    client: bytes = b""  # routing id of the notebook this session answers
-    gpus: list[GPU] = field(default_factory=list)
-    handle: Any = None
-    state: str = "starting"  # starting | idle | busy
-    ready: asyncio.Future | None = None
-    current: P.Message | None = None  # the request being served
-    cell_started: float = 0.0
-    started_at: float = field(default_factory=time.monotonic)
-    last_active: float = field(default_factory=time.monotonic)
-    last_heard: float = field(default_factory=time.monotonic)
-    busy_s: float = 0.0
-    cells: list[dict] = field(default_factory=list)
-    versions: dict = field(default_factory=dict)
-    telemetry: inventory.Sample = field(default_factory=inventory.Sample)
-    tasks: set = field(default_factory=set)
-    releasing: bool = False
-    cell_done: asyncio.Event = field(default_factory=asyncio.Event)
-    user: str = ""
-    watcher: asyncio.Task | None = None
-    wid: str = ""  # the worker's own id (socket, log, container): the session id, or a warm worker's
-
-    def __post_init__(self) -> None:
-        self.wid = self.wid or self.id
-
-    @property
-    def device(self) -> str:
-        return self.gpus[0].model if self.gpus else inventory.CPU
 
 
 class WorkerDaemon(LoggingConfigurable):
@@ -188,7 +142,7 @@ class WorkerDaemon(LoggingConfigurable):
         self.warm: list[Session] = []  # workers started ahead (keep_warm), not yet anyone's
         self.workers: dict[str, Session] = {}  # by worker id, for messages from workers
         self.ended: dict[str, str] = {}  # session id -> why its worker went away
-        self.ledger: dict[str, list[dict]] = {}  # session id -> cells, kept after release
+        self.ledger = Ledger(self.prices)
         self._tasks: set[asyncio.Task] = set()
         self._stopping: asyncio.Event | None = None
         self._last_request = time.monotonic()
@@ -376,7 +330,7 @@ class WorkerDaemon(LoggingConfigurable):
         elif t == P.Msg.STATUS:
             self._to_client(ident, msg.reply(P.Msg.REPLY, self._status()))
         elif t == P.Msg.COST:
-            self._to_client(ident, msg.reply(P.Msg.REPLY, self._cost(msg.session)))
+            self._to_client(ident, msg.reply(P.Msg.REPLY, self.ledger.summary(msg.session, self.sessions.get(msg.session))))
         elif t == P.Msg.RELEASE:
             self._spawn(self._handle_release(ident, msg))
         elif t == P.Msg.VOLUMES:
@@ -418,7 +372,7 @@ class WorkerDaemon(LoggingConfigurable):
                 "idle_s": now - s.last_active if s.state == "idle" else 0.0,
                 "idle_timeout": self.idle_timeout,
                 "held_s": now - s.started_at,
-                "usd": self._price(s) * (now - s.started_at) / 3600,
+                "usd": self.ledger.price(s) * (now - s.started_at) / 3600,
                 "cells": len(s.cells),
             }
             for s in self.sessions.values()
@@ -429,23 +383,11 @@ class WorkerDaemon(LoggingConfigurable):
                 "gpus": [g.uuid for g in w.gpus],
                 "state": w.state,
                 "idle_s": now - w.started_at,
-                "usd": self._price(w) * (now - w.started_at) / 3600,
+                "usd": self.ledger.price(w) * (now - w.started_at) / 3600,
             }
             for w in self.warm
         ]
         return {"gpus": gpus, "sessions": sessions, "warm": warm, "queue": self.scheduler.queue(), "backend": self.backend}
-
-    def _cost(self, session: str) -> dict:
-        cells = self.ledger.get(session, [])
-        s = self.sessions.get(session)
-        held = (time.monotonic() - s.started_at) if s else 0.0
-        return {
-            "cells": cells,
-            "cells_usd": sum(c["usd"] for c in cells),
-            "live_held_s": held,
-            "live_usd": self._price(s) * held / 3600 if s else 0.0,
-            "released_usd": sum(c.get("released_usd", 0.0) for c in cells),
-        }
 
     async def _handle_volumes(self, ident: bytes, msg: P.Message) -> None:
         b = self.backend_instance
@@ -636,7 +578,7 @@ class WorkerDaemon(LoggingConfigurable):
             if warm is None:
                 await self._start_worker(s)
             self._save_record(s)
-            mismatch = _version_mismatch(msg.content.get("client_versions") or {}, s.versions)
+            mismatch = version_mismatch(msg.content.get("client_versions") or {}, s.versions)
             if mismatch:
                 raise _Refused(P.Err.VERSION, mismatch)
             if s.watcher is not None and s.watcher.done():
@@ -663,7 +605,6 @@ class WorkerDaemon(LoggingConfigurable):
         finally:
             s.tasks.discard(me)
         s.state = "idle"
-        self.ledger.setdefault(s.id, [])
         info = {
             "gpus": [g.to_json() for g in s.gpus],
             "device": s.device,
@@ -674,7 +615,7 @@ class WorkerDaemon(LoggingConfigurable):
             "previous": previous,
             "versions": s.versions,
             "idle_timeout": self.idle_timeout,
-            "price_per_hour": self._price(s),
+            "price_per_hour": self.ledger.price(s),
         }
         self._to_client(ident, msg.reply(P.Msg.STARTED, info))
         return True
@@ -734,7 +675,6 @@ class WorkerDaemon(LoggingConfigurable):
             self.scheduler.holder[g.uuid] = sid
         self.sessions[sid] = s
         self.workers[wid] = s
-        self.ledger.setdefault(sid, [])
         if hasattr(handle, "log_path"):
             handle.log_path = self._log_path(wid)
         self._bind_worker(wid)  # the worker reconnects to its socket by itself
@@ -836,7 +776,7 @@ class WorkerDaemon(LoggingConfigurable):
         if s.releasing:
             return
         current = s.current if s.state == "busy" else None
-        self._close_ledger(s)
+        self.ledger.release(s)
         self._forget(s)
         for t in list(s.tasks):
             if t is not asyncio.current_task():
@@ -848,21 +788,6 @@ class WorkerDaemon(LoggingConfigurable):
         self.log.info("session %s released: %s", s.id, why)
         if self.keep_warm and self._stopping is not None and not self._stopping.is_set():
             self._spawn(self._fill_warm())  # its GPUs may refill the pool
-
-    def _close_ledger(self, s: Session) -> None:
-        cells = self.ledger.setdefault(s.id, [])
-        held = time.monotonic() - s.started_at
-        cells.append(
-            {
-                "kind": "release",
-                "device": s.device,
-                "count": len(s.gpus),
-                "held_s": held,
-                "idle_s": max(0.0, held - s.busy_s),
-                "usd": 0.0,
-                "released_usd": self._price(s) * held / 3600,
-            }
-        )
 
     async def _watch(self, s: Session) -> None:
         """End the session cleanly when its worker dies on its own."""
@@ -940,43 +865,13 @@ class WorkerDaemon(LoggingConfigurable):
         if s.wid != s.id and msg.content.get("bulk"):
             self._move_bulk(msg.content["bulk"], s.wid, s.id)
         if t == P.Msg.DONE:
-            msg.content["cost"] = self._account(s)
+            msg.content["cost"] = self.ledger.cell(s)
         if t in (P.Msg.DONE, P.Msg.VALUES):
             s.state = "idle"
             s.current = None
             s.last_active = time.monotonic()
             s.cell_done.set()
         self._to_client(s.client, msg)
-
-    def _price(self, s: Session | None) -> float:
-        if s is None:
-            return 0.0
-        return float(self.prices.get(s.device, 0.0)) * max(1, len(s.gpus))
-
-    def _account(self, s: Session) -> dict:
-        now = time.monotonic()
-        wall = now - s.cell_started
-        s.busy_s += wall
-        held = now - s.started_at
-        price = self._price(s)
-        cell = {
-            "kind": "cell",
-            "device": s.device,
-            "count": len(s.gpus),
-            "simulated": any(g.simulated for g in s.gpus),
-            "wall_s": wall,
-            "usd": price * wall / 3600,
-            "price_per_hour": price,
-            "peak_memory_bytes": s.telemetry.peak_memory_bytes if s.telemetry.count else None,
-            "mean_util": s.telemetry.mean_util,
-            "session_held_s": held,
-            "session_usd": price * held / 3600,
-            "session_idle_s": max(0.0, held - s.busy_s),
-            "session_idle_usd": price * max(0.0, held - s.busy_s) / 3600,
-        }
-        s.cells.append(cell)
-        self.ledger.setdefault(s.id, []).append(cell)
-        return cell
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -1016,26 +911,6 @@ def _check_bindable(url: str) -> None:
     raise ValueError(
         f"refusing to listen on {url}: only ipc:// and tcp://127.0.0.1 are allowed without CurveZMQ; "
         "reach a remote daemon through an SSH tunnel to its loopback port"
-    )
-
-
-def _version_mismatch(client: dict, worker: dict) -> str:
-    """Why values could not travel between these two sides, or "" when they can."""
-
-    def part(v: str | None, n: int) -> str:
-        return ".".join((v or "?").split(".")[:n])
-
-    problems = []
-    if client.get("python") and part(client["python"], 2) != part(worker.get("python"), 2):
-        problems.append(f"Python {client['python']} in the notebook, Python {worker.get('python')} on the worker")
-    if client.get("cloudpickle") and part(client["cloudpickle"], 1) != part(worker.get("cloudpickle"), 1):
-        problems.append(f"cloudpickle {client['cloudpickle']} in the notebook, cloudpickle {worker.get('cloudpickle')} on the worker")
-    if not problems:
-        return ""
-    return (
-        "the worker cannot exchange values with this notebook: "
-        + "; ".join(problems)
-        + ". Use an image whose Python minor version and cloudpickle major version match the notebook's."
     )
 
 

@@ -8,7 +8,7 @@ real host, but nothing is measured. The ``cpu`` device is always there.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 CPU = "cpu"
 
@@ -97,7 +97,6 @@ class Sample:
     peak_memory_bytes: int = 0
     util_sum: float = 0.0
     count: int = 0
-    per_sample: list = field(default_factory=list)
 
     @property
     def mean_util(self) -> float | None:

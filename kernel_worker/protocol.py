@@ -274,11 +274,3 @@ def unpack(
     if allowed is not None and h["type"] not in allowed:
         raise ProtocolError(Err.UNKNOWN_TYPE, f"message type {h['type'][:40]!r} is not accepted here", msg_id, h["session"])
     return Message(h["type"], h["content"], h["session"], h["id"], h["parent"], list(frames[2:]))
-
-
-def fail(parent: Message | None, code: str, text: str, session: str = "", **extra: Any) -> Message:
-    """A FAIL reply. ``parent`` may be None when the request could not be read."""
-    content = {"code": code, "message": text, **extra}
-    if parent is None:
-        return Message(Msg.FAIL, content, session)
-    return parent.reply(Msg.FAIL, content)
