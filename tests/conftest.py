@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import select
-import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from procs import stop_process
 
 from jupyter_gpu.client import DaemonClient
 
@@ -80,13 +80,7 @@ class Daemon:
     def stop(self) -> None:
         for c in self.clients:
             c.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 10)
 
 
 def start_daemon(tmp: Path, *args: str) -> Daemon:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cloudpickle
+from procs import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 ROOTFS_TAR = ROOT / ".cache" / "rootfs-bookworm.tar"
@@ -32,13 +32,7 @@ class Engine:
 
     def stop(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, 30)
 
 
 def start_engine(log) -> Engine:  # noqa: ANN001

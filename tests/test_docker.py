@@ -9,9 +9,9 @@ import subprocess
 import sys
 import tempfile
 
-
 import dockerd
 from conftest import docker_args, run
+
 from kernel_worker import protocol as P
 from kernel_worker.backends.docker import LABEL_SESSION
 

@@ -8,8 +8,8 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import plain, run
+
 from kernel_worker import protocol as P
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import ROOT, plain
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
-
-from conftest import ROOT, plain
 
 KERNEL_TIMEOUT = 120
 
