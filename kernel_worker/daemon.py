@@ -374,6 +374,7 @@ class WorkerDaemon(LoggingConfigurable):
                 "held_s": now - s.started_at,
                 "usd": self.ledger.price(s) * (now - s.started_at) / 3600,
                 "cells": len(s.cells),
+                "versions": s.versions,
             }
             for s in self.sessions.values()
         ]

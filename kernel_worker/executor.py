@@ -14,6 +14,7 @@ by the I/O thread every ``JUPYTER_GPU_FLUSH_MS`` or at once for non-stream messa
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import io
 import os
 import platform
@@ -238,9 +239,11 @@ def _versions() -> dict:
         "pid": os.getpid(),
         "host": platform.node(),
     }
-    for mod in ("numpy", "torch", "IPython"):
-        m = sys.modules.get(mod)
-        out[mod] = getattr(m, "__version__", None) if m else None
+    for dist in ("numpy", "torch", "ipython"):
+        try:  # from package metadata: importing torch here would cost seconds
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
     return out
 
 

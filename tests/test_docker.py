@@ -38,6 +38,8 @@ def test_volume_survives_release_and_daemon_restart(engine, daemon_factory, make
     assert cap.stdout.startswith("data") and "mounted by" in cap.stdout
     result, cap = run(ip, "%gpu volumes rm data")
     assert "is mounted by running session" in str(result.error_in_exec)
+    result, cap = run(ip, "%gpu volumes du")
+    assert cap.stdout.startswith("data  7 B")  # "epoch 3"
     run(ip, "%gpu release")
     d.stop()
     d2 = daemon_factory(*args)

@@ -101,6 +101,11 @@ def test_gpu_assignment_is_pinned_and_cost_line_shows_price(shell):
     cost = [o.data["text/plain"] for o in cap.outputs if "⏱" in o.data.get("text/plain", "")]
     assert cost and cost[0].startswith("⏱ A100-80GB ×1 (simulated)") and "$" in cost[0]
     assert "A100-80GB ×1 ready: cold start" in cap.stderr
+    import numpy
+
+    magics = shell.magics_manager.registry["GPUMagics"]
+    status = magics.client.call(P.Msg.STATUS)
+    assert status["sessions"][0]["versions"]["numpy"] == numpy.__version__
 
 
 def test_worker_killed_mid_cell_gives_a_clear_error_and_the_next_cell_recovers(shell):
