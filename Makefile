@@ -30,11 +30,12 @@ demo: install
 	test $$status -eq 0 && $(PY) examples/show_outputs.py $(DEMO_RUNTIME)/quickstart.out.ipynb
 
 # What the tests start for real: Debian's Docker engine (the tests run dockerd on their own
-# socket) and a debootstrap root file system for the test images (about 40 s, cached).
+# socket), OpenSSH's sshd (on a loopback port), and a debootstrap root file system for the
+# test images (about 40 s, cached).
 system-deps:
-	@if [ ! -x /usr/sbin/dockerd ] || [ ! -x /usr/sbin/debootstrap ]; then \
+	@if [ ! -x /usr/sbin/dockerd ] || [ ! -x /usr/sbin/debootstrap ] || [ ! -x /usr/sbin/sshd ]; then \
 		$(SUDO) apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q docker.io debootstrap; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q docker.io debootstrap openssh-server; \
 	fi
 
 $(ROOTFS): | system-deps

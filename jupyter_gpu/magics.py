@@ -32,6 +32,7 @@ class GPUCellError(Exception):
         return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
 
 
+ENV_URL = "JUPYTER_GPU_URL"
 CLIENT_VERSIONS = {"python": platform.python_version(), "cloudpickle": cloudpickle.__version__}
 
 
@@ -54,6 +55,18 @@ class GPUMagics(Magics, Configurable):
         help="Connection file of the daemon to use (url and key). Empty: $JUPYTER_GPU_CONNECTION_FILE, "
         "else a local daemon started on demand.",
     ).tag(config=True)
+    daemon_url = Unicode(
+        "", help="Daemon on another machine: ssh://user@host[:port] (or $JUPYTER_GPU_URL). Empty: local."
+    ).tag(config=True)
+    ssh_key_file = Unicode("", help="Private key for ssh:// (default: ssh-agent and ~/.ssh keys).").tag(config=True)
+    ssh_known_hosts = Unicode("", help="known_hosts file that ssh:// host keys are checked against (~/.ssh/known_hosts).").tag(
+        config=True
+    )
+    ssh_accept_new_host = Bool(False, help="Accept an ssh:// host whose key is not in known_hosts yet.").tag(config=True)
+    ssh_remote_connection_file = Unicode(
+        ".local/share/jupyter/runtime/jupyter-gpu-daemon.json",
+        help="The remote daemon's connection file, relative to the remote home.",
+    ).tag(config=True)
     heartbeat_interval = Float(5.0, help="Seconds of silence from the daemon before the client pings it.").tag(config=True)
     heartbeat_timeout = Float(10.0, help="Seconds without an answer to a ping before the daemon is declared lost.").tag(
         config=True
@@ -73,6 +86,7 @@ class GPUMagics(Magics, Configurable):
         self.session_id = uuid.uuid4().hex
         self.remote = RemoteNamespace()
         self._client: DaemonClient | None = None
+        self._tunnel: Any = None
         self._made_bulk_dir = ""
         self._had_worker = False  # a worker was started for this notebook before
         atexit.register(self._at_exit)
@@ -82,16 +96,41 @@ class GPUMagics(Magics, Configurable):
     @property
     def client(self) -> DaemonClient:
         if self._client is None:
-            url, key = connect.resolve(
-                self.connection_file, exit_when_idle=self.embedded_exit_when_idle, extra_args=list(self.embedded_args)
-            )
+            target = self.daemon_url or os.environ.get(ENV_URL, "")
+            if target.startswith("ssh://"):
+                self._tunnel = self._open_tunnel(target)
+                url, key = self._tunnel.url, self._tunnel.key
+            elif target:
+                raise GPUCellError(f"cannot use daemon_url {target!r}: write ssh://user@host[:port], or leave it empty")
+            else:
+                url, key = connect.resolve(
+                    self.connection_file, exit_when_idle=self.embedded_exit_when_idle, extra_args=list(self.embedded_args)
+                )
             self._client = DaemonClient(url, key, self.heartbeat_interval, self.heartbeat_timeout)
         return self._client
 
+    def _open_tunnel(self, target: str) -> Any:
+        from jupyter_gpu.tunnel import SSHTunnel, TunnelError
+
+        try:
+            return SSHTunnel(
+                target,
+                key_file=self.ssh_key_file,
+                known_hosts=self.ssh_known_hosts,
+                accept_unknown_host=self.ssh_accept_new_host,
+                remote_connection_file=self.ssh_remote_connection_file,
+            )
+        except TunnelError as e:
+            raise GPUCellError(str(e)) from None
+
     def _drop_client(self) -> None:
+        """Forget the connection (and its tunnel): the next request makes a new one."""
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
 
     def _bulk_dir(self) -> str | None:
         """This session's directory for bulk buffers, when the daemon shares our host."""
@@ -235,6 +274,8 @@ class GPUMagics(Magics, Configurable):
         %gpu push a,b        send notebook variables to the worker
         %gpu cost            this session's cells and total spend
         %gpu volumes [ls | du | create NAME | rm NAME]   your volumes (docker backend)
+        %gpu connect ssh://user@host[:port] [--key F] [--known-hosts F] [--accept-new-host]
+        %gpu connect local   back to the daemon on this machine
         """
         cmd, _, rest = line.strip().partition(" ")
         handlers = {
@@ -244,6 +285,7 @@ class GPUMagics(Magics, Configurable):
             "push": self._push,
             "cost": self._cost,
             "volumes": self._volumes,
+            "connect": self._connect,
         }
         if cmd not in handlers:
             raise GPUCellError(f"unknown %gpu command {cmd!r}; use one of: {', '.join(handlers)}")
@@ -315,6 +357,27 @@ class GPUMagics(Magics, Configurable):
             f"cells: {len(cells)}, ${total:.4f} of GPU time; "
             f"session total (warm idle included): ${c['live_usd'] + c['released_usd']:.4f}"
         )
+
+    def _connect(self, rest: str) -> None:
+        parts = rest.split()
+        if not parts:
+            raise GPUCellError("usage: %gpu connect ssh://user@host[:port] | local")
+        opts = {"--key": "ssh_key_file", "--known-hosts": "ssh_known_hosts", "--connection-file": "ssh_remote_connection_file"}
+        self.ssh_accept_new_host = "--accept-new-host" in parts
+        args = [p for p in parts if p != "--accept-new-host"]
+        for flag, trait in opts.items():
+            if flag in args:
+                i = args.index(flag)
+                setattr(self, trait, os.path.expanduser(args[i + 1]))
+                del args[i : i + 2]
+        self._drop_client()
+        self.remote.reset()
+        self._had_worker = False
+        self.daemon_url = "" if args[0] == "local" else args[0]
+        info = self.client.call(P.Msg.HELLO)
+        gpus = ", ".join(sorted({g["model"] for g in info["gpus"]})) or "no GPUs"
+        where = self.daemon_url or "the local daemon"
+        print(f"connected to {where}: {info['backend']} backend, {gpus}, cpu")
 
     def _volumes(self, rest: str) -> None:
         op, _, name = (rest or "ls").partition(" ")
