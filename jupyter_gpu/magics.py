@@ -164,13 +164,6 @@ class GPUMagics(Magics, Configurable):
                 self.remote.reset()
             raise GPUCellError(str(e)) from None
 
-    def _load_values(self, reply: P.Message, directory: str | None) -> dict:
-        frames = reply.buffers
-        if reply.content.get("bulk"):
-            frames = bulk.restore(frames, reply.content["bulk"], directory or "")
-        frames = [f if isinstance(f, memoryview) else bytearray(f.buffer) for f in frames]
-        return serialize.load_values(reply.content.get("values", []), frames)
-
     # ------------------------------------------------------------------ %%gpu
 
     @magic_arguments()
@@ -235,11 +228,11 @@ class GPUMagics(Magics, Configurable):
                 bulk.discard(content.get("bulk") or {}, directory)
             raise
         done = reply.content
-        if done.get("loaded", True):
+        if done.get("loaded"):
             self.remote.shipped_ok(prints)
         self.remote.after_cell(done.get("bound", []), done.get("deleted", []), user_ns)
         if done.get("values"):
-            values = self._load_values(reply, directory)
+            values = serialize.receive_values(reply.content, reply.buffers, directory or "")
             user_ns.update(values)
             for name in values:
                 self.remote.pulled(name, user_ns)
@@ -323,7 +316,7 @@ class GPUMagics(Magics, Configurable):
         reply = self._request(msg, relay)
         if relay.error is not None:
             raise relay.error
-        values = self._load_values(reply, directory)
+        values = serialize.receive_values(reply.content, reply.buffers, directory or "")
         self.shell.user_ns.update(values)
         for name in values:
             self.remote.pulled(name, self.shell.user_ns)
@@ -340,10 +333,11 @@ class GPUMagics(Magics, Configurable):
         # No "gpu": the session keeps what it has (or gets the default if it has no worker).
         msg = P.Message(P.Msg.EXECUTE, {"code": "", "values": specs}, self.session_id, buffers=frames)
         relay = Relay()
-        self._request(msg, lambda m: None if m.type in (P.Msg.STARTED, P.Msg.QUEUED) else relay(m))
+        reply = self._request(msg, lambda m: None if m.type in (P.Msg.STARTED, P.Msg.QUEUED) else relay(m))
         if relay.error is not None:
             raise relay.error
-        self.remote.shipped_ok(prints)
+        if reply.content.get("loaded"):
+            self.remote.shipped_ok(prints)
 
     def _cost(self, _: str) -> None:
         c = self._request(P.Message(P.Msg.COST, {}, self.session_id)).content

@@ -414,15 +414,6 @@ class Executor:
                 self.channel.flush()
                 self.channel.send(reply)
 
-    def _values_in(self, msg: P.Message) -> dict:
-        frames = msg.buffers
-        moved = msg.content.get("bulk") or {}
-        if moved:
-            frames = bulk.restore(frames, moved, self.bulk_dir)
-        # A zmq frame is read-only memory; values must be writable like local ones.
-        frames = [f if isinstance(f, memoryview) else bytearray(f.buffer) for f in frames]
-        return serialize.load_values(msg.content.get("values", []), frames)
-
     def _values_out(self, names: list, bulk_ok: bool) -> tuple[dict, list]:
         missing = [n for n in names if n not in self.ns]
         if missing:
@@ -442,8 +433,10 @@ class Executor:
         self.outbox.parent = msg
         t0 = time.monotonic()
         ok, content, frames = True, {}, []
+        loaded = False
         try:
-            self.ns.update(self._values_in(msg))
+            self.ns.update(serialize.receive_values(msg.content, msg.buffers, self.bulk_dir))
+            loaded = True
         except Exception as e:
             ok = False
             self.outbox.send(msg.reply(P.Msg.ERROR, _err("could not load the values sent with the cell", e)))
@@ -472,6 +465,7 @@ class Executor:
                 ok = False
                 self.outbox.send(msg.reply(P.Msg.ERROR, _err("could not send back --pull values", e)))
         content["ok"] = ok
+        content["loaded"] = loaded
         content["seconds"] = time.monotonic() - t0
         return msg.reply(P.Msg.DONE, content, frames)
 

@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 import cloudpickle
 
+from kernel_worker import bulk
+
 # Buffers smaller than this are cheaper in-band than as their own frame.
 INBAND_MAX = 64 * 1024
 
@@ -71,3 +73,13 @@ def load_values(specs: Iterable[dict], frames: list) -> dict[str, Any]:
         out[spec["name"]] = loads(frames[i : i + n])
         i += n
     return out
+
+
+def receive_values(content: dict, frames: list, bulk_dir: str) -> dict[str, Any]:
+    """The values a message carries: bulk buffers mapped back in from ``bulk_dir``, frames
+    copied out of ZeroMQ's read-only memory so values are writable like local ones."""
+    moved = content.get("bulk") or {}
+    if moved:
+        frames = bulk.restore(frames, moved, bulk_dir)
+    frames = [f if isinstance(f, memoryview) else bytearray(f.buffer) for f in frames]
+    return load_values(content.get("values", []), frames)
