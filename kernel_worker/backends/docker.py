@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from concurrent.futures import ThreadPoolExecutor
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,7 @@ class DockerBackend(Backend):
 
         self._docker = docker
         self.client = docker.DockerClient(base_url=self.docker_url) if self.docker_url else docker.from_env()
+        self._waiters = ThreadPoolExecutor(max_workers=256, thread_name_prefix="jgpu-docker-wait")
 
     # ------------------------------------------------------------------ volumes
 
@@ -273,7 +275,9 @@ class DockerBackend(Backend):
             reason = describe_exit(128 - code if code > 128 else code)  # 137 = 128 + SIGKILL
             return WorkerExit(code, f"container {reason}")
 
-        return await asyncio.to_thread(wait)
+        # Each wait blocks a thread for the container's whole life: keep them out of the
+        # shared pool, where they would queue the kills and starts that must be quick.
+        return await asyncio.get_running_loop().run_in_executor(self._waiters, wait)
 
     def _save_logs(self, handle: Container) -> None:
         if not handle.log_path:
