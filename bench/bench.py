@@ -92,8 +92,16 @@ def bench_pyzmq(tmp: str, reps: int) -> dict:
 def start_daemon(tmp: str, *args: str, name: str = "daemon") -> tuple[subprocess.Popen, str]:
     cf = os.path.join(tmp, f"{name}.json")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kernel_worker", "--print-ready", f"--WorkerDaemon.connection_file={cf}",
-         f"--WorkerDaemon.url=ipc://{tmp}/{name}.sock", "--log-level=WARN", *args],
+        [
+            sys.executable,
+            "-m",
+            "kernel_worker",
+            "--print-ready",
+            f"--WorkerDaemon.connection_file={cf}",
+            f"--WorkerDaemon.url=ipc://{tmp}/{name}.sock",
+            "--log-level=WARN",
+            *args,
+        ],
         stdout=subprocess.PIPE,
     )
     if not select.select([proc.stdout], [], [], 30)[0]:
@@ -205,9 +213,14 @@ def bench_docker(ip, tmp: str, reps: int, cold_reps: int) -> dict | None:
         dockerd.ensure_images(engine.client, engine.url)
         site = sysconfig.get_paths()["purelib"]
         proc, cf = start_daemon(
-            tmp, "--backend=docker", f"--DockerBackend.docker_url={engine.url}", f"--DockerBackend.image={dockerd.IMAGE}",
-            "--DockerBackend.network_mode=none", f"--DockerBackend.extra_mounts={site}:/opt/notebook-site:ro",
-            "--DockerBackend.extra_env=PYTHONPATH=/opt/notebook-site", name="docker",
+            tmp,
+            "--backend=docker",
+            f"--DockerBackend.docker_url={engine.url}",
+            f"--DockerBackend.image={dockerd.IMAGE}",
+            "--DockerBackend.network_mode=none",
+            f"--DockerBackend.extra_mounts={site}:/opt/notebook-site:ro",
+            "--DockerBackend.extra_env=PYTHONPATH=/opt/notebook-site",
+            name="docker",
         )
         magics = ip.magics_manager.registry["GPUMagics"]
         with quiet():
@@ -248,21 +261,51 @@ def main() -> None:
             proc.terminate()
             proc.wait(10)
     rows = [
-        ("empty cell round trip, warm, p50", ms(pct(gpu["empty"], 50)),
-         ms(pct(ipp_r["px"], 50)) + " (%%px)" if ipp_r else "-", ms(pct(zmq_r["rtt"], 50)), "< 1.5 ms, 2x faster than %%px"),
-        ("empty cell round trip, warm, p99", ms(pct(gpu["empty"], 99)),
-         ms(pct(ipp_r["px"], 99)) + " (%%px)" if ipp_r else "-", ms(pct(zmq_r["rtt"], 99)), ""),
+        (
+            "empty cell round trip, warm, p50",
+            ms(pct(gpu["empty"], 50)),
+            ms(pct(ipp_r["px"], 50)) + " (%%px)" if ipp_r else "-",
+            ms(pct(zmq_r["rtt"], 50)),
+            "< 1.5 ms, 2x faster than %%px",
+        ),
+        (
+            "empty cell round trip, warm, p99",
+            ms(pct(gpu["empty"], 99)),
+            ms(pct(ipp_r["px"], 99)) + " (%%px)" if ipp_r else "-",
+            ms(pct(zmq_r["rtt"], 99)),
+            "",
+        ),
         ("apply_sync(lambda: None), p50", "-", ms(pct(ipp_r["apply"], 50)) if ipp_r else "-", "-", ""),
-        ("256 MB local array, first time", gbps(BIG, gpu["big_first"]),
-         gbps(BIG, ipp_r["push"]) + " (push)" if ipp_r else "-", gbps(BIG, zmq_r["big"]), ">= 1 GB/s"),
+        (
+            "256 MB local array, first time",
+            gbps(BIG, gpu["big_first"]),
+            gbps(BIG, ipp_r["push"]) + " (push)" if ipp_r else "-",
+            gbps(BIG, zmq_r["big"]),
+            ">= 1 GB/s",
+        ),
         ("256 MB local array, unchanged", ms(gpu["big_again"]), "-", "-", "< 20 ms"),
         ("cold start (first cell, new session), median", ms(statistics.median(gpu["cold"])), "-", "-", "< 1 s"),
-        ("docker backend: empty cell round trip, warm, p50", ms(pct(dock["empty"], 50)) if dock else "-", "-", "-",
-         "within 20% of process"),
-        ("docker backend: cold start (container start included), median",
-         ms(statistics.median(dock["cold"])) if dock else "-", "-", "-", "< 1.5 s"),
-        ("stdout throughput (8 MB of print)", f"{gpu['stdout'][0] / gpu['stdout'][1] / 1e6:.1f} MB/s",
-         f"{ipp_r['stdout'][0] / ipp_r['stdout'][1] / 1e6:.1f} MB/s" if ipp_r else "-", "-", ""),
+        (
+            "docker backend: empty cell round trip, warm, p50",
+            ms(pct(dock["empty"], 50)) if dock else "-",
+            "-",
+            "-",
+            "within 20% of process",
+        ),
+        (
+            "docker backend: cold start (container start included), median",
+            ms(statistics.median(dock["cold"])) if dock else "-",
+            "-",
+            "-",
+            "< 1.5 s",
+        ),
+        (
+            "stdout throughput (8 MB of print)",
+            f"{gpu['stdout'][0] / gpu['stdout'][1] / 1e6:.1f} MB/s",
+            f"{ipp_r['stdout'][0] / ipp_r['stdout'][1] / 1e6:.1f} MB/s" if ipp_r else "-",
+            "-",
+            "",
+        ),
     ]
     head = ("metric", "jupyter-gpu", "ipyparallel", "raw pyzmq", "target")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]

@@ -102,7 +102,9 @@ class DaemonClient:
         while True:
             now = time.monotonic()
             if self._deadline is not None and now > self._deadline:
-                raise DaemonLost(P.Err.TIMEOUT, f"no reply to {msg.type} from the daemon at {self.url} in {timeout:g} s")
+                raise DaemonLost(
+                    P.Err.TIMEOUT, f"no reply to {msg.type} from the daemon at {self.url} in {timeout:g} s"
+                )
             if self._ping is None:
                 wait = self.heartbeat_interval
             else:

@@ -82,10 +82,16 @@ def start_embedded(
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
                 proc.kill()
-                raise DaemonError("worker_start_failed", f"the local jupyter-gpu daemon did not start in {start_timeout:g} s; see {log_path}")
+                raise DaemonError(
+                    "worker_start_failed",
+                    f"the local jupyter-gpu daemon did not start in {start_timeout:g} s; see {log_path}",
+                )
             chunk = os.read(proc.stdout.fileno(), 4096)
             if not chunk:
-                raise DaemonError("worker_start_failed", f"the local jupyter-gpu daemon exited at start (code {proc.wait()}); see {log_path}")
+                raise DaemonError(
+                    "worker_start_failed",
+                    f"the local jupyter-gpu daemon exited at start (code {proc.wait()}); see {log_path}",
+                )
             line += chunk
         proc.stdout.close()
         return read_connection_file(path)

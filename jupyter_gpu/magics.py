@@ -59,15 +59,19 @@ class GPUMagics(Magics, Configurable):
         "", help="Daemon on another machine: ssh://user@host[:port] (or $JUPYTER_GPU_URL). Empty: local."
     ).tag(config=True)
     ssh_key_file = Unicode("", help="Private key for ssh:// (default: ssh-agent and ~/.ssh keys).").tag(config=True)
-    ssh_known_hosts = Unicode("", help="known_hosts file that ssh:// host keys are checked against (~/.ssh/known_hosts).").tag(
+    ssh_known_hosts = Unicode(
+        "", help="known_hosts file that ssh:// host keys are checked against (~/.ssh/known_hosts)."
+    ).tag(config=True)
+    ssh_accept_new_host = Bool(False, help="Accept an ssh:// host whose key is not in known_hosts yet.").tag(
         config=True
     )
-    ssh_accept_new_host = Bool(False, help="Accept an ssh:// host whose key is not in known_hosts yet.").tag(config=True)
     ssh_remote_connection_file = Unicode(
         ".local/share/jupyter/runtime/jupyter-gpu-daemon.json",
         help="The remote daemon's connection file, relative to the remote home.",
     ).tag(config=True)
-    heartbeat_interval = Float(5.0, help="Seconds of silence from the daemon before the client pings it.").tag(config=True)
+    heartbeat_interval = Float(5.0, help="Seconds of silence from the daemon before the client pings it.").tag(
+        config=True
+    )
     heartbeat_timeout = Float(10.0, help="Seconds without an answer to a ping before the daemon is declared lost.").tag(
         config=True
     )
@@ -104,7 +108,9 @@ class GPUMagics(Magics, Configurable):
                 raise GPUCellError(f"cannot use daemon_url {target!r}: write ssh://user@host[:port], or leave it empty")
             else:
                 url, key = connect.resolve(
-                    self.connection_file, exit_when_idle=self.embedded_exit_when_idle, extra_args=list(self.embedded_args)
+                    self.connection_file,
+                    exit_when_idle=self.embedded_exit_when_idle,
+                    extra_args=list(self.embedded_args),
                 )
             self._client = DaemonClient(url, key, self.heartbeat_interval, self.heartbeat_timeout)
         return self._client
@@ -169,7 +175,12 @@ class GPUMagics(Magics, Configurable):
     @magic_arguments()
     @argument("spec", nargs="?", default=None, help="GPU request: H100, H100:2, A100-80GB, 'H100|A100', any, cpu.")
     @argument("--pull", default="", help="Comma-separated names to bring back into the notebook after the cell.")
-    @argument("--timeout", type=float, default=None, help="Interrupt the cell after this many seconds (killed if it ignores it).")
+    @argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="Interrupt the cell after this many seconds (killed if it ignores it).",
+    )
     @argument("--no-wait", action="store_true", help="Fail at once instead of queueing when no such GPU is free.")
     @argument("--image", default=None, help="Container image for this session (docker backend).")
     @argument("--volume", action="append", default=[], help="NAME:/path[:ro] volume to mount (docker backend).")
@@ -211,7 +222,9 @@ class GPUMagics(Magics, Configurable):
         def on_message(m: P.Message) -> None:
             nonlocal queue_note
             if m.type == P.Msg.QUEUED:
-                text = f"[jupyter-gpu] waiting for {m.content.get('request')}: {_ordinal(m.content['position'])} in queue"
+                text = (
+                    f"[jupyter-gpu] waiting for {m.content.get('request')}: {_ordinal(m.content['position'])} in queue"
+                )
                 if queue_note is None:
                     queue_note = display({"text/plain": text}, raw=True, display_id=True)
                 else:
@@ -294,7 +307,9 @@ class GPUMagics(Magics, Configurable):
             print(f"  GPU {g['index']}: {g['model']}{sim}  {g['memory_bytes'] / 1024**3:.0f} GiB  {holder}{mine}")
         for s in st["sessions"]:
             mine = " (this notebook)" if s["id"] == self.session_id else ""
-            print(f"  session {s['id'][:8]}{mine}: {s['device']} {s['state']}, held {s['held_s']:.0f} s, ${s['usd']:.4f}")
+            print(
+                f"  session {s['id'][:8]}{mine}: {s['device']} {s['state']}, held {s['held_s']:.0f} s, ${s['usd']:.4f}"
+            )
         for w in st.get("warm", []):
             print(f"  warm pool: {w['device']} {w['state']}, waiting {w['idle_s']:.0f} s, ${w['usd']:.4f} of idle time")
         for i, q in enumerate(st["queue"], 1):
@@ -356,7 +371,11 @@ class GPUMagics(Magics, Configurable):
         parts = rest.split()
         if not parts:
             raise GPUCellError("usage: %gpu connect ssh://user@host[:port] | local")
-        opts = {"--key": "ssh_key_file", "--known-hosts": "ssh_known_hosts", "--connection-file": "ssh_remote_connection_file"}
+        opts = {
+            "--key": "ssh_key_file",
+            "--known-hosts": "ssh_known_hosts",
+            "--connection-file": "ssh_remote_connection_file",
+        }
         self.ssh_accept_new_host = "--accept-new-host" in parts
         args = [p for p in parts if p != "--accept-new-host"]
         for flag, trait in opts.items():

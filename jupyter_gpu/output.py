@@ -73,7 +73,9 @@ class Relay:
         elif t == P.Msg.RESULT:
             self.result = RemoteResult(c.get("data", {}), c.get("metadata", {}))
         elif t == P.Msg.ERROR:
-            self.error = RemoteCellError.named(str(c.get("ename", "Error")), str(c.get("evalue", "")), list(c.get("traceback") or []))
+            self.error = RemoteCellError.named(
+                str(c.get("ename", "Error")), str(c.get("evalue", "")), list(c.get("traceback") or [])
+            )
 
 
 def _bytes(n: int | None) -> str:
@@ -114,7 +116,9 @@ def cost_parts(cost: dict, session: bool = True) -> list[str]:
 def show_cost(cost: dict) -> None:
     """The cost line, as a display (not stdout) so it never mixes with the cell's text."""
     text = "⏱ " + " · ".join(cost_parts(cost))
-    style = "color: var(--jp-ui-font-color2, #777); font-size: 0.85em; font-family: var(--jp-code-font-family, monospace);"
+    style = (
+        "color: var(--jp-ui-font-color2, #777); font-size: 0.85em; font-family: var(--jp-code-font-family, monospace);"
+    )
     display(
         {"text/plain": text, "text/html": f'<div class="jupyter-gpu-cost" style="{style}">{html.escape(text)}</div>'},
         raw=True,

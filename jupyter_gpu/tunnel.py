@@ -78,8 +78,13 @@ class SSHTunnel:
         client.set_missing_host_key_policy(Refuse())
         try:
             client.connect(
-                self.target.host, self.target.port, self.target.user, key_filename=key_file or None,
-                timeout=timeout, allow_agent=True, look_for_keys=not key_file,
+                self.target.host,
+                self.target.port,
+                self.target.user,
+                key_filename=key_file or None,
+                timeout=timeout,
+                allow_agent=True,
+                look_for_keys=not key_file,
             )
         except paramiko.SSHException as e:
             if self._unknown and not accept_unknown_host:

@@ -36,7 +36,6 @@ from kernel_worker.ledger import DEFAULT_PRICES, Ledger
 from kernel_worker.session import Session, version_mismatch
 
 
-
 def default_url() -> str:
     return "ipc://" + os.path.join(jupyter_runtime_dir(), "jupyter-gpu-daemon.sock")
 
@@ -53,7 +52,9 @@ class WorkerDaemon(LoggingConfigurable):
     connection_file = Unicode(help="File the daemon writes its url and key to (mode 0600) for clients.").tag(
         config=True
     )
-    backend = Unicode("process", help="Where workers run: process (this host).").tag(config=True)
+    backend = Unicode("process", help="Where workers run: process (this host) or docker (a container each).").tag(
+        config=True
+    )
     simulate_gpus = Unicode(
         "", help='Declared GPU inventory for machines without GPUs, e.g. "H100:2,A100-80GB:1". Empty: ask pynvml.'
     ).tag(config=True)
@@ -61,14 +62,15 @@ class WorkerDaemon(LoggingConfigurable):
         config=True
     )
     exit_when_idle = Float(
-        0.0, help="Exit after this many seconds with no sessions and no requests (0: never). The embedded daemon sets it."
+        0.0,
+        help="Exit after this many seconds with no sessions and no requests (0: never). The embedded daemon sets it.",
     ).tag(config=True)
     worker_start_timeout = Float(60.0, help="Seconds a new worker has to connect back before its start fails.").tag(
         config=True
     )
-    interrupt_grace = Float(5.0, help="Seconds a cell past its --timeout gets after SIGINT before its worker is killed.").tag(
-        config=True
-    )
+    interrupt_grace = Float(
+        5.0, help="Seconds a cell past its --timeout gets after SIGINT before its worker is killed."
+    ).tag(config=True)
     worker_heartbeat_timeout = Float(
         30.0, help="A worker silent this long (no heartbeat, no output) is considered hung and stopped."
     ).tag(config=True)
@@ -330,7 +332,9 @@ class WorkerDaemon(LoggingConfigurable):
         elif t == P.Msg.STATUS:
             self._to_client(ident, msg.reply(P.Msg.REPLY, self._status()))
         elif t == P.Msg.COST:
-            self._to_client(ident, msg.reply(P.Msg.REPLY, self.ledger.summary(msg.session, self.sessions.get(msg.session))))
+            self._to_client(
+                ident, msg.reply(P.Msg.REPLY, self.ledger.summary(msg.session, self.sessions.get(msg.session)))
+            )
         elif t == P.Msg.RELEASE:
             self._spawn(self._handle_release(ident, msg))
         elif t == P.Msg.VOLUMES:
@@ -388,7 +392,13 @@ class WorkerDaemon(LoggingConfigurable):
             }
             for w in self.warm
         ]
-        return {"gpus": gpus, "sessions": sessions, "warm": warm, "queue": self.scheduler.queue(), "backend": self.backend}
+        return {
+            "gpus": gpus,
+            "sessions": sessions,
+            "warm": warm,
+            "queue": self.scheduler.queue(),
+            "backend": self.backend,
+        }
 
     async def _handle_volumes(self, ident: bytes, msg: P.Message) -> None:
         b = self.backend_instance
@@ -400,7 +410,9 @@ class WorkerDaemon(LoggingConfigurable):
             "rm": lambda: b.remove_volume(self.user, name),
         }
         if op not in ops:
-            self._fail(ident, msg, P.Err.BAD_MESSAGE, f"unknown volumes operation {str(op)[:20]!r}; use ls, du, create, rm")
+            self._fail(
+                ident, msg, P.Err.BAD_MESSAGE, f"unknown volumes operation {str(op)[:20]!r}; use ls, du, create, rm"
+            )
             return
         try:
             result = await asyncio.to_thread(ops[op])  # the Docker SDK blocks
@@ -481,7 +493,12 @@ class WorkerDaemon(LoggingConfigurable):
             await asyncio.wait_for(asyncio.shield(s.ready), self.worker_start_timeout)
         except asyncio.TimeoutError:
             await self._release(s, "its worker did not reconnect after the daemon restarted", code=P.Err.WORKER_DIED)
-            self._fail(ident, msg, P.Err.WORKER_DIED, f"session {s.id} ended: its worker did not reconnect after the daemon restarted")
+            self._fail(
+                ident,
+                msg,
+                P.Err.WORKER_DIED,
+                f"session {s.id} ended: its worker did not reconnect after the daemon restarted",
+            )
             return
         self._handle_run(ident, msg)
 
@@ -667,7 +684,15 @@ class WorkerDaemon(LoggingConfigurable):
         key = record["key"].encode()
         req = scheduler.parse(record["request"])
         s = Session(
-            sid, req, key, P.Signer(key), gpus=gpus, handle=handle, state="adopting", user=record.get("user", ""), wid=wid
+            sid,
+            req,
+            key,
+            P.Signer(key),
+            gpus=gpus,
+            handle=handle,
+            state="adopting",
+            user=record.get("user", ""),
+            wid=wid,
         )
         s.ready = asyncio.get_running_loop().create_future()
         s.ready.add_done_callback(lambda f: setattr(s, "state", "idle") if s.state == "adopting" else None)
@@ -708,7 +733,9 @@ class WorkerDaemon(LoggingConfigurable):
         spec = WorkerSpec(s.wid, s.gpus, env, sock_dir, bulk_dir, log_path, s.user, options)
         s.handle = await self.backend_instance.start(spec)
         s.watcher = watcher = self._spawn(self._watch(s))
-        done, _ = await asyncio.wait({s.ready, watcher}, timeout=self.worker_start_timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {s.ready, watcher}, timeout=self.worker_start_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if s.ready not in done:
             raise RuntimeError(
                 self._exit_reason(s, spec.log_path)
@@ -815,7 +842,10 @@ class WorkerDaemon(LoggingConfigurable):
             return
         self._to_client(
             s.client,
-            msg.reply(P.Msg.STREAM, {"name": "stderr", "text": f"\n[jupyter-gpu] cell passed --timeout {timeout:g} s: interrupting\n"}),
+            msg.reply(
+                P.Msg.STREAM,
+                {"name": "stderr", "text": f"\n[jupyter-gpu] cell passed --timeout {timeout:g} s: interrupting\n"},
+            ),
         )
         await self.backend_instance.signal(s.handle, signal.SIGINT)
         try:

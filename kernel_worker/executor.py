@@ -191,7 +191,10 @@ class Channel:
                 if self._lost_since is not None:
                     left = self._lost_since + self.orphan_s - time.monotonic()
                     if left <= 0:
-                        print("jupyter-gpu executor: the daemon went away and did not come back; exiting", file=sys.__stderr__)
+                        print(
+                            "jupyter-gpu executor: the daemon went away and did not come back; exiting",
+                            file=sys.__stderr__,
+                        )
                         os._exit(3)
                     wait = min(wait, left)
                 events = dict(self._poller.poll(wait * 1000))
@@ -295,7 +298,9 @@ class Runner:
                 value = eval(compile(ast.Expression(last.value), "<cell>", "eval"), self.ns)
                 if value is not None:
                     self.ns["_"] = value
-                    self.outbox.send(self.outbox.parent.reply(P.Msg.RESULT, {"data": {"text/plain": repr(value)}, "metadata": {}}))
+                    self.outbox.send(
+                        self.outbox.parent.reply(P.Msg.RESULT, {"data": {"text/plain": repr(value)}, "metadata": {}})
+                    )
             return True
         except BaseException as e:  # the user's exception, KeyboardInterrupt included
             tb = traceback.format_exception(type(e), e, e.__traceback__)
@@ -335,7 +340,9 @@ def _make_shell(outbox: Outbox, ns: dict) -> Any:
         displayhook_class = Type(Hook)
 
         def _showtraceback(self, etype, evalue, stb):
-            reply(P.Msg.ERROR, {"ename": getattr(etype, "__name__", str(etype)), "evalue": str(evalue), "traceback": stb})
+            reply(
+                P.Msg.ERROR, {"ename": getattr(etype, "__name__", str(etype)), "evalue": str(evalue), "traceback": stb}
+            )
 
         def enable_gui(self, gui=None):
             pass

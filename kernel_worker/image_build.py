@@ -46,10 +46,22 @@ def fetch_wheels(python: str, machine: str, dest: Path) -> list[Path]:
     """Binary wheels of pyzmq and this machine's cloudpickle for the image's Python."""
     platforms = [f"manylinux_2_28_{machine}", f"manylinux2014_{machine}", f"manylinux_2_17_{machine}"]
     cmd = [
-        sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--no-deps",
-        "--python-version", python, "--implementation", "cp", "--dest", str(dest),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--only-binary=:all:",
+        "--no-deps",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "--dest",
+        str(dest),
         *[a for p in platforms for a in ("--platform", p)],
-        "pyzmq", f"cloudpickle=={cloudpickle.__version__}",
+        "pyzmq",
+        f"cloudpickle=={cloudpickle.__version__}",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:

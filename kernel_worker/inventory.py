@@ -23,7 +23,16 @@ _MODELS = [
     (re.compile(r"\bL4\b"), "L4"),
     (re.compile(r"\bT4\b"), "T4"),
 ]
-_SIMULATED_MEMORY = {"H100": 80, "H200": 141, "A100-80GB": 80, "A100-40GB": 40, "L40S": 48, "A10G": 24, "L4": 24, "T4": 16}
+_SIMULATED_MEMORY = {
+    "H100": 80,
+    "H200": 141,
+    "A100-80GB": 80,
+    "A100-40GB": 40,
+    "L40S": 48,
+    "A10G": 24,
+    "L4": 24,
+    "T4": 16,
+}
 
 
 def model_of(nvml_name: str) -> str:

@@ -263,7 +263,14 @@ def unpack(
         raise ProtocolError(
             Err.VERSION, f"protocol version {h.get('v')!r}; this side speaks {PROTOCOL_VERSION}", msg_id
         )
-    for name, typ in (("type", str), ("id", str), ("parent", str), ("session", str), ("frames", list), ("content", dict)):
+    for name, typ in (
+        ("type", str),
+        ("id", str),
+        ("parent", str),
+        ("session", str),
+        ("frames", list),
+        ("content", dict),
+    ):
         if not isinstance(h.get(name), typ):
             raise ProtocolError(Err.BAD_MESSAGE, f"header field {name!r} must be a {typ.__name__}", msg_id)
     for name in ("id", "parent", "session"):
@@ -272,5 +279,7 @@ def unpack(
     if h["frames"] != sizes[2:]:
         raise ProtocolError(Err.BAD_MESSAGE, "buffer frames do not match the sizes the header declares", msg_id)
     if allowed is not None and h["type"] not in allowed:
-        raise ProtocolError(Err.UNKNOWN_TYPE, f"message type {h['type'][:40]!r} is not accepted here", msg_id, h["session"])
+        raise ProtocolError(
+            Err.UNKNOWN_TYPE, f"message type {h['type'][:40]!r} is not accepted here", msg_id, h["session"]
+        )
     return Message(h["type"], h["content"], h["session"], h["id"], h["parent"], list(frames[2:]))

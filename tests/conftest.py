@@ -59,7 +59,9 @@ class LogWatcher:
                             return m
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"no log line matching {pattern!r} within {timeout} s:\n{''.join(self.lines[-30:])}")
+                    raise AssertionError(
+                        f"no log line matching {pattern!r} within {timeout} s:\n{''.join(self.lines[-30:])}"
+                    )
                 self._cond.wait(left)
 
 
@@ -164,8 +166,10 @@ def docker_args(engine, *extra: str, notebook_libs: bool = True) -> list[str]:
         import sysconfig
 
         site = sysconfig.get_paths()["purelib"]
-        args += [f"--DockerBackend.extra_mounts={site}:/opt/notebook-site:ro",
-                 "--DockerBackend.extra_env=PYTHONPATH=/opt/notebook-site"]
+        args += [
+            f"--DockerBackend.extra_mounts={site}:/opt/notebook-site:ro",
+            "--DockerBackend.extra_env=PYTHONPATH=/opt/notebook-site",
+        ]
     return args + list(extra)
 
 

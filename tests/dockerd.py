@@ -47,8 +47,13 @@ def start_engine(log) -> Engine:  # noqa: ANN001
     url = f"unix://{run}/docker.sock"
     proc = subprocess.Popen(
         [
-            shutil.which("dockerd"), "--bridge=none", "--iptables=false", "--ip6tables=false",
-            f"--data-root={data}", f"--exec-root={run}/exec", f"--pidfile={run}/docker.pid",
+            shutil.which("dockerd"),
+            "--bridge=none",
+            "--iptables=false",
+            "--ip6tables=false",
+            f"--data-root={data}",
+            f"--exec-root={run}/exec",
+            f"--pidfile={run}/docker.pid",
             f"--host={url}",
         ],
         stdout=subprocess.DEVNULL,
@@ -79,8 +84,12 @@ def ensure_images(client, url: str) -> None:  # noqa: ANN001
     if not have(IMAGE_OLDPICKLE):
         if not ROOTFS_TAR.exists():
             raise RuntimeError(f"{ROOTFS_TAR} is missing: `make test-image` builds it with debootstrap")
-        subprocess.run(["docker", "-H", url, "import", str(ROOTFS_TAR), IMAGE_OLDPICKLE], check=True,
-                       stdout=subprocess.DEVNULL, timeout=300)
+        subprocess.run(
+            ["docker", "-H", url, "import", str(ROOTFS_TAR), IMAGE_OLDPICKLE],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=300,
+        )
     if not have(IMAGE):
         # The notebook's cloudpickle (pure Python) where the image's Python finds it first.
         buf = io.BytesIO()
@@ -93,8 +102,9 @@ def ensure_images(client, url: str) -> None:  # noqa: ANN001
         finally:
             c.remove(force=True)
     if not have(IMAGE_NOZMQ):
-        c = client.containers.run(IMAGE, ["rm", "-rf", "/usr/lib/python3/dist-packages/zmq"], detach=True,
-                                  network_mode="none")
+        c = client.containers.run(
+            IMAGE, ["rm", "-rf", "/usr/lib/python3/dist-packages/zmq"], detach=True, network_mode="none"
+        )
         try:
             c.wait()
             c.commit("jupyter-gpu-test", "nozmq")

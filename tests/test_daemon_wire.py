@@ -57,8 +57,20 @@ def test_malformed_messages_get_error_replies_while_a_session_keeps_working(daem
         ([P.DELIM, signer.sign(h := header(id="m7", session="../../etc")), h], P.Err.BAD_MESSAGE, "m7"),
         ([P.DELIM, signer.sign(h := header(id="m8", content=[])), h], P.Err.BAD_MESSAGE, "m8"),
         (
-            [P.DELIM, signer.sign(h := header(id="m9", type="execute", session="s9", frames=[0],
-                                              content={"code": "", "bulk": {"0": {"file": "../../x", "size": 1}}})), h, b""],
+            [
+                P.DELIM,
+                signer.sign(
+                    h := header(
+                        id="m9",
+                        type="execute",
+                        session="s9",
+                        frames=[0],
+                        content={"code": "", "bulk": {"0": {"file": "../../x", "size": 1}}},
+                    )
+                ),
+                h,
+                b"",
+            ],
             P.Err.BAD_MESSAGE,
             "m9",
         ),
@@ -125,8 +137,15 @@ def test_loopback_tcp_works_and_other_addresses_are_refused(daemon_factory, tmp_
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "kernel_worker", "--url=tcp://0.0.0.0:5555",
-         f"--WorkerDaemon.connection_file={tmp_path}/other.json"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "kernel_worker",
+            "--url=tcp://0.0.0.0:5555",
+            f"--WorkerDaemon.connection_file={tmp_path}/other.json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode != 0 and "refusing to listen on tcp://0.0.0.0:5555" in out.stderr

@@ -29,7 +29,9 @@ def test_volume_survives_release_and_daemon_restart(engine, daemon_factory, make
     args = docker_args(engine, "--simulate-gpus=H100:1")
     d = daemon_factory(*args)
     ip = make_shell(d)
-    result, cap = run(ip, "%%gpu H100 --volume data:/data\nopen('/data/checkpoint.txt', 'w').write('epoch 3')\nprint('saved')")
+    result, cap = run(
+        ip, "%%gpu H100 --volume data:/data\nopen('/data/checkpoint.txt', 'w').write('epoch 3')\nprint('saved')"
+    )
     assert result.success, cap.stdout
     run(ip, "%gpu release")
     result, cap = run(ip, "%%gpu H100 --volume data:/data\nprint(open('/data/checkpoint.txt').read())")
@@ -49,8 +51,12 @@ def test_volume_survives_release_and_daemon_restart(engine, daemon_factory, make
     result, cap = run(ip, "%%gpu H100 --volume data:/data:ro\nopen('/data/other.txt', 'w')")
     assert not result.success and "Read-only file system" in cap.stdout
     run(ip, "%gpu release")
-    out = subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", "--connection-file", d2.connection_file,
-                          "volumes", "rm", "data"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "jupyter_gpu.cli", "--connection-file", d2.connection_file, "volumes", "rm", "data"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and "removed volume data" in out.stdout
     assert not [v for v in engine.client.volumes.list() if v.name.endswith("-data")]
 
@@ -165,15 +171,30 @@ def test_gpu_assignment_and_no_network_inside_the_container(engine, daemon_facto
 
 def test_image_build_layers_in_what_the_executor_needs(engine, daemon_factory, make_shell):
     out = subprocess.run(
-        [sys.executable, "-m", "jupyter_gpu.cli", "image", "build", "--from", dockerd.IMAGE_NOZMQ,
-         "--tag", "jupyter-gpu-test:rebuilt", "--docker-url", engine.url],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "jupyter_gpu.cli",
+            "image",
+            "build",
+            "--from",
+            dockerd.IMAGE_NOZMQ,
+            "--tag",
+            "jupyter-gpu-test:rebuilt",
+            "--docker-url",
+            engine.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "built jupyter-gpu-test:rebuilt" in out.stdout
     d = daemon_factory(*docker_args(engine, notebook_libs=False))
     ip = make_shell(d)
-    result, cap = run(ip, "%%gpu cpu --image jupyter-gpu-test:rebuilt\nimport zmq, cloudpickle\nprint('ok', cloudpickle.__version__)")
+    result, cap = run(
+        ip, "%%gpu cpu --image jupyter-gpu-test:rebuilt\nimport zmq, cloudpickle\nprint('ok', cloudpickle.__version__)"
+    )
     assert result.success, cap.stdout
     import cloudpickle
 

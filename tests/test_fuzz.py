@@ -18,7 +18,11 @@ from kernel_worker import protocol as P
 
 # JSON-ish values for header fields, including the wrong types.
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=40))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 types = st.one_of(st.sampled_from(sorted(P.CLIENT_REQUESTS | P.EXECUTOR_REPLIES)), st.text(max_size=20))
 contents = st.one_of(
     st.fixed_dictionaries(

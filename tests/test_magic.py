@@ -30,8 +30,7 @@ def test_closures_of_each_kind_travel_with_the_cell(shell):
     )
     result, cap = run(
         shell,
-        "%%gpu any\n"
-        "print(f(a).sum(), g(1), Box(4).twice(), box.twice(), add5(1), math.sqrt(16))",
+        "%%gpu any\nprint(f(a).sum(), g(1), Box(4).twice(), box.twice(), add5(1), math.sqrt(16))",
     )
     assert result.success, cap.stdout + cap.stderr
     assert "135.0 2 8 42 6 4.0" in cap.stdout
@@ -95,7 +94,10 @@ def test_impossible_request_fails_at_once_listing_the_host(shell):
 
 
 def test_gpu_assignment_is_pinned_and_cost_line_shows_price(shell):
-    result, cap = run(shell, "%%gpu A100\nimport os\nprint(os.environ['JUPYTER_GPU_DEVICES'], repr(os.environ['CUDA_VISIBLE_DEVICES']))")
+    result, cap = run(
+        shell,
+        "%%gpu A100\nimport os\nprint(os.environ['JUPYTER_GPU_DEVICES'], repr(os.environ['CUDA_VISIBLE_DEVICES']))",
+    )
     assert result.success, cap.stdout
     assert "A100-80GB:GPU-simulated-0001-A100-80GB ''" in cap.stdout
     cost = [o.data["text/plain"] for o in cap.outputs if "⏱" in o.data.get("text/plain", "")]
@@ -134,7 +136,9 @@ def test_cell_timeout_interrupts_and_keeps_the_session(shell):
 def test_cell_ignoring_interrupt_past_timeout_is_killed(daemon_factory, make_shell):
     d = daemon_factory("--WorkerDaemon.interrupt_grace=1")
     ip = make_shell(d)
-    result, cap = run(ip, "%%gpu cpu --timeout 1\nimport signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)")
+    result, cap = run(
+        ip, "%%gpu cpu --timeout 1\nimport signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"
+    )
     assert not result.success
     assert "did not stop within 1 s of an interrupt" in str(result.error_in_exec)
 

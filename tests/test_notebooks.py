@@ -23,7 +23,11 @@ KERNEL_TIMEOUT = 120
 def execute(cells: list[str], tmp: Path, allow_errors: bool = False) -> nbformat.NotebookNode:
     nb = new_notebook(cells=[new_code_cell(c) for c in cells])
     NotebookClient(
-        nb, timeout=KERNEL_TIMEOUT, kernel_name="python3", allow_errors=allow_errors, resources={"metadata": {"path": str(tmp)}}
+        nb,
+        timeout=KERNEL_TIMEOUT,
+        kernel_name="python3",
+        allow_errors=allow_errors,
+        resources={"metadata": {"path": str(tmp)}},
     ).execute()
     return nb
 
@@ -118,9 +122,21 @@ def test_ipython_syntax_runs_on_the_worker(via_daemon, tmp_path):
 def test_quickstart_runs_headless_with_nbconvert(via_daemon, tmp_path):
     out = tmp_path / "out.ipynb"
     proc = subprocess.run(
-        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
-         str(ROOT / "examples" / "quickstart.ipynb"), "--output", str(out)],
-        capture_output=True, text=True, timeout=KERNEL_TIMEOUT,
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            str(ROOT / "examples" / "quickstart.ipynb"),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=KERNEL_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr
     nb = nbformat.read(out, 4)
@@ -144,7 +160,11 @@ def test_interrupting_the_kernel_stops_the_remote_cell_within_2s(via_daemon):
         msg_id = kc.execute("%%gpu any\nimport time\nprint('sleeping', flush=True)\ntime.sleep(60)")
         while True:  # wait for the remote cell to be running
             m = kc.get_iopub_msg(timeout=KERNEL_TIMEOUT)
-            if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "stream" and "sleeping" in m["content"]["text"]:
+            if (
+                m["parent_header"].get("msg_id") == msg_id
+                and m["msg_type"] == "stream"
+                and "sleeping" in m["content"]["text"]
+            ):
                 break
         t0 = time.monotonic()
         km.interrupt_kernel()
@@ -155,7 +175,11 @@ def test_interrupting_the_kernel_stops_the_remote_cell_within_2s(via_daemon):
         assert reply["content"]["ename"] == "KeyboardInterrupt"
         assert elapsed < 2.0, f"remote cell stopped {elapsed:.2f} s after the interrupt"
         outs: list[str] = []
-        kc.execute_interactive("%%gpu any\nprint(warm)", timeout=KERNEL_TIMEOUT, output_hook=lambda m: outs.append(json.dumps(m["content"])))
+        kc.execute_interactive(
+            "%%gpu any\nprint(warm)",
+            timeout=KERNEL_TIMEOUT,
+            output_hook=lambda m: outs.append(json.dumps(m["content"])),
+        )
         assert any("still here" in o for o in outs)  # the session stayed warm
     finally:
         kc.stop_channels()

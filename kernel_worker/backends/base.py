@@ -66,7 +66,9 @@ class Backend(LoggingConfigurable):
     orphan_timeout = Float(
         0.0, help="Seconds a worker waits for its daemon to come back after losing it, then exits."
     ).tag(config=True)
-    daemon_id = Unicode("", help="Names this daemon's workers, so a restarted daemon finds its own (set by the daemon).")
+    daemon_id = Unicode(
+        "", help="Names this daemon's workers, so a restarted daemon finds its own (set by the daemon)."
+    )
 
     async def find(self) -> list[tuple[str, Any]]:
         """Workers of this daemon that outlived it: (session id, handle). None by default."""

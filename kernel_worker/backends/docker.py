@@ -62,18 +62,22 @@ class DockerBackend(Backend):
     image = Unicode("jupyter-gpu-worker:latest", help="Image for sessions that name none with --image.").tag(
         config=True
     )
-    docker_url = Unicode("", help="Docker engine to use (unix:///path.sock). Default: $DOCKER_HOST, else the local one.").tag(
-        config=True
-    )
+    docker_url = Unicode(
+        "", help="Docker engine to use (unix:///path.sock). Default: $DOCKER_HOST, else the local one."
+    ).tag(config=True)
     network_mode = Unicode(
         "bridge", help="Container network: bridge lets cells download weights; none cuts them off."
     ).tag(config=True)
     mem_limit = Unicode("", help="Memory limit per worker container, e.g. 8g (empty: none).").tag(config=True)
     cpu_limit = Float(0.0, help="CPUs per worker container (0: no limit).").tag(config=True)
     pids_limit = Int(4096, help="Most processes a worker container may run.").tag(config=True)
-    shm_size = Unicode("1g", help="/dev/shm size in worker containers (PyTorch data loaders need room).").tag(config=True)
+    shm_size = Unicode("1g", help="/dev/shm size in worker containers (PyTorch data loaders need room).").tag(
+        config=True
+    )
     python = Unicode("python3", help="Python command inside images.").tag(config=True)
-    volume_prefix = Unicode("jupyter-gpu", help="Prefix of the Docker volume names this daemon creates.").tag(config=True)
+    volume_prefix = Unicode("jupyter-gpu", help="Prefix of the Docker volume names this daemon creates.").tag(
+        config=True
+    )
     stop_grace = Float(2.0, help="Seconds between SIGTERM and SIGKILL when stopping a container.").tag(config=True)
     run_as_daemon_user = Bool(True, help="Run containers as the daemon's uid:gid, so shared files keep one owner.").tag(
         config=True
@@ -113,8 +117,12 @@ class DockerBackend(Backend):
         if self.run_as_daemon_user and os.getuid() != 0:
             # New volumes belong to root; hand this one to the user who will write to it.
             self.client.containers.run(
-                self.image, ["chown", f"{os.getuid()}:{os.getgid()}", "/v"], remove=True, user="0",
-                network_mode="none", mounts=[self._docker.types.Mount("/v", full, type="volume")],
+                self.image,
+                ["chown", f"{os.getuid()}:{os.getgid()}", "/v"],
+                remove=True,
+                user="0",
+                network_mode="none",
+                mounts=[self._docker.types.Mount("/v", full, type="volume")],
             )
         return vol
 
