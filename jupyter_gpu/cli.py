@@ -18,7 +18,7 @@ def _client(args: argparse.Namespace):  # noqa: ANN202
 
 
 def _status(args: argparse.Namespace) -> int:
-    st = _client(args).call(P.Msg.STATUS)
+    st = _client(args).call(P.Msg.STATUS, {"all": args.all})
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -46,6 +46,29 @@ def _volumes(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_volumes(args.op, result))
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from kernel_worker import keys
+
+    d = args.keys_dir or keys.default_dir()
+    name = keys.CLIENT if args.client else keys.SERVER
+    try:
+        if args.op == "init":
+            print(keys.init(d, name))
+        elif args.op == "show":
+            print(keys.load(d, name)[0].decode())
+        elif args.op == "authorize":
+            if not args.public_key or not args.user:
+                raise ValueError("usage: jupyter gpu keys authorize PUBLIC_KEY --user NAME")
+            keys.authorize(d, args.public_key, args.user)
+            print(f"authorised {args.user}; the daemon picks it up without a restart")
+        else:
+            print("revoked" if keys.revoke(d, args.public_key) else "no such key")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -98,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("daemon", help="run the worker daemon on this host (see `jupyter gpu daemon --help`)")
     st = sub.add_parser("status", help="GPUs, sessions and queue of the daemon")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--all", action="store_true", help="everyone's sessions (operators only)")
+    k = sub.add_parser(
+        "keys", help="CurveZMQ keys: init [--client] | show [--client] | authorize KEY --user NAME | revoke KEY"
+    )
+    k.add_argument("op", choices=["init", "show", "authorize", "revoke"])
+    k.add_argument("public_key", nargs="?", default="", help="a user's public key (authorize, revoke)")
+    k.add_argument("--user", default="", help="who that key is (authorize)")
+    k.add_argument("--client", action="store_true", help="your own client key pair instead of the daemon's")
+    k.add_argument("--keys-dir", default="", help="where the keys live (default: <jupyter config>/jupyter_gpu)")
     sub.add_parser("image", help="`jupyter gpu image build --from IMAGE`: add what the executor needs to an image")
     vol = sub.add_parser("volumes", help="your volumes on the daemon's host (docker backend)")
     vol.add_argument("op", choices=["ls", "du", "create", "rm"], help="list, list with sizes, create, remove")
@@ -105,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = sub.add_parser("stop", help="stop the daemon (the embedded local one unless --connection-file)")
     stop.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
     args = parser.parse_args(argv)
-    return {"status": _status, "stop": _stop, "volumes": _volumes}[args.command](args)
+    return {"status": _status, "stop": _stop, "volumes": _volumes, "keys": _keys}[args.command](args)
 
 
 if __name__ == "__main__":

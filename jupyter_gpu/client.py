@@ -37,14 +37,21 @@ class DaemonClient:
         heartbeat_interval: float = 5.0,
         heartbeat_timeout: float = 10.0,
         context: zmq.Context | None = None,
+        curve: tuple[bytes, bytes, bytes] | None = None,
     ):
+        """``curve``: (server public, client public, client secret) z85 keys for a daemon
+        that uses CurveZMQ; ``key`` is then unused (the client's public key signs)."""
         self.url = url
-        self.signer = P.Signer(key)
+        self.signer = P.Signer(curve[1] if curve else key)
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
+        self.sock.sndtimeo = int(heartbeat_timeout * 1000)  # a send that cannot go anywhere fails
+        self._curve = curve is not None
+        if curve:
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = curve
         self.sock.connect(url)
         self._bulk_root: str | None | bool = False  # False: not asked yet
 
@@ -52,7 +59,17 @@ class DaemonClient:
         self.sock.close(0)
 
     def send(self, msg: P.Message) -> None:
-        self.sock.send_multipart(P.pack(msg, self.signer), copy=False)
+        try:
+            self.sock.send_multipart(P.pack(msg, self.signer), copy=False)
+        except zmq.Again:  # no connection could be made (sndtimeo): a refused CURVE handshake, say
+            raise DaemonLost(P.Err.TIMEOUT, self._lost_text(self.heartbeat_timeout)) from None
+
+    def _lost_text(self, silent_s: float) -> str:
+        return (
+            f"lost contact with the jupyter-gpu daemon at {self.url}: no answer for {silent_s:.0f} s. "
+            "The remote cell may still be running; check `%gpu status` once the daemon is back"
+            + (" (or your CURVE key is not authorised there)." if self._curve else ".")
+        )
 
     def _recv(self, timeout: float) -> P.Message | None:
         if not self.sock.poll(timeout * 1000):
@@ -119,12 +136,7 @@ class DaemonClient:
                     self._ping_sent = now
                     self.send(self._ping)
                 elif now - self._ping_sent >= self.heartbeat_timeout:
-                    raise DaemonLost(
-                        P.Err.TIMEOUT,
-                        f"lost contact with the jupyter-gpu daemon at {self.url}: no answer for "
-                        f"{now - self._last_heard:.0f} s. The remote cell may still be running; "
-                        "check `%gpu status` once the daemon is back.",
-                    )
+                    raise DaemonLost(P.Err.TIMEOUT, self._lost_text(now - self._last_heard))
                 continue
             self._last_heard = now
             if self._ping is not None and reply.parent == self._ping.id:

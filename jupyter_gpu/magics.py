@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 import cloudpickle
+from jupyter_core.paths import jupyter_config_dir
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
@@ -58,6 +59,11 @@ class GPUMagics(Magics, Configurable):
     daemon_url = Unicode(
         "", help="Daemon on another machine: ssh://user@host[:port] (or $JUPYTER_GPU_URL). Empty: local."
     ).tag(config=True)
+    server_key = Unicode("", help="The tcp:// daemon's CurveZMQ public key (z85).").tag(config=True)
+    client_key = Unicode(
+        os.path.join(jupyter_config_dir(), "jupyter_gpu", "client"),
+        help="Your CurveZMQ key pair for tcp:// daemons (PATH.key and PATH.key_secret; `jupyter gpu keys init --client`).",
+    ).tag(config=True)
     ssh_key_file = Unicode("", help="Private key for ssh:// (default: ssh-agent and ~/.ssh keys).").tag(config=True)
     ssh_known_hosts = Unicode(
         "", help="known_hosts file that ssh:// host keys are checked against (~/.ssh/known_hosts)."
@@ -101,19 +107,38 @@ class GPUMagics(Magics, Configurable):
     def client(self) -> DaemonClient:
         if self._client is None:
             target = self.daemon_url or os.environ.get(ENV_URL, "")
+            curve = None
             if target.startswith("ssh://"):
                 self._tunnel = self._open_tunnel(target)
                 url, key = self._tunnel.url, self._tunnel.key
+            elif target.startswith("tcp://"):
+                url, key, curve = target, b"", self._curve_keys(target)
             elif target:
-                raise GPUCellError(f"cannot use daemon_url {target!r}: write ssh://user@host[:port], or leave it empty")
+                raise GPUCellError(f"cannot use daemon_url {target!r}: write ssh://user@host[:port] or tcp://host:port")
             else:
                 url, key = connect.resolve(
                     self.connection_file,
                     exit_when_idle=self.embedded_exit_when_idle,
                     extra_args=list(self.embedded_args),
                 )
-            self._client = DaemonClient(url, key, self.heartbeat_interval, self.heartbeat_timeout)
+            self._client = DaemonClient(url, key, self.heartbeat_interval, self.heartbeat_timeout, curve=curve)
         return self._client
+
+    def _curve_keys(self, target: str) -> tuple[bytes, bytes, bytes]:
+        from kernel_worker import keys
+
+        if not self.server_key:
+            raise GPUCellError(
+                f"{target} needs the daemon's CurveZMQ public key: --server-key (`jupyter gpu keys show` there)"
+            )
+        try:
+            public, secret = keys.load(os.path.dirname(self.client_key), os.path.basename(self.client_key))
+        except FileNotFoundError:
+            raise GPUCellError(
+                f"no CurveZMQ key pair at {self.client_key}: make one with `jupyter gpu keys init --client` "
+                "and ask the daemon's operator to authorise its public key"
+            ) from None
+        return self.server_key.encode(), public, secret
 
     def _open_tunnel(self, target: str) -> Any:
         from jupyter_gpu.tunnel import SSHTunnel, TunnelError
@@ -281,6 +306,7 @@ class GPUMagics(Magics, Configurable):
         %gpu cost            this session's cells and total spend
         %gpu volumes [ls | du | create NAME | rm NAME]   your volumes (docker backend)
         %gpu connect ssh://user@host[:port] [--key F] [--known-hosts F] [--accept-new-host]
+        %gpu connect tcp://host:port --server-key KEY [--client-key PATH]   (CurveZMQ)
         %gpu connect local   back to the daemon on this machine
         """
         cmd, _, rest = line.strip().partition(" ")
@@ -375,6 +401,8 @@ class GPUMagics(Magics, Configurable):
             "--key": "ssh_key_file",
             "--known-hosts": "ssh_known_hosts",
             "--connection-file": "ssh_remote_connection_file",
+            "--server-key": "server_key",
+            "--client-key": "client_key",
         }
         self.ssh_accept_new_host = "--accept-new-host" in parts
         args = [p for p in parts if p != "--accept-new-host"]

@@ -22,11 +22,12 @@ import uuid
 from typing import Any
 
 import zmq
+import zmq.utils.z85
 from jupyter_core.paths import jupyter_runtime_dir
-from traitlets import Dict, Float, Instance, Int, Unicode, default
+from traitlets import Bool, Dict, Float, Instance, Int, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from kernel_worker import bulk, inventory, scheduler
+from kernel_worker import bulk, inventory, keys, scheduler
 from kernel_worker import protocol as P
 from kernel_worker.backends import Backend, WorkerSpec, backend_class
 from kernel_worker.backends.base import SOCKET_NAME, VolumeError
@@ -79,6 +80,20 @@ class WorkerDaemon(LoggingConfigurable):
     telemetry_interval = Float(0.5, help="Seconds between GPU utilisation/memory samples while a cell runs.").tag(
         config=True
     )
+    curve = Bool(
+        False,
+        help="Encrypt and authenticate clients with CurveZMQ (server key and authorized_keys in keys_dir); "
+        "required to listen anywhere but ipc or loopback.",
+    ).tag(config=True)
+    keys_dir = Unicode(
+        help="CurveZMQ keys: server key pair and authorized_keys. Default: <jupyter config>/jupyter_gpu"
+    ).tag(config=True)
+    operators = List(
+        Unicode(),
+        help="Users who may see everyone's sessions (`jupyter gpu status --all`). Default: the daemon's user.",
+    ).tag(config=True)
+    max_sessions_per_user = Int(0, help="Most sessions one user may hold at once (0: no limit).").tag(config=True)
+    max_gpus_per_user = Int(0, help="Most GPUs one user may hold at once (0: no limit).").tag(config=True)
     keep_warm = Dict(
         value_trait=Int(),
         help="Workers kept started ahead, per GPU model (e.g. {'H100': 1}); the next session asking for that "
@@ -119,6 +134,14 @@ class WorkerDaemon(LoggingConfigurable):
     def _cf(self) -> str:
         return default_connection_file()
 
+    @default("keys_dir")
+    def _keys_dir(self) -> str:
+        return keys.default_dir()
+
+    @default("operators")
+    def _operators(self) -> list:
+        return [self.user]
+
     @default("state_dir")
     def _state(self) -> str:
         # Stable across restarts (so a restarted daemon finds its workers) and short
@@ -141,7 +164,10 @@ class WorkerDaemon(LoggingConfigurable):
         self.signer = P.Signer(self.key)
         self.limits = P.Limits(self.max_header_bytes, P.Limits.max_frames, self.max_message_bytes)
         self.sessions: dict[str, Session] = {}  # by session id (the notebook's)
-        self.warm: list[Session] = []  # workers started ahead (keep_warm), not yet anyone's
+        self.warm: list[Session] = []
+        self.owners: dict[str, str] = {}  # session id -> the user who made it, kept after release
+        self._clients: dict[bytes, tuple[str, P.Signer]] = {}  # routing id -> (user, signer)
+        self._key_signers: dict[str, P.Signer] = {}  # workers started ahead (keep_warm), not yet anyone's
         self.workers: dict[str, Session] = {}  # by worker id, for messages from workers
         self.ended: dict[str, str] = {}  # session id -> why its worker went away
         self.ledger = Ledger(self.prices)
@@ -200,7 +226,10 @@ class WorkerDaemon(LoggingConfigurable):
         self.back = self.ctx.socket(zmq.ROUTER)
         self.back.linger = 0
         self.back.router_mandatory = True  # a worker that is not connected is an error, not a silent drop
-        _check_bindable(self.url)
+        _check_bindable(self.url, self.curve)
+        self.zap = None
+        if self.curve:
+            self._setup_curve()
         if self.url.startswith("ipc://"):
             os.makedirs(os.path.dirname(self.url[6:]) or ".", exist_ok=True)
         self.front.bind(self.url)
@@ -228,7 +257,7 @@ class WorkerDaemon(LoggingConfigurable):
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sock in (self.front, self.back):
+        for sock, _ in self._sockets:
             self._loop.remove_reader(sock.getsockopt(zmq.FD))
             sock.close(0)
         self.ctx.term()
@@ -257,7 +286,8 @@ class WorkerDaemon(LoggingConfigurable):
 
     def _to_client(self, ident: bytes, msg: P.Message) -> None:
         # ROUTER sends never block: unroutable peers are dropped by ZeroMQ.
-        self.front.send_multipart([ident, *P.pack(msg, self.signer)], copy=False)
+        signer = self._clients.get(ident, (None, self.signer))[1]
+        self.front.send_multipart([ident, *P.pack(msg, signer)], copy=False)
         self._schedule_pump()  # a send can swallow the FD's edge
 
     def _fail(self, ident: bytes, parent: P.Message | str | None, code: str, text: str, **extra: Any) -> None:
@@ -276,6 +306,33 @@ class WorkerDaemon(LoggingConfigurable):
 
     # ------------------------------------------------------------------ front: notebooks
 
+    def _setup_curve(self) -> None:
+        """CurveZMQ on the front socket; our own ZAP handler (served by ``_pump``) admits
+        only authorised keys, before any request from them is read."""
+        public, secret = keys.load(self.keys_dir)
+        self.authorized = keys.Authorized(self.keys_dir)
+        self.zap = self.ctx.socket(zmq.REP)
+        self.zap.linger = 0
+        self.zap.bind("inproc://zeromq.zap.01")
+        self.front.curve_server = True
+        self.front.curve_secretkey = secret
+        self.front.curve_publickey = public
+        self.front.zap_domain = b"jupyter-gpu"
+
+    def _on_zap(self, frames: list) -> None:
+        """One ZAP request: version, id, domain, address, identity, mechanism, credentials."""
+        version, request_id, _domain, address, _identity, mechanism = (f.bytes for f in frames[:6])
+        public = zmq.utils.z85.encode(frames[6].bytes).decode() if mechanism == b"CURVE" and len(frames) > 6 else ""
+        user = self.authorized.user(public) if public else None
+        if user is None:
+            self.log.warning(
+                "refused a CURVE connection from %s: key %s is not authorised", address.decode(), public or "-"
+            )
+            self.zap.send_multipart([version, request_id, b"400", b"key not authorised", b"", b""])
+        else:
+            self.zap.send_multipart([version, request_id, b"200", b"OK", public.encode(), b""])
+        self._schedule_pump()
+
     def _watch_sockets(self) -> None:
         """Serve both sockets from the event loop without a future per message.
 
@@ -286,7 +343,10 @@ class WorkerDaemon(LoggingConfigurable):
         """
         self._loop = asyncio.get_running_loop()
         self._pump_scheduled = False
-        for sock in (self.front, self.back):
+        self._sockets = [(self.front, self._on_front), (self.back, self._on_back)]
+        if self.zap is not None:
+            self._sockets.append((self.zap, self._on_zap))
+        for sock, _ in self._sockets:
             self._loop.add_reader(sock.getsockopt(zmq.FD), self._pump)
         self._schedule_pump()
 
@@ -299,7 +359,7 @@ class WorkerDaemon(LoggingConfigurable):
         self._pump_scheduled = False
         for _ in range(self.pump_batch):
             moved = False
-            for sock, handle in ((self.front, self._on_front), (self.back, self._on_back)):
+            for sock, handle in self._sockets:
                 if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     handle(sock.recv_multipart(zmq.NOBLOCK, copy=False))
                     moved = True
@@ -307,30 +367,57 @@ class WorkerDaemon(LoggingConfigurable):
                 return
         self._schedule_pump()  # more waiting: let other tasks run first, then go on
 
+    def _identify(self, ident: bytes, frame: Any) -> tuple[str, P.Signer] | None:
+        """Who sent this, as the daemon established it: the user its CURVE key is authorised
+        as, or the daemon's own user on ipc/loopback. None: a key no longer authorised."""
+        if not self.curve:
+            return self.user, self.signer
+        public = frame.get("User-Id")  # set by our ZAP handler at the handshake: the client's key
+        user = self.authorized.user(public)
+        if user is None:
+            return None
+        # CurveZMQ authenticates and encrypts the connection; the HMAC (keyed by the client's
+        # public key) only keeps the framing the same on every transport.
+        signer = self._key_signers.get(public)
+        if signer is None:
+            signer = self._key_signers[public] = P.Signer(public.encode())
+        return user, signer
+
     def _on_front(self, frames: list) -> None:
         self._last_request = time.monotonic()
         ident = frames[0].bytes
+        who = self._identify(ident, frames[0])
+        if who is None:
+            self.log.warning("dropped a request: its CURVE key was revoked")
+            return
+        user, signer = self._clients[ident] = who
         try:
             _, rest = P.split_routing(frames[1:])
-            msg = P.unpack(rest, self.signer, self.limits, P.CLIENT_REQUESTS)
+            msg = P.unpack(rest, signer, self.limits, P.CLIENT_REQUESTS)
         except P.ProtocolError as e:
             self.log.warning("refused a request: %s", e.text)
             self._fail(ident, e.msg_id, e.code, e.text)
             return
+        owner = self.owners.get(msg.session)
+        if msg.type in SESSION_REQUESTS and owner is not None and owner != user:
+            # Same answer as for a session that does not exist: nothing to learn from it.
+            self._fail(ident, msg, P.Err.NO_SESSION, f"you have no session {msg.session}")
+            return
         try:
-            self._dispatch(ident, msg)
+            self._dispatch(ident, msg, user)
         except Exception as e:  # a bug must cost one reply, not the daemon
             self.log.exception("error handling %s", msg.type)
             self._fail(ident, msg, P.Err.BAD_MESSAGE, f"daemon could not handle {msg.type}: {e}")
 
-    def _dispatch(self, ident: bytes, msg: P.Message) -> None:
+    def _dispatch(self, ident: bytes, msg: P.Message, user: str) -> None:
         t = msg.type
         if t == P.Msg.PING:
             self._to_client(ident, msg.reply(P.Msg.PONG))
         elif t == P.Msg.HELLO:
             self._to_client(ident, msg.reply(P.Msg.WELCOME, self._welcome()))
         elif t == P.Msg.STATUS:
-            self._to_client(ident, msg.reply(P.Msg.REPLY, self._status()))
+            everyone = bool(msg.content.get("all")) and user in self.operators
+            self._to_client(ident, msg.reply(P.Msg.REPLY, self._status(user, everyone)))
         elif t == P.Msg.COST:
             self._to_client(
                 ident, msg.reply(P.Msg.REPLY, self.ledger.summary(msg.session, self.sessions.get(msg.session)))
@@ -338,7 +425,7 @@ class WorkerDaemon(LoggingConfigurable):
         elif t == P.Msg.RELEASE:
             self._spawn(self._handle_release(ident, msg))
         elif t == P.Msg.VOLUMES:
-            self._spawn(self._handle_volumes(ident, msg))
+            self._spawn(self._handle_volumes(ident, msg, user))
         elif t == P.Msg.INTERRUPT:
             self._spawn(self._handle_interrupt(ident, msg))
         elif t in (P.Msg.EXECUTE, P.Msg.PULL):
@@ -347,7 +434,7 @@ class WorkerDaemon(LoggingConfigurable):
             elif (moved := msg.content.get("bulk")) is not None and not _valid_bulk(moved, len(msg.buffers)):
                 self._fail(ident, msg, P.Err.BAD_MESSAGE, "bad bulk buffer references")
             else:
-                self._handle_run(ident, msg)
+                self._handle_run(ident, msg, user)
 
     def _welcome(self) -> dict:
         return {
@@ -360,12 +447,16 @@ class WorkerDaemon(LoggingConfigurable):
             "bulk_probe": self.bulk_probe,
         }
 
-    def _status(self) -> dict:
+    def _status(self, user: str, everyone: bool) -> dict:
+        """The host as ``user`` may see it: their own sessions (all, for operators); GPUs held
+        by others show as held, not by whom."""
         now = time.monotonic()
         gpus = []
         for g in self.scheduler.gpus:
             holder = self.scheduler.holder.get(g.uuid)
             warm = holder is not None and holder.startswith("warm-")
+            if holder is not None and not warm and not everyone and self.owners.get(holder) != user:
+                holder = "another user"
             gpus.append({**g.to_json(), "session": None if warm else holder, "warm": warm})
         sessions = [
             {
@@ -379,8 +470,10 @@ class WorkerDaemon(LoggingConfigurable):
                 "usd": self.ledger.price(s) * (now - s.started_at) / 3600,
                 "cells": len(s.cells),
                 "versions": s.versions,
+                "user": s.user,
             }
             for s in self.sessions.values()
+            if everyone or s.user == user
         ]
         warm = [
             {
@@ -400,14 +493,14 @@ class WorkerDaemon(LoggingConfigurable):
             "backend": self.backend,
         }
 
-    async def _handle_volumes(self, ident: bytes, msg: P.Message) -> None:
+    async def _handle_volumes(self, ident: bytes, msg: P.Message, user: str) -> None:
         b = self.backend_instance
         op, name = msg.content.get("op"), str(msg.content.get("name") or "")
         ops = {
-            "ls": lambda: b.list_volumes(self.user),
-            "du": lambda: b.volume_usage(self.user),
-            "create": lambda: b.create_volume(self.user, name),
-            "rm": lambda: b.remove_volume(self.user, name),
+            "ls": lambda: b.list_volumes(user),
+            "du": lambda: b.volume_usage(user),
+            "create": lambda: b.create_volume(user, name),
+            "rm": lambda: b.remove_volume(user, name),
         }
         if op not in ops:
             self._fail(
@@ -439,12 +532,12 @@ class WorkerDaemon(LoggingConfigurable):
             done = True
         self._to_client(ident, msg.reply(P.Msg.REPLY, {"interrupted": done}))
 
-    def _handle_run(self, ident: bytes, msg: P.Message) -> None:
+    def _handle_run(self, ident: bytes, msg: P.Message, user: str) -> None:
         """EXECUTE or PULL: hand it to the session's worker at once when there is one
         (the hot path, no task), else queue for GPUs and start a worker first."""
         s = self.sessions.get(msg.session)
         if s is not None and s.state == "adopting":
-            self._spawn(self._begin_when_adopted(s, ident, msg))
+            self._spawn(self._begin_when_adopted(s, ident, msg, user))
             return
         if s is not None and s.state != "idle":
             self._fail(ident, msg, P.Err.BUSY, f"session {msg.session} is {s.state}: one request at a time")
@@ -466,7 +559,11 @@ class WorkerDaemon(LoggingConfigurable):
             self._begin(s, ident, msg)
             return
         assert req is not None
-        old, s = s, self._new_session(ident, msg, req)
+        over = self._over_limit(user, req, replacing=s)
+        if over:
+            self._fail(ident, msg, P.Err.UNAVAILABLE, over)
+            return
+        old, s = s, self._new_session(ident, msg, req, user)
         self.sessions[s.id] = s  # registered now: a second request finds it starting
         self._spawn(self._start_then_begin(old, s, ident, msg))
 
@@ -487,7 +584,7 @@ class WorkerDaemon(LoggingConfigurable):
             if isinstance(timeout, (int, float)) and timeout > 0:
                 self._spawn(self._enforce_timeout(s, msg, float(timeout)), s.tasks)
 
-    async def _begin_when_adopted(self, s: Session, ident: bytes, msg: P.Message) -> None:
+    async def _begin_when_adopted(self, s: Session, ident: bytes, msg: P.Message, user: str) -> None:
         """A request for a worker adopted after a restart that has not reconnected yet."""
         try:
             await asyncio.wait_for(asyncio.shield(s.ready), self.worker_start_timeout)
@@ -500,7 +597,7 @@ class WorkerDaemon(LoggingConfigurable):
                 f"session {s.id} ended: its worker did not reconnect after the daemon restarted",
             )
             return
-        self._handle_run(ident, msg)
+        self._handle_run(ident, msg, user)
 
     # ------------------------------------------------------------------ warm pool
 
@@ -554,9 +651,27 @@ class WorkerDaemon(LoggingConfigurable):
             await self._release(w, "its GPU was needed by a session that could not use it warm")
         return bool(freed)
 
-    def _new_session(self, ident: bytes, msg: P.Message, req: scheduler.Request) -> Session:
+    def _new_session(self, ident: bytes, msg: P.Message, req: scheduler.Request, user: str) -> Session:
         key = P.new_key()
-        return Session(msg.session, req, key, P.Signer(key), client=ident, current=msg, user=self.user)
+        self.owners[msg.session] = user
+        return Session(msg.session, req, key, P.Signer(key), client=ident, current=msg, user=user)
+
+    def _over_limit(self, user: str, req: scheduler.Request, replacing: Session | None) -> str:
+        """Why ``user`` may not start another session for ``req`` now ("" when they may)."""
+        mine = [s for s in self.sessions.values() if s.user == user and s is not replacing]
+        if self.max_sessions_per_user and len(mine) >= self.max_sessions_per_user:
+            return (
+                f"you already hold {len(mine)} session(s), the most this host allows per user "
+                f"(max_sessions_per_user={self.max_sessions_per_user}): `%gpu release` one first"
+            )
+        want = min((n for _, n in req.alternatives), default=0)
+        held = sum(len(s.gpus) for s in mine)
+        if self.max_gpus_per_user and held + want > self.max_gpus_per_user:
+            return (
+                f"you hold {held} GPU(s); {req.text} would take you past this host's limit of "
+                f"{self.max_gpus_per_user} per user (max_gpus_per_user): `%gpu release` first"
+            )
+        return ""
 
     async def _start_then_begin(self, old: Session | None, s: Session, ident: bytes, msg: P.Message) -> None:
         if old is not None:
@@ -701,6 +816,7 @@ class WorkerDaemon(LoggingConfigurable):
             self.scheduler.holder[g.uuid] = sid
         self.sessions[sid] = s
         self.workers[wid] = s
+        self.owners[sid] = s.user
         if hasattr(handle, "log_path"):
             handle.log_path = self._log_path(wid)
         self._bind_worker(wid)  # the worker reconnects to its socket by itself
@@ -933,15 +1049,18 @@ class _Refused(Exception):
         self.code, self.text = code, text
 
 
-def _check_bindable(url: str) -> None:
+SESSION_REQUESTS = frozenset({P.Msg.EXECUTE, P.Msg.PULL, P.Msg.INTERRUPT, P.Msg.RELEASE, P.Msg.COST})
+
+
+def _check_bindable(url: str, curve: bool = False) -> None:
     """Only ipc and loopback tcp: anything reachable from other machines needs CurveZMQ
     encryption and per-user keys, which this daemon does not offer yet."""
     m = re.match(r"^tcp://([^:]+):(\d+|\*)$", url)
-    if url.startswith("ipc://") or (m and m.group(1) in ("127.0.0.1", "localhost", "[::1]")):
+    if url.startswith("ipc://") or (m and (curve or m.group(1) in ("127.0.0.1", "localhost", "[::1]"))):
         return
     raise ValueError(
         f"refusing to listen on {url}: only ipc:// and tcp://127.0.0.1 are allowed without CurveZMQ; "
-        "reach a remote daemon through an SSH tunnel to its loopback port"
+        "use --WorkerDaemon.curve=True (after `jupyter gpu keys init`), or an SSH tunnel to a loopback port"
     )
 
 

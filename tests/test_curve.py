@@ -1,0 +1,109 @@
+"""CurveZMQ: authorised keys get in (as the user their key names), unknown keys get no
+work out of the daemon, and users cannot touch each other's sessions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import zmq.auth
+
+from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
+from kernel_worker import keys
+from kernel_worker import protocol as P
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def curve_daemon(daemon_factory, tmp_path):
+    kd = tmp_path / "keys"
+    server_pub = cli("keys", "init", "--keys-dir", str(kd)).stdout.strip()
+    users = {}
+    for name in ("alice", "bob", "ops", "eve"):
+        pub, _ = zmq.auth.create_certificates(str(tmp_path), name)
+        public, secret = keys.load(str(tmp_path), name)
+        users[name] = (public, secret)
+        if name != "eve":
+            out = cli("keys", "authorize", public.decode(), "--user", name, "--keys-dir", str(kd))
+            assert out.returncode == 0, out.stderr
+    d = daemon_factory(
+        "--url=tcp://127.0.0.1:0",
+        "--WorkerDaemon.curve=True",
+        f"--WorkerDaemon.keys_dir={kd}",
+        "--WorkerDaemon.operators=ops",
+        "--WorkerDaemon.max_sessions_per_user=1",
+    )
+    clients = []
+
+    def client(name: str) -> DaemonClient:
+        public, secret = users[name]
+        c = DaemonClient(
+            d.url, b"", heartbeat_interval=0.5, heartbeat_timeout=1.0, curve=(server_pub.encode(), public, secret)
+        )
+        clients.append(c)
+        return c
+
+    yield d, client, kd, users
+    for c in clients:
+        c.close()
+
+
+def execute(c: DaemonClient, session: str, code: str) -> P.Message:
+    return c.request(P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": code}, session), timeout=30)
+
+
+def test_curve_identities_and_cross_user_denial(curve_daemon):
+    d, client, kd, users = curve_daemon
+    alice, bob, ops = client("alice"), client("bob"), client("ops")
+    assert execute(alice, "alices", "secret = 42").content["ok"]
+
+    # Bob can do nothing with Alice's session, and learns nothing from trying.
+    for msg in (
+        P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": "print(secret)"}, "alices"),
+        P.Message(P.Msg.PULL, {"names": ["secret"]}, "alices"),
+        P.Message(P.Msg.INTERRUPT, {}, "alices"),
+        P.Message(P.Msg.RELEASE, {}, "alices"),
+        P.Message(P.Msg.COST, {}, "alices"),
+    ):
+        with pytest.raises(DaemonError, match="you have no session alices") as e:
+            bob.request(msg, timeout=10)
+        assert e.value.code == P.Err.NO_SESSION
+    assert bob.call(P.Msg.STATUS, {"all": True})["sessions"] == []  # not an operator: only his own
+    assert [s["user"] for s in alice.call(P.Msg.STATUS)["sessions"]] == ["alice"]
+    assert [s["user"] for s in ops.call(P.Msg.STATUS, {"all": True})["sessions"]] == ["alice"]
+
+    # Per-user limit: one session each.
+    assert execute(bob, "bobs", "1").content["ok"]
+    with pytest.raises(DaemonError, match="max_sessions_per_user=1"):
+        execute(bob, "bobs-second", "1")
+
+    # A key nobody authorised gets no answer at all; the daemon logs the refusal.
+    with pytest.raises(DaemonLost, match="CURVE key is not authorised"):
+        client("eve").call(P.Msg.STATUS, timeout=5)
+    d.log.wait_for(r"refused a CURVE connection .* is not authorised", timeout=10)
+
+    # Revoking takes effect without a restart, even on an open connection.
+    assert cli("keys", "revoke", users["bob"][0].decode(), "--keys-dir", str(kd)).stdout.strip() == "revoked"
+    with pytest.raises(DaemonLost):
+        bob.call(P.Msg.STATUS, timeout=3)
+    assert execute(alice, "alices", "print(secret)").content["ok"]
+
+
+def test_listening_beyond_loopback_needs_curve(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kernel_worker",
+            "--url=tcp://0.0.0.0:5556",
+            f"--WorkerDaemon.connection_file={tmp_path}/c.json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0 and "--WorkerDaemon.curve=True" in out.stderr
