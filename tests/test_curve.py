@@ -91,19 +91,3 @@ def test_curve_identities_and_cross_user_denial(curve_daemon):
     with pytest.raises(DaemonLost):
         bob.call(P.Msg.STATUS, timeout=3)
     assert execute(alice, "alices", "print(secret)").content["ok"]
-
-
-def test_listening_beyond_loopback_needs_curve(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kernel_worker",
-            "--url=tcp://0.0.0.0:5556",
-            f"--WorkerDaemon.connection_file={tmp_path}/c.json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode != 0 and "--WorkerDaemon.curve=True" in out.stderr

@@ -149,3 +149,4 @@ def test_loopback_tcp_works_and_other_addresses_are_refused(daemon_factory, tmp_
         timeout=60,
     )
     assert out.returncode != 0 and "refusing to listen on tcp://0.0.0.0:5555" in out.stderr
+    assert "--WorkerDaemon.curve=True" in out.stderr  # says how to do it properly
