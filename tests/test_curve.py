@@ -91,3 +91,44 @@ def test_curve_identities_and_cross_user_denial(curve_daemon):
     with pytest.raises(DaemonLost):
         bob.call(P.Msg.STATUS, timeout=3)
     assert execute(alice, "alices", "print(secret)").content["ok"]
+
+
+def test_one_daemon_keeps_users_volumes_apart(engine, daemon_factory, tmp_path):
+    from conftest import docker_args
+
+    kd = tmp_path / "keys"
+    server_pub = keys.init(str(kd)).encode()
+    creds = {}
+    for name in ("alice", "bob"):
+        zmq.auth.create_certificates(str(tmp_path), name)
+        creds[name] = keys.load(str(tmp_path), name)
+        keys.authorize(str(kd), creds[name][0].decode(), name)
+    d = daemon_factory(
+        *docker_args(engine, "--url=tcp://127.0.0.1:0", "--WorkerDaemon.curve=True", f"--WorkerDaemon.keys_dir={kd}")
+    )
+
+    def client(name: str) -> DaemonClient:
+        return DaemonClient(d.url, b"", curve=(server_pub, *creds[name]))
+
+    alice, bob = client("alice"), client("bob")
+    try:
+        run_ = {"gpu": "cpu", "volumes": ["data:/data"]}
+        assert alice.request(
+            P.Message(P.Msg.EXECUTE, {**run_, "code": "open('/data/f', 'w').write('a')"}, "a1"), timeout=60
+        ).content["ok"]
+        seen: list = []
+        done = bob.request(
+            P.Message(P.Msg.EXECUTE, {**run_, "code": "import os; print(os.listdir('/data'))"}, "b1"),
+            seen.append,
+            timeout=60,
+        )
+        assert done.content["ok"] and "[]\n" in [m.content.get("text") for m in seen]  # bob's own, empty "data"
+        assert [v["user"] for v in bob.call(P.Msg.VOLUMES, {"op": "ls"})["result"]] == ["bob"]
+        with pytest.raises(DaemonError, match="is mounted by running session"):
+            alice.call(P.Msg.VOLUMES, {"op": "rm", "name": "data"})
+    finally:
+        for c in (alice, bob):
+            c.call(P.Msg.RELEASE, session="a1" if c is alice else "b1")
+            c.close()
+        for v in engine.client.volumes.list():
+            v.remove(force=True)

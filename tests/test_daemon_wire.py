@@ -150,3 +150,30 @@ def test_loopback_tcp_works_and_other_addresses_are_refused(daemon_factory, tmp_
     )
     assert out.returncode != 0 and "refusing to listen on tcp://0.0.0.0:5555" in out.stderr
     assert "--WorkerDaemon.curve=True" in out.stderr  # says how to do it properly
+
+
+@pytest.mark.parametrize("backend_args", [[]], indirect=False)
+def test_a_flooding_client_slows_only_itself(daemon):
+    import time
+
+    flooder = zmq.Context.instance().socket(zmq.DEALER)
+    flooder.linger = 0
+    flooder.sndhwm = flooder.rcvhwm = 0  # no limit on our side: the daemon must cope
+    flooder.connect(daemon.url)
+    signer = P.Signer(daemon.key)
+    flood = [P.pack(P.Message(P.Msg.STATUS, {}), signer) for _ in range(20_000)]
+    polite = daemon.client()
+    polite.call(P.Msg.PING)
+    try:
+        for frames in flood:
+            flooder.send_multipart(frames)  # and never read the replies
+        rtts = []
+        for _ in range(20):
+            t = time.monotonic()
+            polite.call(P.Msg.PING, timeout=10)
+            rtts.append(time.monotonic() - t)
+        rtts.sort()
+        assert rtts[len(rtts) // 2] < 0.05 and rtts[-1] < 0.5, rtts
+        assert _run(polite, "polite", "print('still fine')").content["ok"]
+    finally:
+        flooder.close(0)
