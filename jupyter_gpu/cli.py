@@ -60,12 +60,12 @@ def _keys(args: argparse.Namespace) -> int:
         elif args.op == "show":
             print(keys.load(d, name)[0].decode())
         elif args.op == "authorize":
-            if not args.public_key or not args.user:
-                raise ValueError("usage: jupyter gpu keys authorize PUBLIC_KEY --user NAME")
-            keys.authorize(d, args.public_key, args.user)
+            if not (args.key or args.public_key) or not args.user:
+                raise ValueError("usage: jupyter gpu keys authorize --key=PUBLIC_KEY --user NAME")
+            keys.authorize(d, args.key or args.public_key, args.user)
             print(f"authorised {args.user}; the daemon picks it up without a restart")
         else:
-            print("revoked" if keys.revoke(d, args.public_key) else "no such key")
+            print("revoked" if keys.revoke(d, args.key or args.public_key) else "no such key")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     k.add_argument("op", choices=["init", "show", "authorize", "revoke"])
     k.add_argument("public_key", nargs="?", default="", help="a user's public key (authorize, revoke)")
+    k.add_argument("--key", default="", help="the public key as --key=KEY (z85 keys may start with '-')")
     k.add_argument("--user", default="", help="who that key is (authorize)")
     k.add_argument("--client", action="store_true", help="your own client key pair instead of the daemon's")
     k.add_argument("--keys-dir", default="", help="where the keys live (default: <jupyter config>/jupyter_gpu)")

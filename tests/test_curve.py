@@ -28,7 +28,7 @@ def curve_daemon(daemon_factory, tmp_path):
         public, secret = keys.load(str(tmp_path), name)
         users[name] = (public, secret)
         if name != "eve":
-            out = cli("keys", "authorize", public.decode(), "--user", name, "--keys-dir", str(kd))
+            out = cli("keys", "authorize", f"--key={public.decode()}", "--user", name, "--keys-dir", str(kd))
             assert out.returncode == 0, out.stderr
     d = daemon_factory(
         "--url=tcp://127.0.0.1:0",
@@ -87,7 +87,7 @@ def test_curve_identities_and_cross_user_denial(curve_daemon):
     d.log.wait_for(r"refused a CURVE connection .* is not authorised", timeout=10)
 
     # Revoking takes effect without a restart, even on an open connection.
-    assert cli("keys", "revoke", users["bob"][0].decode(), "--keys-dir", str(kd)).stdout.strip() == "revoked"
+    assert cli("keys", "revoke", f"--key={users['bob'][0].decode()}", "--keys-dir", str(kd)).stdout.strip() == "revoked"
     with pytest.raises(DaemonLost):
         bob.call(P.Msg.STATUS, timeout=3)
     assert execute(alice, "alices", "print(secret)").content["ok"]
@@ -132,3 +132,18 @@ def test_one_daemon_keeps_users_volumes_apart(engine, daemon_factory, tmp_path):
             c.close()
         for v in engine.client.volumes.list():
             v.remove(force=True)
+
+
+def test_magic_connects_over_curve(curve_daemon, make_shell, tmp_path):
+    d, client, kd, users = curve_daemon
+    server_pub = keys.load(str(kd))[0].decode()
+    ip = make_shell(d)
+    from conftest import run
+
+    result, cap = run(ip, f"%gpu connect {d.url} --server-key {server_pub} --client-key {tmp_path}/alice")
+    assert result.success and f"connected to {d.url}: process backend" in cap.stdout, cap.stdout
+    result, cap = run(ip, "x = 20\n")
+    result, cap = run(ip, "%%gpu cpu\nprint('doubled', x * 2)")
+    assert result.success and "doubled 40" in cap.stdout
+    result, cap = run(ip, f"%gpu connect {d.url} --server-key {server_pub} --client-key {tmp_path}/nobody")
+    assert "jupyter gpu keys init --client" in str(result.error_in_exec)
