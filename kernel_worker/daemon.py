@@ -367,7 +367,7 @@ class WorkerDaemon(LoggingConfigurable):
                 return
         self._schedule_pump()  # more waiting: let other tasks run first, then go on
 
-    def _identify(self, ident: bytes, frame: Any) -> tuple[str, P.Signer] | None:
+    def _identify(self, frame: Any) -> tuple[str, P.Signer] | None:
         """Who sent this, as the daemon established it: the user its CURVE key is authorised
         as, or the daemon's own user on ipc/loopback. None: a key no longer authorised."""
         if not self.curve:
@@ -386,7 +386,7 @@ class WorkerDaemon(LoggingConfigurable):
     def _on_front(self, frames: list) -> None:
         self._last_request = time.monotonic()
         ident = frames[0].bytes
-        who = self._identify(ident, frames[0])
+        who = self._identify(frames[0])
         if who is None:
             self.log.warning("dropped a request: its CURVE key was revoked")
             return
