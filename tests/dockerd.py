@@ -42,7 +42,7 @@ def start_engine(log) -> Engine:  # noqa: ANN001
     if shutil.which("dockerd") is None:
         raise RuntimeError("dockerd is not installed: `make test` installs Debian's docker.io")
     run = Path(tempfile.mkdtemp(prefix="jgpu-dockerd-"))
-    data = ROOT / ".cache" / "docker-data"
+    data = Path(tempfile.gettempdir()) / "jupyter-gpu-test-docker"  # outside the work tree; kept for its images
     data.mkdir(parents=True, exist_ok=True)
     url = f"unix://{run}/docker.sock"
     proc = subprocess.Popen(
