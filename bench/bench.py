@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import multiprocessing as mp
 import os
-import select
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import zmq
+
+# The daemon and the Docker engine are started exactly as the tests start them.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import LogWatcher, start_daemon  # noqa: E402
+
+
+def private_dir(tmp: str, name: str) -> Path:
+    path = Path(tmp) / name
+    path.mkdir()
+    return path
+
 
 MB = 1024 * 1024
 BIG = 256 * MB
@@ -87,27 +95,6 @@ def bench_pyzmq(tmp: str, reps: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- jupyter-gpu
-
-
-def start_daemon(tmp: str, *args: str, name: str = "daemon") -> tuple[subprocess.Popen, str]:
-    cf = os.path.join(tmp, f"{name}.json")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kernel_worker",
-            "--print-ready",
-            f"--WorkerDaemon.connection_file={cf}",
-            f"--WorkerDaemon.url=ipc://{tmp}/{name}.sock",
-            "--log-level=WARN",
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-    )
-    if not select.select([proc.stdout], [], [], 30)[0]:
-        raise SystemExit("daemon did not start")
-    json.loads(proc.stdout.readline())
-    return proc, cf
 
 
 @contextlib.contextmanager
@@ -201,9 +188,7 @@ def bench_docker(ip, tmp: str, reps: int, cold_reps: int) -> dict | None:
     """The same cells on the docker backend: a real engine and the test image (``make test-image``)."""
     import sysconfig
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import dockerd
-    from conftest import LogWatcher
 
     if not dockerd.ROOTFS_TAR.exists():
         print(f"# docker rows skipped: {dockerd.ROOTFS_TAR} missing (make test-image)", file=sys.stderr)
@@ -212,28 +197,26 @@ def bench_docker(ip, tmp: str, reps: int, cold_reps: int) -> dict | None:
     try:
         dockerd.ensure_images(engine.client, engine.url)
         site = sysconfig.get_paths()["purelib"]
-        proc, cf = start_daemon(
-            tmp,
+        d = start_daemon(
+            private_dir(tmp, "docker"),
             "--backend=docker",
             f"--DockerBackend.docker_url={engine.url}",
             f"--DockerBackend.image={dockerd.IMAGE}",
             "--DockerBackend.network_mode=none",
             f"--DockerBackend.extra_mounts={site}:/opt/notebook-site:ro",
             "--DockerBackend.extra_env=PYTHONPATH=/opt/notebook-site",
-            name="docker",
         )
         magics = ip.magics_manager.registry["GPUMagics"]
         with quiet():
             ip.run_cell("%gpu release")
         magics._drop_client()
-        magics.connection_file = cf
+        magics.connection_file = d.connection_file
         try:
             return empty_and_cold(ip, reps, cold_reps)
         finally:
             with quiet():
                 ip.run_cell("%gpu release")
-            proc.terminate()
-            proc.wait(30)
+            d.stop()
     finally:
         engine.stop()
 
@@ -249,8 +232,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="jgpu-bench-") as tmp:
         os.environ["JUPYTER_RUNTIME_DIR"] = tmp
-        proc, cf = start_daemon(tmp)
-        os.environ["JUPYTER_GPU_CONNECTION_FILE"] = cf
+        d = start_daemon(private_dir(tmp, "process"))
+        os.environ["JUPYTER_GPU_CONNECTION_FILE"] = d.connection_file
         try:
             zmq_r = bench_pyzmq(tmp, reps)  # before IPython replaces __main__ (spawn needs it)
             ip = InteractiveShell.instance()
@@ -258,8 +241,7 @@ def main() -> None:
             ipp_r = None if args.no_ipp else bench_ipp(ip, reps)
             dock = None if args.no_docker else bench_docker(ip, tmp, reps, cold_reps)
         finally:
-            proc.terminate()
-            proc.wait(10)
+            d.stop()
     rows = [
         (
             "empty cell round trip, warm, p50",

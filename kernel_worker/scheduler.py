@@ -167,8 +167,5 @@ class Scheduler:
                 w.position = i
                 w.on_position(i)
 
-    def queue_position(self, session: str) -> int:
-        return next((i for i, w in enumerate(self._queue, 1) if w.session == session), 0)
-
     def queue(self) -> list[dict]:
         return [{"session": w.session, "request": w.req.text} for w in self._queue]
