@@ -1,4 +1,6 @@
-"""Finding the daemon: an explicit connection file, or the embedded local one.
+"""Finding the daemon: ssh://, tcp:// (CurveZMQ), an explicit connection file, or the
+embedded local one; the same for the magic (in the kernel) and the Lab sidebar (in the
+Jupyter Server), which both read ``DaemonTarget`` configuration and the environment.
 
 With nothing configured, the first notebook starts a local daemon (process backend)
 in the background; every later kernel finds it again through its connection file
@@ -14,12 +16,109 @@ import select
 import subprocess
 import sys
 import time
+from typing import Any
+
+from jupyter_core.paths import jupyter_config_dir
+from traitlets import Bool, Float, List, Unicode
+from traitlets.config import Configurable
 
 from kernel_worker.daemon import default_connection_file
 
 from jupyter_gpu.client import DaemonClient, DaemonError
 
 ENV_CONNECTION_FILE = "JUPYTER_GPU_CONNECTION_FILE"
+ENV_URL = "JUPYTER_GPU_URL"
+
+
+class TargetError(ValueError):
+    """The configured daemon cannot even be tried; the message says what to fix."""
+
+
+class DaemonTarget(Configurable):
+    """Which daemon to talk to, and how. ``c.DaemonTarget.*`` configures the magic and
+    the Lab sidebar alike (``c.GPUMagics.*`` only the magic)."""
+
+    connection_file = Unicode(
+        "",
+        help="Connection file of the daemon to use (url and key). Empty: $JUPYTER_GPU_CONNECTION_FILE, "
+        "else a local daemon started on demand.",
+    ).tag(config=True)
+    daemon_url = Unicode(
+        "", help="Daemon on another machine: ssh://user@host[:port] (or $JUPYTER_GPU_URL). Empty: local."
+    ).tag(config=True)
+    server_key = Unicode("", help="The tcp:// daemon's CurveZMQ public key (z85).").tag(config=True)
+    client_key = Unicode(
+        os.path.join(jupyter_config_dir(), "jupyter_gpu", "client"),
+        help="Your CurveZMQ key pair for tcp:// daemons (PATH.key and PATH.key_secret; `jupyter gpu keys init --client`).",
+    ).tag(config=True)
+    ssh_key_file = Unicode("", help="Private key for ssh:// (default: ssh-agent and ~/.ssh keys).").tag(config=True)
+    ssh_known_hosts = Unicode(
+        "", help="known_hosts file that ssh:// host keys are checked against (~/.ssh/known_hosts)."
+    ).tag(config=True)
+    ssh_accept_new_host = Bool(False, help="Accept an ssh:// host whose key is not in known_hosts yet.").tag(
+        config=True
+    )
+    ssh_remote_connection_file = Unicode(
+        ".local/share/jupyter/runtime/jupyter-gpu-daemon.json",
+        help="The remote daemon's connection file, relative to the remote home.",
+    ).tag(config=True)
+    heartbeat_interval = Float(5.0, help="Seconds of silence from the daemon before the client pings it.").tag(
+        config=True
+    )
+    heartbeat_timeout = Float(10.0, help="Seconds without an answer to a ping before the daemon is declared lost.").tag(
+        config=True
+    )
+    embedded_exit_when_idle = Float(
+        1800.0, help="The embedded local daemon exits after this many quiet seconds with no sessions."
+    ).tag(config=True)
+    embedded_args = List(Unicode(), help="Extra command-line options for the embedded daemon.").tag(config=True)
+
+    def open_client(self) -> tuple[DaemonClient, Any]:
+        """A client for the configured daemon, and the SSH tunnel it goes through (or None)."""
+        target = self.daemon_url or os.environ.get(ENV_URL, "")
+        curve, tunnel = None, None
+        if target.startswith("ssh://"):
+            tunnel = self._open_tunnel(target)
+            url, key = tunnel.url, tunnel.key
+        elif target.startswith("tcp://"):
+            url, key, curve = target, b"", self._curve_keys(target)
+        elif target:
+            raise TargetError(f"cannot use daemon_url {target!r}: write ssh://user@host[:port] or tcp://host:port")
+        else:
+            url, key = resolve(
+                self.connection_file, exit_when_idle=self.embedded_exit_when_idle, extra_args=list(self.embedded_args)
+            )
+        return DaemonClient(url, key, self.heartbeat_interval, self.heartbeat_timeout, curve=curve), tunnel
+
+    def _curve_keys(self, target: str) -> tuple[bytes, bytes, bytes]:
+        from kernel_worker import keys
+
+        if not self.server_key:
+            raise TargetError(
+                f"{target} needs the daemon's CurveZMQ public key: --server-key (`jupyter gpu keys show` there)"
+            )
+        try:
+            public, secret = keys.load(os.path.dirname(self.client_key), os.path.basename(self.client_key))
+        except FileNotFoundError:
+            raise TargetError(
+                f"no CurveZMQ key pair at {self.client_key}: make one with `jupyter gpu keys init --client` "
+                "and ask the daemon's operator to authorise its public key"
+            ) from None
+        return self.server_key.encode(), public, secret
+
+    def _open_tunnel(self, target: str) -> Any:
+        from jupyter_gpu.tunnel import SSHTunnel, TunnelError
+
+        try:
+            return SSHTunnel(
+                target,
+                key_file=self.ssh_key_file,
+                known_hosts=self.ssh_known_hosts,
+                accept_unknown_host=self.ssh_accept_new_host,
+                remote_connection_file=self.ssh_remote_connection_file,
+            )
+        except TunnelError as e:
+            raise TargetError(str(e)) from None
 
 
 def read_connection_file(path: str) -> tuple[str, bytes]:

@@ -10,20 +10,19 @@ import uuid
 from typing import Any
 
 import cloudpickle
-from jupyter_core.paths import jupyter_config_dir
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Bool, Float, List, Unicode
-from traitlets.config import Configurable
+from traitlets import Bool, Enum, Unicode
 
 from kernel_worker import bulk, serialize
 from kernel_worker import protocol as P
 
-from jupyter_gpu import connect
+from jupyter_gpu import connect, notebook
 from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
 from jupyter_gpu.closure import RemoteNamespace, names_read
 from jupyter_gpu.output import Relay, format_volumes, show_cost, show_note
+from jupyter_gpu.status_line import MODES, StatusLine
 
 
 class GPUCellError(Exception):
@@ -33,7 +32,6 @@ class GPUCellError(Exception):
         return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
 
 
-ENV_URL = "JUPYTER_GPU_URL"
 CLIENT_VERSIONS = {"python": platform.python_version(), "cloudpickle": cloudpickle.__version__}
 
 
@@ -47,58 +45,31 @@ def _names(text: str) -> list[str]:
 
 
 @magics_class
-class GPUMagics(Magics, Configurable):
+class GPUMagics(Magics, connect.DaemonTarget):
     default_gpu = Unicode("any", help="GPU request used when a %%gpu cell names none (H100, A100:2, any, cpu...).").tag(
         config=True
     )
-    connection_file = Unicode(
-        "",
-        help="Connection file of the daemon to use (url and key). Empty: $JUPYTER_GPU_CONNECTION_FILE, "
-        "else a local daemon started on demand.",
-    ).tag(config=True)
-    daemon_url = Unicode(
-        "", help="Daemon on another machine: ssh://user@host[:port] (or $JUPYTER_GPU_URL). Empty: local."
-    ).tag(config=True)
-    server_key = Unicode("", help="The tcp:// daemon's CurveZMQ public key (z85).").tag(config=True)
-    client_key = Unicode(
-        os.path.join(jupyter_config_dir(), "jupyter_gpu", "client"),
-        help="Your CurveZMQ key pair for tcp:// daemons (PATH.key and PATH.key_secret; `jupyter gpu keys init --client`).",
-    ).tag(config=True)
-    ssh_key_file = Unicode("", help="Private key for ssh:// (default: ssh-agent and ~/.ssh keys).").tag(config=True)
-    ssh_known_hosts = Unicode(
-        "", help="known_hosts file that ssh:// host keys are checked against (~/.ssh/known_hosts)."
-    ).tag(config=True)
-    ssh_accept_new_host = Bool(False, help="Accept an ssh:// host whose key is not in known_hosts yet.").tag(
-        config=True
-    )
-    ssh_remote_connection_file = Unicode(
-        ".local/share/jupyter/runtime/jupyter-gpu-daemon.json",
-        help="The remote daemon's connection file, relative to the remote home.",
-    ).tag(config=True)
-    heartbeat_interval = Float(5.0, help="Seconds of silence from the daemon before the client pings it.").tag(
-        config=True
-    )
-    heartbeat_timeout = Float(10.0, help="Seconds without an answer to a ping before the daemon is declared lost.").tag(
-        config=True
-    )
     show_cost = Bool(True, help="End each %%gpu cell with its cost line.").tag(config=True)
-    embedded_exit_when_idle = Float(
-        1800.0, help="The embedded local daemon exits after this many quiet seconds with no sessions."
+    status_line = Enum(
+        MODES,
+        "auto",
+        help="The live line under a running cell (elapsed, dollars so far, GPU readings): auto (a widget in "
+        "Jupyter Server frontends with ipywidgets, else an updated display), widget, html, off.",
     ).tag(config=True)
-    embedded_args = List(Unicode(), help="Extra command-line options for the embedded daemon.").tag(config=True)
     release_on_exit = Bool(True, help="Release this kernel's session (and its GPUs) when the kernel exits.").tag(
         config=True
     )
 
     def __init__(self, shell: Any = None, **kw: Any):
         Magics.__init__(self, shell=shell)
-        Configurable.__init__(self, config=shell.config if shell is not None else None, **kw)
+        connect.DaemonTarget.__init__(self, config=shell.config if shell is not None else None, **kw)
         self.session_id = uuid.uuid4().hex
         self.remote = RemoteNamespace()
         self._client: DaemonClient | None = None
         self._tunnel: Any = None
         self._made_bulk_dir = ""
         self._had_worker = False  # a worker was started for this notebook before
+        self._notebook = ""  # this kernel's notebook, for spend per notebook
         atexit.register(self._at_exit)
 
     # ------------------------------------------------------------------ plumbing
@@ -106,53 +77,11 @@ class GPUMagics(Magics, Configurable):
     @property
     def client(self) -> DaemonClient:
         if self._client is None:
-            target = self.daemon_url or os.environ.get(ENV_URL, "")
-            curve = None
-            if target.startswith("ssh://"):
-                self._tunnel = self._open_tunnel(target)
-                url, key = self._tunnel.url, self._tunnel.key
-            elif target.startswith("tcp://"):
-                url, key, curve = target, b"", self._curve_keys(target)
-            elif target:
-                raise GPUCellError(f"cannot use daemon_url {target!r}: write ssh://user@host[:port] or tcp://host:port")
-            else:
-                url, key = connect.resolve(
-                    self.connection_file,
-                    exit_when_idle=self.embedded_exit_when_idle,
-                    extra_args=list(self.embedded_args),
-                )
-            self._client = DaemonClient(url, key, self.heartbeat_interval, self.heartbeat_timeout, curve=curve)
+            try:
+                self._client, self._tunnel = self.open_client()
+            except connect.TargetError as e:
+                raise GPUCellError(str(e)) from None
         return self._client
-
-    def _curve_keys(self, target: str) -> tuple[bytes, bytes, bytes]:
-        from kernel_worker import keys
-
-        if not self.server_key:
-            raise GPUCellError(
-                f"{target} needs the daemon's CurveZMQ public key: --server-key (`jupyter gpu keys show` there)"
-            )
-        try:
-            public, secret = keys.load(os.path.dirname(self.client_key), os.path.basename(self.client_key))
-        except FileNotFoundError:
-            raise GPUCellError(
-                f"no CurveZMQ key pair at {self.client_key}: make one with `jupyter gpu keys init --client` "
-                "and ask the daemon's operator to authorise its public key"
-            ) from None
-        return self.server_key.encode(), public, secret
-
-    def _open_tunnel(self, target: str) -> Any:
-        from jupyter_gpu.tunnel import SSHTunnel, TunnelError
-
-        try:
-            return SSHTunnel(
-                target,
-                key_file=self.ssh_key_file,
-                known_hosts=self.ssh_known_hosts,
-                accept_unknown_host=self.ssh_accept_new_host,
-                remote_connection_file=self.ssh_remote_connection_file,
-            )
-        except TunnelError as e:
-            raise GPUCellError(str(e)) from None
 
     def _drop_client(self) -> None:
         """Forget the connection (and its tunnel): the next request makes a new one."""
@@ -218,7 +147,12 @@ class GPUMagics(Magics, Configurable):
         and the cell ends with its cost.
         """
         args = self._args(line)
-        spec = args.spec or self.default_gpu
+        try:
+            chosen = notebook.settings(cell)  # the notebook's jupyter_gpu metadata (the Lab sidebar's choice)
+        except notebook.SettingsError as e:
+            raise GPUCellError(f"{e}. Nothing was run.") from None
+        spec = args.spec or chosen.get("gpu") or self.default_gpu
+        self._notebook = self._notebook or notebook.display_name(cell)
         pull = _names(args.pull)
         user_ns = self.shell.user_ns
         try:
@@ -232,9 +166,10 @@ class GPUMagics(Magics, Configurable):
             "pull": pull,
             "timeout": args.timeout,
             "no_wait": args.no_wait,
-            "image": args.image,
-            "volumes": args.volume,
+            "image": args.image or chosen.get("image"),
+            "volumes": args.volume or chosen.get("volumes", []),
             "client_versions": CLIENT_VERSIONS,
+            "notebook": self._notebook,
         }
         directory = self._bulk_dir()
         content["bulk_ok"] = directory is not None
@@ -243,10 +178,13 @@ class GPUMagics(Magics, Configurable):
         msg = P.Message(P.Msg.EXECUTE, content, self.session_id, buffers=frames)
         relay = Relay()
         queue_note = None
+        status = StatusLine(self.status_line)
 
         def on_message(m: P.Message) -> None:
             nonlocal queue_note
-            if m.type == P.Msg.QUEUED:
+            if m.type == P.Msg.PROGRESS:
+                status.update(m.content)
+            elif m.type == P.Msg.QUEUED:
                 text = (
                     f"[jupyter-gpu] waiting for {m.content.get('request')}: {_ordinal(m.content['position'])} in queue"
                 )
@@ -262,10 +200,12 @@ class GPUMagics(Magics, Configurable):
         try:
             reply = self._request(msg, on_message)
         except BaseException:
+            status.finish(None, failed=True)
             if directory is not None:
                 bulk.discard(content.get("bulk") or {}, directory)
             raise
         done = reply.content
+        status.finish(done.get("cost"), failed=relay.error is not None)
         if done.get("loaded"):
             self.remote.shipped_ok(prints)
         self.remote.after_cell(done.get("bound", []), done.get("deleted", []), user_ns)
@@ -327,7 +267,7 @@ class GPUMagics(Magics, Configurable):
         st = self._request(P.Message(P.Msg.STATUS, {}, self.session_id)).content
         print(f"backend: {st['backend']}")
         for g in st["gpus"]:
-            holder = g["session"] or ("warm pool" if g.get("warm") else "free")
+            holder = g["session"] or ("warm pool" if g.get("warm") else f"held by {g['user']}" if g["user"] else "free")
             mine = " (this notebook)" if g["session"] == self.session_id else ""
             sim = " simulated" if g["simulated"] else ""
             print(f"  GPU {g['index']}: {g['model']}{sim}  {g['memory_bytes'] / 1024**3:.0f} GiB  {holder}{mine}")
@@ -374,7 +314,7 @@ class GPUMagics(Magics, Configurable):
         # No "gpu": the session keeps what it has (or gets the default if it has no worker).
         msg = P.Message(P.Msg.EXECUTE, {"code": "", "values": specs}, self.session_id, buffers=frames)
         relay = Relay()
-        reply = self._request(msg, lambda m: None if m.type in (P.Msg.STARTED, P.Msg.QUEUED) else relay(m))
+        reply = self._request(msg, lambda m: None if m.type in (P.Msg.STARTED, P.Msg.QUEUED, P.Msg.PROGRESS) else relay(m))
         if relay.error is not None:
             raise relay.error
         if reply.content.get("loaded"):

@@ -80,6 +80,9 @@ class WorkerDaemon(LoggingConfigurable):
     telemetry_interval = Float(0.5, help="Seconds between GPU utilisation/memory samples while a cell runs.").tag(
         config=True
     )
+    progress_interval = Float(
+        1.0, help="Seconds between progress messages (elapsed, dollars so far, GPU readings) to a running cell."
+    ).tag(config=True)
     curve = Bool(
         False,
         help="Encrypt and authenticate clients with CurveZMQ (server key and authorized_keys in keys_dir); "
@@ -170,7 +173,7 @@ class WorkerDaemon(LoggingConfigurable):
         self._key_signers: dict[str, P.Signer] = {}  # workers started ahead (keep_warm), not yet anyone's
         self.workers: dict[str, Session] = {}  # by worker id, for messages from workers
         self.ended: dict[str, str] = {}  # session id -> why its worker went away
-        self.ledger = Ledger(self.prices)
+        self.ledger = Ledger(self.prices, os.path.join(self.state_dir, "ledger.jsonl"))
         self._tasks: set[asyncio.Task] = set()
         self._stopping: asyncio.Event | None = None
         self._last_request = time.monotonic()
@@ -241,6 +244,8 @@ class WorkerDaemon(LoggingConfigurable):
             await self._adopt_or_reap()
             self._spawn(self._fill_warm())
             self._spawn(self._reaper())
+            if self.progress_interval > 0:
+                self._spawn(self._progress())
             if ready is not None:
                 ready({"url": self.url, "pid": os.getpid(), "connection_file": self.connection_file})
             await self._stopping.wait()
@@ -422,6 +427,12 @@ class WorkerDaemon(LoggingConfigurable):
             self._to_client(
                 ident, msg.reply(P.Msg.REPLY, self.ledger.summary(msg.session, self.sessions.get(msg.session)))
             )
+        elif t == P.Msg.SPEND:
+            since = msg.content.get("since", 0.0)
+            everyone = bool(msg.content.get("all")) and user in self.operators
+            live = list(self.sessions.values())
+            spend = self.ledger.spend(None if everyone else user, float(since or 0.0), live)
+            self._to_client(ident, msg.reply(P.Msg.REPLY, spend))
         elif t == P.Msg.RELEASE:
             self._spawn(self._handle_release(ident, msg))
         elif t == P.Msg.VOLUMES:
@@ -448,16 +459,25 @@ class WorkerDaemon(LoggingConfigurable):
         }
 
     def _status(self, user: str, everyone: bool) -> dict:
-        """The host as ``user`` may see it: their own sessions (all, for operators); GPUs held
-        by others show as held, not by whom."""
+        """The host as ``user`` may see it: their own sessions (all, for operators); of a GPU
+        someone else holds, who holds it but not their session id."""
         now = time.monotonic()
         gpus = []
         for g in self.scheduler.gpus:
             holder = self.scheduler.holder.get(g.uuid)
             warm = holder is not None and holder.startswith("warm-")
-            if holder is not None and not warm and not everyone and self.owners.get(holder) != user:
-                holder = "another user"
-            gpus.append({**g.to_json(), "session": None if warm else holder, "warm": warm})
+            s = self.sessions.get(holder or "")
+            util, used = inventory.read(g, busy=s is not None and s.state == "busy")
+            gpus.append(
+                {
+                    **g.to_json(),
+                    "session": None if warm or (s and not everyone and s.user != user) else holder,
+                    "user": s.user if s else None,
+                    "warm": warm,
+                    "util": util,
+                    "memory_used_bytes": used,
+                }
+            )
         sessions = [
             {
                 "id": s.id,
@@ -471,6 +491,7 @@ class WorkerDaemon(LoggingConfigurable):
                 "cells": len(s.cells),
                 "versions": s.versions,
                 "user": s.user,
+                "notebook": s.notebook,
             }
             for s in self.sessions.values()
             if everyone or s.user == user
@@ -574,6 +595,7 @@ class WorkerDaemon(LoggingConfigurable):
         s.cell_started = time.monotonic()
         s.cell_done.clear()
         s.telemetry = inventory.Sample()
+        s.notebook = str(msg.content.get("notebook") or s.notebook)
         if s.wid != s.id and msg.content.get("bulk"):
             self._move_bulk(msg.content["bulk"], s.id, s.wid)
         self._to_worker(s, msg)
@@ -654,7 +676,8 @@ class WorkerDaemon(LoggingConfigurable):
     def _new_session(self, ident: bytes, msg: P.Message, req: scheduler.Request, user: str) -> Session:
         key = P.new_key()
         self.owners[msg.session] = user
-        return Session(msg.session, req, key, P.Signer(key), client=ident, current=msg, user=user)
+        notebook = str(msg.content.get("notebook") or "")
+        return Session(msg.session, req, key, P.Signer(key), client=ident, current=msg, user=user, notebook=notebook)
 
     def _over_limit(self, user: str, req: scheduler.Request, replacing: Session | None) -> str:
         """Why ``user`` may not start another session for ``req`` now ("" when they may)."""
@@ -764,6 +787,7 @@ class WorkerDaemon(LoggingConfigurable):
             "request": s.request.text,
             "gpus": [g.uuid for g in s.gpus],
             "user": s.user,
+            "notebook": s.notebook,
             "held_since": time.time() - (time.monotonic() - s.started_at),
         }
         path = self._record_path(s.wid)
@@ -807,6 +831,7 @@ class WorkerDaemon(LoggingConfigurable):
             handle=handle,
             state="adopting",
             user=record.get("user", ""),
+            notebook=record.get("notebook", ""),
             wid=wid,
         )
         s.ready = asyncio.get_running_loop().create_future()
@@ -981,6 +1006,33 @@ class WorkerDaemon(LoggingConfigurable):
                 await asyncio.wait_for(s.cell_done.wait(), self.telemetry_interval)
             except asyncio.TimeoutError:
                 continue
+
+    async def _progress(self) -> None:
+        """Tell each running cell's notebook how it is going (its live status line)."""
+        while True:
+            await asyncio.sleep(self.progress_interval)  # a periodic timer, not a synchronisation
+            now = time.monotonic()
+            for s in list(self.sessions.values()):
+                msg = s.current
+                if s.state != "busy" or msg is None or msg.type != P.Msg.EXECUTE:
+                    continue
+                elapsed = now - s.cell_started
+                if elapsed < self.progress_interval:
+                    continue
+                t = s.telemetry
+                simulated = any(g.simulated for g in s.gpus)
+                util = (100.0 if s.gpus else None) if simulated else t.last_util
+                progress = {
+                    "elapsed_s": elapsed,
+                    "usd": self.ledger.price(s) * elapsed / 3600,
+                    "device": s.device,
+                    "count": len(s.gpus),
+                    "simulated": simulated,
+                    "util": util,
+                    "memory_used_bytes": t.last_memory_bytes,
+                    "memory_bytes": sum(g.memory_bytes for g in s.gpus),
+                }
+                self._to_client(s.client, msg.reply(P.Msg.PROGRESS, progress))
 
     # ------------------------------------------------------------------ back: executors
 

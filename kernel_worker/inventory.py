@@ -106,24 +106,36 @@ class Sample:
     peak_memory_bytes: int = 0
     util_sum: float = 0.0
     count: int = 0
+    last_util: float | None = None
+    last_memory_bytes: int | None = None
 
     @property
     def mean_util(self) -> float | None:
         return self.util_sum / self.count if self.count else None
 
 
-def sample(gpus: list[GPU], into: Sample) -> None:
-    """Add one reading of utilisation and memory in use (real GPUs only)."""
-    real = [g for g in gpus if not g.simulated]
-    if not real:
-        return
+def read(g: GPU, busy: bool) -> tuple[float | None, int | None]:
+    """(utilisation %, memory in use) now. A simulated GPU has no memory reading and
+    reports 100 % while a cell runs on it, 0 % otherwise (it says it is simulated)."""
+    if g.simulated:
+        return (100.0 if busy else 0.0), None
     import pynvml
 
-    used, util = 0, 0.0
-    for g in real:
+    try:
         h = pynvml.nvmlDeviceGetHandleByUUID(g.uuid)
-        used += pynvml.nvmlDeviceGetMemoryInfo(h).used
-        util += pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+        return float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu), int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+    except pynvml.NVMLError:
+        return None, None
+
+
+def sample(gpus: list[GPU], into: Sample) -> None:
+    """Add one reading of utilisation and memory in use (real GPUs only)."""
+    readings = [read(g, True) for g in gpus if not g.simulated]
+    if not readings or any(u is None for u, _ in readings):
+        return
+    used = sum(m or 0 for _, m in readings)
+    util = sum(u or 0.0 for u, _ in readings) / len(readings)
     into.peak_memory_bytes = max(into.peak_memory_bytes, used)
-    into.util_sum += util / len(real)
+    into.util_sum += util
     into.count += 1
+    into.last_util, into.last_memory_bytes = util, used

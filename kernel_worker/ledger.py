@@ -1,8 +1,14 @@
 """Every GPU-second, accounted for: what each cell cost, and what a session held in all
-(warm idle time included) when it was released. Prices are configuration."""
+(warm idle time included) when it was released. Prices are configuration.
+
+Records carry wall-clock time, user and notebook, and are appended to a JSON-lines file
+in the daemon's state directory, so spend per notebook and per day survives restarts.
+"""
 
 from __future__ import annotations
 
+import datetime
+import json
 import time
 
 from kernel_worker.session import Session
@@ -21,12 +27,26 @@ DEFAULT_PRICES = {
 }
 
 
+UNKNOWN_NOTEBOOK = "(unnamed notebook)"
+
+
 class Ledger:
     """Cost records per session id, kept after the session is released."""
 
-    def __init__(self, prices: dict[str, float]):
+    def __init__(self, prices: dict[str, float], path: str = ""):
         self.prices = prices
+        self.path = path
         self.cells: dict[str, list[dict]] = {}
+        self.history: list[dict] = _load(path) if path else []
+
+    def _keep(self, s: Session, record: dict) -> dict:
+        record.update(at=time.time(), user=s.user, notebook=s.notebook, session=s.id)
+        self.cells.setdefault(s.id, []).append(record)
+        self.history.append(record)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
 
     def price(self, s: Session | None) -> float:
         """USD per hour for what ``s`` holds (device price times GPU count)."""
@@ -58,13 +78,13 @@ class Ledger:
             "session_idle_usd": price * idle / 3600,
         }
         s.cells.append(cell)
-        self.cells.setdefault(s.id, []).append(cell)
-        return cell
+        return self._keep(s, cell)
 
     def release(self, s: Session) -> None:
         """The session let its GPUs go: record everything it held, idle time included."""
         held = time.monotonic() - s.started_at
-        self.cells.setdefault(s.id, []).append(
+        self._keep(
+            s,
             {
                 "kind": "release",
                 "device": s.device,
@@ -73,7 +93,7 @@ class Ledger:
                 "idle_s": max(0.0, held - s.busy_s),
                 "usd": 0.0,
                 "released_usd": self.price(s) * held / 3600,
-            }
+            },
         )
 
     def summary(self, session: str, live: Session | None) -> dict:
@@ -87,3 +107,59 @@ class Ledger:
             "live_usd": self.price(live) * held / 3600,
             "released_usd": sum(c.get("released_usd", 0.0) for c in cells),
         }
+
+    def spend(self, user: str | None, since: float, live: list[Session]) -> dict:
+        """What ``user`` (everyone: None) spent since ``since`` (unix time), per notebook and
+        per day (the daemon host's local dates). Spend is what sessions held, idle time
+        included: released sessions by their release record, live ones so far."""
+        now = time.time()
+        notebooks: dict[str, dict] = {}
+        days: dict[str, float] = {}
+
+        def add(notebook: str, at: float, usd: float, held_s: float, cells: int) -> None:
+            nb = notebooks.setdefault(
+                notebook or UNKNOWN_NOTEBOOK,
+                {"notebook": notebook or UNKNOWN_NOTEBOOK, "usd": 0.0, "held_s": 0.0, "cells": 0, "last": 0.0},
+            )
+            nb["usd"] += usd
+            nb["held_s"] += held_s
+            nb["cells"] += cells
+            nb["last"] = max(nb["last"], at)
+            day = datetime.date.fromtimestamp(at).isoformat()
+            days[day] = days.get(day, 0.0) + usd
+
+        for r in self.history:
+            if r.get("at", 0.0) < since or (user is not None and r.get("user") != user):
+                continue
+            if r.get("kind") == "release":
+                add(r.get("notebook", ""), r["at"], r.get("released_usd", 0.0), r.get("held_s", 0.0), 0)
+            elif r.get("kind") == "cell":
+                add(r.get("notebook", ""), r["at"], 0.0, 0.0, 1)
+        for s in live:
+            if user is None or s.user == user:
+                held = time.monotonic() - s.started_at
+                add(s.notebook, now, self.price(s) * held / 3600, held, 0)
+        return {
+            "since": since,
+            "now": now,
+            "total_usd": sum(days.values()),
+            "notebooks": sorted(notebooks.values(), key=lambda n: -n["usd"]),
+            "days": [{"day": d, "usd": u} for d, u in sorted(days.items())],
+        }
+
+
+def _load(path: str) -> list[dict]:
+    """Earlier records; a torn last line (a crash mid-write) is skipped, not fatal."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("at"), (int, float)):
+                    out.append(record)
+    except FileNotFoundError:
+        pass
+    return out

@@ -49,6 +49,7 @@ class Msg:
     STATUS = "status"
     COST = "cost"
     VOLUMES = "volumes"
+    SPEND = "spend"
     PING = "ping"
     # daemon -> client
     WELCOME = "welcome"
@@ -57,6 +58,7 @@ class Msg:
     REPLY = "reply"
     FAIL = "fail"
     PONG = "pong"
+    PROGRESS = "progress"  # while a cell runs: elapsed, dollars so far, GPU readings
     # executor -> daemon -> client (the cell's output, in order)
     STREAM = "stream"
     DISPLAY = "display_data"
@@ -72,7 +74,7 @@ class Msg:
 
 
 CLIENT_REQUESTS = frozenset(
-    {Msg.HELLO, Msg.EXECUTE, Msg.INTERRUPT, Msg.PULL, Msg.RELEASE, Msg.STATUS, Msg.COST, Msg.VOLUMES, Msg.PING}
+    {Msg.HELLO, Msg.EXECUTE, Msg.INTERRUPT, Msg.PULL, Msg.RELEASE, Msg.STATUS, Msg.COST, Msg.VOLUMES, Msg.SPEND, Msg.PING}
 )
 # Requests the daemon passes on to the session's executor.
 EXECUTOR_REQUESTS = frozenset({Msg.EXECUTE, Msg.PULL, Msg.PING})

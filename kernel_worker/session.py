@@ -37,6 +37,7 @@ class Session:
     releasing: bool = False
     cell_done: asyncio.Event = field(default_factory=asyncio.Event)
     user: str = ""
+    notebook: str = ""  # the notebook's path as its kernel knows it, for spend per notebook
     watcher: asyncio.Task | None = None
     wid: str = ""  # the worker's own id (socket, log, container): the session id, or a warm worker's
 

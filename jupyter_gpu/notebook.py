@@ -1,0 +1,128 @@
+"""Which notebook this kernel runs, and the GPU and volumes chosen for it.
+
+The Lab sidebar writes its choice into the notebook's metadata under ``jupyter_gpu``
+(``{"gpu": "H100", "volumes": ["data:/data"], "image": ...}``); a ``%%gpu`` cell that
+names no GPU uses it. The kernel reads it from the notebook file, so a headless
+``jupyter nbconvert --execute`` run of that notebook behaves as it did in Lab; the
+sidebar also pushes an unsaved choice straight into the kernel (``use``).
+
+Finding the file: Jupyter Server tells its kernels their notebook (``JPY_SESSION_NAME``);
+nbclient/nbconvert start the kernel in the notebook's directory but do not name it, so
+there the notebook is the one in that directory holding the running cell.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+METADATA_KEY = "jupyter_gpu"
+ENV_SESSION_NAME = "JPY_SESSION_NAME"
+MAX_NOTEBOOK_BYTES = 64 * 1024**2  # larger files are not read just to find a cell
+
+_pushed: dict | None = None  # the sidebar's latest choice, unsaved or not
+_start_dir = os.getcwd()  # the kernel starts in its notebook's directory
+_cache: dict[str, tuple[float, dict]] = {}
+
+
+class SettingsError(ValueError):
+    """The notebook's ``jupyter_gpu`` metadata cannot be used; the message says why."""
+
+
+def use(settings: dict | None) -> None:
+    """The sidebar's choice for this notebook (None: forget it, read the file again)."""
+    global _pushed
+    _pushed = None if settings is None else _validated(settings, "the sidebar's choice")
+
+
+def path() -> str:
+    """This kernel's notebook file as Jupyter Server named it, or ""."""
+    name = os.environ.get(ENV_SESSION_NAME, "")
+    if not name.endswith(".ipynb"):
+        return ""
+    if os.path.isabs(name):
+        return name
+    return os.path.join(_start_dir, os.path.basename(name))  # the server's path is relative to its root
+
+
+def display_name(cell: str = "") -> str:
+    """What spend is recorded under: the server's name for the notebook, else its file."""
+    return os.environ.get(ENV_SESSION_NAME, "") or _find_by_cell(cell)[0]
+
+
+def settings(cell: str) -> dict:
+    """The notebook's ``jupyter_gpu`` settings ({} when none are set)."""
+    if _pushed is not None:
+        return _pushed
+    file = path()
+    if file:
+        return _validated(_metadata(file), file)
+    found, meta = _find_by_cell(cell)
+    return _validated(meta, found) if found else {}
+
+
+def _metadata(file: str) -> dict:
+    try:
+        mtime = os.stat(file).st_mtime
+    except OSError:
+        return {}
+    hit = _cache.get(file)
+    if hit and hit[0] == mtime:
+        return hit[1]
+    nb = _load(file)
+    meta = ((nb.get("metadata") or {}).get(METADATA_KEY) or {}) if nb else {}
+    _cache[file] = (mtime, meta)
+    return meta
+
+
+def _load(file: str) -> dict | None:
+    try:
+        if os.path.getsize(file) > MAX_NOTEBOOK_BYTES:
+            return None
+        with open(file, encoding="utf-8") as f:
+            nb = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return nb if isinstance(nb, dict) else None
+
+
+def _find_by_cell(cell: str) -> tuple[str, dict]:
+    """(file, metadata) of the notebook in the start directory holding ``cell`` as a
+    ``%%gpu`` cell; ("", {}) when none or several disagree."""
+    body = cell.strip()
+    if not body:
+        return "", {}
+    found: list[tuple[str, dict]] = []
+    for file in sorted(glob.glob(os.path.join(_start_dir, "*.ipynb"))):
+        nb = _load(file)
+        for c in (nb or {}).get("cells", []):
+            src = c.get("source", "")
+            src = "".join(src) if isinstance(src, list) else str(src)
+            head, _, rest = src.lstrip().partition("\n")
+            if c.get("cell_type") == "code" and head.startswith("%%gpu") and rest.strip() == body:
+                found.append((file, (nb.get("metadata") or {}).get(METADATA_KEY) or {}))
+                break
+    if len({json.dumps(m, sort_keys=True) for _, m in found}) == 1:
+        return found[0]
+    return "", {}
+
+
+def _validated(meta: object, where: str) -> dict:
+    if not isinstance(meta, dict):
+        raise SettingsError(f"the {METADATA_KEY} metadata in {where} must be an object, not {type(meta).__name__}")
+    out: dict = {}
+    gpu = meta.get("gpu")
+    if gpu not in (None, ""):
+        if not isinstance(gpu, str):
+            raise SettingsError(f"{METADATA_KEY}.gpu in {where} must be a string such as \"H100\", not {gpu!r}")
+        out["gpu"] = gpu
+    volumes = meta.get("volumes") or []
+    if not isinstance(volumes, list) or not all(isinstance(v, str) for v in volumes):
+        raise SettingsError(f"{METADATA_KEY}.volumes in {where} must be a list of \"NAME:/path[:ro]\" strings")
+    if volumes:
+        out["volumes"] = volumes
+    image = meta.get("image")
+    if isinstance(image, str) and image:
+        out["image"] = image
+    return out

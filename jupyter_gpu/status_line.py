@@ -1,0 +1,101 @@
+"""The live line under a running ``%%gpu`` cell: elapsed time, dollars so far, GPU
+utilisation and memory; when the cell ends it keeps its final state, so a saved or
+headless-run notebook records how the cell went.
+
+An ipywidgets ``HTML`` widget where the frontend renders widgets (a notebook opened in
+Jupyter Server with ipywidgets in the kernel), else a display updated in place
+(``update_display_data``), which every frontend and nbclient understand.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import uuid
+from typing import Any
+
+from IPython.display import display
+
+from jupyter_gpu.notebook import ENV_SESSION_NAME
+from jupyter_gpu.output import _bytes, _usd
+
+STYLE = (
+    "color: var(--jp-ui-font-color2, #777); font-size: 0.85em; font-family: var(--jp-code-font-family, monospace);"
+)
+MODES = ("auto", "widget", "html", "off")
+
+
+def describe(p: dict, final: str = "") -> str:
+    """``H100 ×1 · 12.3 s · $0.0102 · util 97% · 31.2 GiB / 80.0 GiB``."""
+    count = p.get("count", 0)
+    device = f"{p.get('device', 'cpu')} ×{count}" if count else p.get("device", "cpu")
+    parts = [device + (" (simulated)" if p.get("simulated") else ""), f"{p.get('elapsed_s', 0.0):.1f} s"]
+    parts.append(_usd(p.get("usd", 0.0)) + " so far" * (not final))
+    if p.get("util") is not None:
+        parts.append(f"util {p['util']:.0f}%")
+    if p.get("memory_used_bytes") is not None:
+        parts.append(f"{_bytes(p['memory_used_bytes'])} / {_bytes(p.get('memory_bytes') or 0)}")
+    return ("⏳ running: " if not final else f"{final}: ") + " · ".join(parts)
+
+
+def _bundle(text: str) -> dict:
+    return {
+        "text/plain": text,
+        "text/html": f'<div class="jupyter-gpu-status" style="{STYLE}">{html.escape(text)}</div>',
+    }
+
+
+def _widgets_wanted(mode: str) -> bool:
+    if mode == "widget":
+        return True
+    if mode != "auto" or not os.environ.get(ENV_SESSION_NAME):
+        return False  # headless (nbclient, nbconvert): nothing would render a widget
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class StatusLine:
+    """One cell's live line; shown at the first progress message, so quick cells have none."""
+
+    def __init__(self, mode: str = "auto"):
+        self.mode = mode
+        self.last: dict | None = None
+        self._id = f"jupyter-gpu-status-{uuid.uuid4().hex}"
+        self._widget: Any = None
+
+    def update(self, progress: dict) -> None:
+        if self.mode == "off":
+            return
+        text = describe(progress)
+        if self.last is None:
+            if _widgets_wanted(self.mode):
+                import ipywidgets
+
+                self._widget = ipywidgets.HTML(_bundle(text)["text/html"])
+                display(self._widget, display_id=self._id)
+            else:
+                display(_bundle(text), raw=True, display_id=self._id)
+        elif self._widget is not None:
+            self._widget.value = _bundle(text)["text/html"]
+        else:
+            display(_bundle(text), raw=True, display_id=self._id, update=True)
+        self.last = progress
+
+    def finish(self, cost: dict | None, failed: bool = False) -> None:
+        """Freeze the line at the cell's end (a static display, widget or not)."""
+        if self.last is None:
+            return
+        final = dict(self.last)
+        if cost:
+            final.update(elapsed_s=cost.get("wall_s", final["elapsed_s"]), usd=cost.get("usd", final["usd"]))
+            if cost.get("mean_util") is not None:
+                final["util"] = cost["mean_util"]
+            if cost.get("peak_memory_bytes") is not None:
+                final["memory_used_bytes"] = cost["peak_memory_bytes"]
+        display(_bundle(describe(final, "stopped" if failed else "finished")), raw=True, display_id=self._id, update=True)
+        if self._widget is not None:
+            self._widget.close()
+            self._widget = None
