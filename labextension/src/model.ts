@@ -1,0 +1,203 @@
+/**
+ * What the sidebar shows, computed from the server extension's answers. Pure functions and
+ * one small class, no JupyterLab imports, so jest tests them directly.
+ */
+
+/** One GPU of the host, as GET gpus returns it. */
+export interface IGPU {
+  index: number;
+  model: string;
+  name: string;
+  uuid: string;
+  memory_bytes: number;
+  simulated: boolean;
+  session: string | null;
+  user: string | null;
+  warm: boolean;
+  util: number | null;
+  memory_used_bytes: number | null;
+}
+
+export interface ISession {
+  id: string;
+  state: string;
+  device: string;
+  gpus: string[];
+  idle_s: number;
+  idle_timeout: number;
+  held_s: number;
+  usd: number;
+  cells: number;
+  notebook: string;
+}
+
+export interface IVolume {
+  name: string;
+  in_use_by: string[];
+}
+
+export interface ISpend {
+  total_usd: number;
+  notebooks: { notebook: string; usd: number; cells: number }[];
+  days: { day: string; usd: number }[];
+}
+
+/** What `%%gpu` with no GPU argument uses, kept in notebook metadata under this key. */
+export const METADATA_KEY = 'jupyter_gpu';
+
+export interface INotebookChoice {
+  gpu?: string;
+  volumes?: string[];
+}
+
+/** Where a volume chosen in the sidebar is mounted on the worker. */
+export const MOUNT_ROOT = '/mnt';
+
+export function formatUsd(usd: number): string {
+  return usd < 1 ? `$${usd.toFixed(4)}` : `$${usd.toFixed(2)}`;
+}
+
+export function formatBytes(n: number | null | undefined): string {
+  if (n === null || n === undefined) {
+    return '';
+  }
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return i === 0 ? `${n.toFixed(0)} ${units[i]}` : `${n.toFixed(1)} ${units[i]}`;
+}
+
+/** "4:05" for seconds; negative counts as zero. */
+export function formatDuration(seconds: number): string {
+  const s = Math.max(0, Math.round(seconds));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const sec = String(s % 60).padStart(2, '0');
+  return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${sec}` : `${m}:${sec}`;
+}
+
+/** Utilisation in [0, 100] for the bar, or null when the GPU gives no reading. */
+export function utilPercent(gpu: IGPU): number | null {
+  if (gpu.util === null || gpu.util === undefined || Number.isNaN(gpu.util)) {
+    return null;
+  }
+  return Math.min(100, Math.max(0, gpu.util));
+}
+
+/** Who holds a GPU, in words. */
+export function holder(gpu: IGPU, mySessions: string[]): string {
+  if (gpu.warm) {
+    return 'warm pool';
+  }
+  if (gpu.session && mySessions.includes(gpu.session)) {
+    return 'yours';
+  }
+  if (gpu.user) {
+    return `held by ${gpu.user}`;
+  }
+  return 'free';
+}
+
+/** Seconds until an idle session is released, counted from when it was fetched. */
+export function idleLeft(session: ISession, fetchedAt: number, now: number): number | null {
+  if (session.state !== 'idle' || !session.idle_timeout) {
+    return null;
+  }
+  return Math.max(0, session.idle_timeout - session.idle_s - (now - fetchedAt) / 1000);
+}
+
+/** GPU requests to offer: each model on the host once, then "any" and "cpu". */
+export function gpuChoices(gpus: IGPU[]): string[] {
+  const models: string[] = [];
+  for (const g of gpus) {
+    if (!models.includes(g.model)) {
+      models.push(g.model);
+    }
+  }
+  return [...models, 'any', 'cpu'];
+}
+
+export function volumeSpec(name: string): string {
+  return `${name}:${MOUNT_ROOT}/${name}`;
+}
+
+export function volumeName(spec: string): string {
+  return spec.split(':')[0];
+}
+
+/** The notebook metadata for a choice; undefined when nothing is chosen. */
+export function choiceMetadata(gpu: string, volumes: string[]): INotebookChoice | undefined {
+  const out: INotebookChoice = {};
+  if (gpu) {
+    out.gpu = gpu;
+  }
+  if (volumes.length) {
+    out.volumes = [...volumes].sort().map(volumeSpec);
+  }
+  return Object.keys(out).length ? out : undefined;
+}
+
+/** Read a choice back from metadata written by us or by hand; bad shapes read as nothing. */
+export function readChoice(meta: unknown): { gpu: string; volumes: string[] } {
+  const m = (meta && typeof meta === 'object' ? meta : {}) as Record<string, unknown>;
+  const gpu = typeof m.gpu === 'string' ? m.gpu : '';
+  const vols = Array.isArray(m.volumes) ? m.volumes.filter((v): v is string => typeof v === 'string') : [];
+  return { gpu, volumes: vols.map(volumeName) };
+}
+
+/**
+ * Code the sidebar runs silently in the notebook's kernel so an unsaved choice applies to
+ * the next `%%gpu` cell at once. The JSON travels as a string literal Python reads back.
+ */
+export function kernelSnippet(choice: INotebookChoice | undefined): string {
+  const arg = choice === undefined ? 'None' : `__import__("json").loads(${JSON.stringify(JSON.stringify(choice))})`;
+  return `__import__("jupyter_gpu.notebook").notebook.use(${arg})`;
+}
+
+/** A readable line for a failed request: the server's message when it sent one. */
+export function errorText(status: number, body: unknown, what: string): string {
+  const b = (body && typeof body === 'object' ? body : {}) as Record<string, unknown>;
+  const message = typeof b.message === 'string' && b.message ? b.message : '';
+  if (status === 0) {
+    return `Cannot reach the Jupyter server to ${what}.`;
+  }
+  if (status === 503) {
+    return message || `The jupyter-gpu daemon is not reachable (${what}).`;
+  }
+  return message ? `Could not ${what}: ${message}` : `Could not ${what} (HTTP ${status}).`;
+}
+
+/**
+ * Errors shown once: the same message again (every poll while a daemon is down) changes
+ * nothing on screen; a success clears it.
+ */
+export class ErrorOnce {
+  private _current: string | null = null;
+
+  /** True when this message is new and should be shown. */
+  report(message: string): boolean {
+    if (message === this._current) {
+      return false;
+    }
+    this._current = message;
+    return true;
+  }
+
+  clear(): boolean {
+    const had = this._current !== null;
+    this._current = null;
+    return had;
+  }
+
+  get current(): string | null {
+    return this._current;
+  }
+}
+
+/** Poll intervals in ms: quick while something runs, slower when the host is quiet. */
+export function pollInterval(sessions: ISession[]): number {
+  return sessions.some(s => s.state === 'busy' || s.state === 'starting') ? 1000 : 3000;
+}

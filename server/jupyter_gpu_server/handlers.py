@@ -1,0 +1,197 @@
+"""REST endpoints under ``{base_url}/jupyter-gpu/api/``, every verb authenticated.
+
+The daemon client blocks (it is the kernel's client), so each call runs in a worker
+thread: the server never waits on the daemon. A daemon that cannot be reached is a 503
+whose message the sidebar shows as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import threading
+from typing import Any
+
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import url_path_join
+from tornado import web
+from traitlets import Float
+
+from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
+from jupyter_gpu.connect import DaemonTarget, TargetError
+from kernel_worker import protocol as P
+
+API_PATH = "jupyter-gpu/api"
+VERBS = ("get", "post", "put", "patch", "delete")
+
+# A daemon's refusal, as the HTTP status the sidebar acts on.
+STATUS_FOR = {
+    P.Err.NO_SESSION: 404,
+    P.Err.VOLUME: 409,
+    P.Err.BUSY: 409,
+    P.Err.BAD_MESSAGE: 400,
+    P.Err.UNAVAILABLE: 409,
+}
+
+
+class DaemonLink(DaemonTarget):
+    """The server's one connection to the daemon, reopened after it is lost."""
+
+    request_timeout = Float(5.0, help="Seconds the sidebar's API waits for the daemon before answering 503.").tag(
+        config=True
+    )
+
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        self._lock = threading.Lock()  # one request at a time on the one socket
+        self._client: DaemonClient | None = None
+        self._tunnel: Any = None
+
+    def call(self, type: str, content: dict | None = None, session: str = "") -> dict:
+        """Blocking request/reply; run it in a thread."""
+        with self._lock:
+            if self._client is None:
+                self._client, self._tunnel = self.open_client()
+            try:
+                return self._client.call(type, content, session, timeout=self.request_timeout)
+            except DaemonLost:
+                self.close()  # a restarted daemon may have a new key or address: look again next time
+                raise
+            except DaemonError as e:
+                if e.code == P.Err.BAD_SIGNATURE:
+                    self.close()
+                raise
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
+
+
+class GPUHandler(APIHandler):
+    """Base: talks to the daemon through the server's DaemonLink."""
+
+    @property
+    def link(self) -> DaemonLink:
+        return self.settings["jupyter_gpu_link"]
+
+    async def daemon(self, type: str, content: dict | None = None, session: str = "") -> dict:
+        try:
+            return await asyncio.to_thread(self.link.call, type, content, session)
+        except (DaemonLost, TargetError) as e:
+            raise web.HTTPError(503, str(e)) from None
+        except DaemonError as e:
+            if e.code in STATUS_FOR:
+                raise web.HTTPError(STATUS_FOR[e.code], str(e)) from None
+            if e.code in (P.Err.BAD_SIGNATURE, P.Err.WORKER_START):
+                raise web.HTTPError(503, f"cannot use the jupyter-gpu daemon: {e}") from None
+            raise web.HTTPError(502, f"the jupyter-gpu daemon refused: {e}") from None
+
+    def reply(self, body: dict, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(body))
+
+    def body(self) -> dict:
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise web.HTTPError(400, "the request body is not JSON") from None
+        if not isinstance(data, dict):
+            raise web.HTTPError(400, "the request body must be a JSON object")
+        return data
+
+
+class GPUsHandler(GPUHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        st = await self.daemon(P.Msg.STATUS)
+        self.reply({"backend": st["backend"], "gpus": st["gpus"], "queue": st["queue"], "warm": st["warm"]})
+
+
+class SessionsHandler(GPUHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        st = await self.daemon(P.Msg.STATUS)
+        self.reply({"sessions": st["sessions"]})
+
+
+class SessionHandler(GPUHandler):
+    @web.authenticated
+    async def delete(self, session_id: str) -> None:
+        done = await self.daemon(P.Msg.RELEASE, session=session_id)
+        if not done.get("released"):
+            raise web.HTTPError(404, f"no session {session_id} to release (it may have ended already)")
+        self.reply({"released": session_id})
+
+
+class VolumesHandler(GPUHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        found = await self.daemon(P.Msg.VOLUMES, {"op": "ls"})
+        self.reply({"volumes": found["result"]})
+
+    @web.authenticated
+    async def post(self) -> None:
+        name = self.body().get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise web.HTTPError(400, 'POST volumes needs {"name": "NAME"}')
+        made = await self.daemon(P.Msg.VOLUMES, {"op": "create", "name": name.strip()})
+        self.reply(made["result"], status=201)
+
+
+class VolumeHandler(GPUHandler):
+    @web.authenticated
+    async def delete(self, name: str) -> None:
+        gone = await self.daemon(P.Msg.VOLUMES, {"op": "rm", "name": name})
+        self.reply(gone["result"])
+
+
+class CostHandler(GPUHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        raw = self.get_query_argument("since", "")
+        try:
+            since = float(raw) if raw else start_of_today()
+        except ValueError:
+            raise web.HTTPError(400, f"since must be unix seconds, not {raw[:40]!r}") from None
+        self.reply(await self.daemon(P.Msg.SPEND, {"since": since}))
+
+
+def start_of_today() -> float:
+    return datetime.datetime.combine(datetime.date.today(), datetime.time()).timestamp()
+
+
+ROUTES: list[tuple[str, type[GPUHandler]]] = [
+    ("gpus", GPUsHandler),
+    ("sessions", SessionsHandler),
+    (r"sessions/(?P<session_id>[0-9A-Za-z_-]{1,128})", SessionHandler),
+    ("volumes", VolumesHandler),
+    (r"volumes/(?P<name>[^/]{1,128})", VolumeHandler),
+    ("cost", CostHandler),
+]
+
+
+def unauthenticated(handlers: list[tuple[str, type]]) -> list[str]:
+    """``Class.verb`` for every HTTP verb not wrapped in ``tornado.web.authenticated``."""
+    marker = web.authenticated(lambda self: None).__code__
+    missing = []
+    for _, cls in handlers:
+        for verb in VERBS:
+            method = cls.__dict__.get(verb)
+            if method is not None and getattr(method, "__code__", None) is not marker:
+                missing.append(f"{cls.__name__}.{verb}")
+    return missing
+
+
+def setup_handlers(serverapp: Any) -> None:
+    missing = unauthenticated(ROUTES)
+    if missing:  # never serve an endpoint anyone on the network could call
+        raise RuntimeError(f"jupyter-gpu handlers without @web.authenticated: {', '.join(missing)}")
+    web_app = serverapp.web_app
+    web_app.settings["jupyter_gpu_link"] = DaemonLink(parent=serverapp)
+    base = url_path_join(web_app.settings["base_url"], API_PATH)
+    web_app.add_handlers(".*$", [(url_path_join(base, path), cls) for path, cls in ROUTES])
