@@ -24,7 +24,7 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     print(f"backend: {st['backend']}")
     for g in st["gpus"]:
-        print(f"GPU {g['index']}  {g['model']:<10} {'simulated ' if g['simulated'] else ''}{g['session'] or 'free'}")
+        print(f"GPU {g['index']}  {g['model']:<10} {'simulated ' if g['simulated'] else ''}{g['session'] or g['user'] or 'free'}")
     print("cpu        always available")
     for s in st["sessions"]:
         print(f"session {s['id']}  {s['device']:<10} {s['state']:<8} held {s['held_s']:.0f} s  ${s['usd']:.4f}")

@@ -19,6 +19,8 @@ from procs import stop_process
 
 from jupyter_gpu.client import DaemonClient
 
+pytest_plugins = ["pytest_jupyter.jupyter_server"]  # a real Jupyter Server for the extension's tests
+
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
 
@@ -118,7 +120,7 @@ def start_daemon(tmp: Path, *args: str) -> Daemon:
 def runtime_dir(tmp_path, monkeypatch) -> Path:
     """A private Jupyter runtime dir, so tests never meet the user's own daemon."""
     rt = tmp_path / "runtime"
-    rt.mkdir()
+    rt.mkdir(exist_ok=True)  # pytest-jupyter may have made the same one
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(rt))
     return rt
 

@@ -152,7 +152,11 @@ class DockerBackend(Backend):
         return used
 
     def create_volume(self, user: str, name: str) -> dict:
-        VolumeSpec.parse(f"{name}:/x")
+        if not _VOLUME_RE.match(f"{name}:/x"):
+            raise VolumeError(
+                f"cannot create volume {name[:80]!r}: a volume name is 1-63 letters, digits, '_', '.', '-' "
+                "and starts with a letter or digit"
+            )
         self._volume(user, name, create=True)
         return {"name": name}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
 import threading
 from typing import Any
 
@@ -52,7 +53,17 @@ class DaemonLink(DaemonTarget):
         """Blocking request/reply; run it in a thread."""
         with self._lock:
             if self._client is None:
-                self._client, self._tunnel = self.open_client()
+                try:
+                    self._client, self._tunnel = self.open_client()
+                except DaemonError as e:  # no connection file, the embedded daemon would not start...
+                    raise TargetError(f"cannot reach the jupyter-gpu daemon: {e}") from None
+            url = self._client.url
+            if url.startswith("ipc://") and not os.path.exists(url[len("ipc://") :]):
+                self.close()
+                raise TargetError(
+                    f"the jupyter-gpu daemon is not running (nothing listens at {url}); "
+                    "a %%gpu cell starts the local one, or start it with `jupyter gpu daemon`"
+                )
             try:
                 return self._client.call(type, content, session, timeout=self.request_timeout)
             except DaemonLost:
@@ -72,6 +83,17 @@ class DaemonLink(DaemonTarget):
             self._tunnel = None
 
 
+class GPUError(web.HTTPError):
+    """An HTTP error whose JSON ``message`` is exactly ``message`` (tornado escapes '%' in
+    log messages, and ours quote commands like ``%gpu release``)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(status, "%s", message)
+        self.message = message
+
+
+
+
 class GPUHandler(APIHandler):
     """Base: talks to the daemon through the server's DaemonLink."""
 
@@ -82,14 +104,24 @@ class GPUHandler(APIHandler):
     async def daemon(self, type: str, content: dict | None = None, session: str = "") -> dict:
         try:
             return await asyncio.to_thread(self.link.call, type, content, session)
-        except (DaemonLost, TargetError) as e:
-            raise web.HTTPError(503, str(e)) from None
+        except TargetError as e:
+            raise GPUError(503, str(e)) from None
+        except DaemonLost as e:
+            raise GPUError(503, f"the jupyter-gpu daemon is not answering: {e}") from None
         except DaemonError as e:
             if e.code in STATUS_FOR:
-                raise web.HTTPError(STATUS_FOR[e.code], str(e)) from None
+                raise GPUError(STATUS_FOR[e.code], str(e)) from None
             if e.code in (P.Err.BAD_SIGNATURE, P.Err.WORKER_START):
-                raise web.HTTPError(503, f"cannot use the jupyter-gpu daemon: {e}") from None
-            raise web.HTTPError(502, f"the jupyter-gpu daemon refused: {e}") from None
+                raise GPUError(503, f"cannot use the jupyter-gpu daemon: {e}") from None
+            raise GPUError(502, f"the jupyter-gpu daemon refused: {e}") from None
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = (kwargs.get("exc_info") or (None, None))[1]
+        if isinstance(exc, GPUError):
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps({"message": exc.message, "reason": exc.reason}))
+        else:
+            super().write_error(status_code, **kwargs)
 
     def reply(self, body: dict, status: int = 200) -> None:
         self.set_status(status)
@@ -99,9 +131,9 @@ class GPUHandler(APIHandler):
         try:
             data = json.loads(self.request.body or b"{}")
         except ValueError:
-            raise web.HTTPError(400, "the request body is not JSON") from None
+            raise GPUError(400, "the request body is not JSON") from None
         if not isinstance(data, dict):
-            raise web.HTTPError(400, "the request body must be a JSON object")
+            raise GPUError(400, "the request body must be a JSON object")
         return data
 
 
@@ -124,7 +156,7 @@ class SessionHandler(GPUHandler):
     async def delete(self, session_id: str) -> None:
         done = await self.daemon(P.Msg.RELEASE, session=session_id)
         if not done.get("released"):
-            raise web.HTTPError(404, f"no session {session_id} to release (it may have ended already)")
+            raise GPUError(404, f"no session {session_id} to release (it may have ended already)")
         self.reply({"released": session_id})
 
 
@@ -138,7 +170,7 @@ class VolumesHandler(GPUHandler):
     async def post(self) -> None:
         name = self.body().get("name")
         if not isinstance(name, str) or not name.strip():
-            raise web.HTTPError(400, 'POST volumes needs {"name": "NAME"}')
+            raise GPUError(400, 'POST volumes needs {"name": "NAME"}')
         made = await self.daemon(P.Msg.VOLUMES, {"op": "create", "name": name.strip()})
         self.reply(made["result"], status=201)
 
@@ -157,7 +189,7 @@ class CostHandler(GPUHandler):
         try:
             since = float(raw) if raw else start_of_today()
         except ValueError:
-            raise web.HTTPError(400, f"since must be unix seconds, not {raw[:40]!r}") from None
+            raise GPUError(400, f"since must be unix seconds, not {raw[:40]!r}") from None
         self.reply(await self.daemon(P.Msg.SPEND, {"since": since}))
 
 

@@ -1,0 +1,180 @@
+"""The server extension's REST API: a real Jupyter Server (pytest-jupyter) in front of a
+real daemon with simulated GPUs, reached through the same client code the magic uses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+from conftest import docker_args, run
+from tornado.httpclient import HTTPClientError
+
+from jupyter_gpu_server.handlers import ROUTES, VERBS, GPUHandler, unauthenticated
+from kernel_worker import protocol as P
+
+WAIT_S = 15.0
+
+
+@pytest.fixture
+def jp_server_config():
+    return {"ServerApp": {"jpserver_extensions": {"jupyter_gpu_server": True}}}
+
+
+@pytest.fixture
+def gpu_daemon(daemon_factory, monkeypatch):
+    d = daemon_factory("--simulate-gpus=H100:1,A100-80GB:2", "--WorkerDaemon.worker_heartbeat_interval=0.5")
+    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
+    return d
+
+
+async def api(jp_fetch, path: str, method: str = "GET", body: dict | None = None, **params) -> dict:
+    kw = {"method": method, "params": params}
+    if body is not None:
+        kw["body"] = json.dumps(body)
+    elif method in ("POST", "PUT", "PATCH"):
+        kw["body"] = ""
+    if method == "DELETE":
+        kw["allow_nonstandard_methods"] = True
+    r = await jp_fetch("jupyter-gpu", "api", *path.split("/"), **kw)
+    return json.loads(r.body)
+
+
+async def api_error(jp_fetch, path: str, method: str = "GET", **kw) -> tuple[int, str]:
+    with pytest.raises(HTTPClientError) as e:
+        await api(jp_fetch, path, method, **kw)
+    return e.value.code, json.loads(e.value.response.body)["message"]
+
+
+async def until(check, what: str, timeout: float = WAIT_S):
+    """Poll an async condition until it returns something truthy (a state, not a time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_gpus_show_live_state_and_who_holds_them(jp_fetch, gpu_daemon):
+    host = await api(jp_fetch, "gpus")
+    assert host["backend"] == "process"
+    assert [(g["model"], g["simulated"], g["user"]) for g in host["gpus"]] == [
+        ("H100", True, None),
+        ("A100-80GB", True, None),
+        ("A100-80GB", True, None),
+    ]
+    assert all(g["util"] == 0.0 for g in host["gpus"])
+
+    # A notebook starts a long cell on the H100 and does not wait for it.
+    client = gpu_daemon.client()
+    sid = uuid.uuid4().hex
+    code = "import time\ntime.sleep(30)"
+    client.send(P.Message(P.Msg.EXECUTE, {"gpu": "H100", "code": code, "notebook": "/work/train.ipynb"}, sid))
+
+    async def h100_busy():
+        g = (await api(jp_fetch, "gpus"))["gpus"][0]
+        return g if g["util"] == 100.0 else None
+
+    g = await until(h100_busy, "the H100 to show as busy")
+    assert g["session"] == sid and g["user"]  # our own session: id and user both shown
+    sessions = (await api(jp_fetch, "sessions"))["sessions"]
+    assert [(s["id"], s["state"], s["device"], s["notebook"]) for s in sessions] == [
+        (sid, "busy", "H100", "/work/train.ipynb")
+    ]
+
+    # Release from the sidebar: the running cell ends, the GPU is free again.
+    assert await api(jp_fetch, f"sessions/{sid}", "DELETE") == {"released": sid}
+    assert client.request(P.Message(P.Msg.PING, {}, sid), timeout=WAIT_S).type == P.Msg.PONG
+    host = await api(jp_fetch, "gpus")
+    assert host["gpus"][0]["session"] is None and host["gpus"][0]["util"] == 0.0
+    assert (await api(jp_fetch, "sessions"))["sessions"] == []
+    code, message = await api_error(jp_fetch, f"sessions/{sid}", "DELETE")
+    assert code == 404 and "no session" in message
+
+
+async def test_cost_per_notebook_and_day(jp_fetch, gpu_daemon, make_shell, monkeypatch, tmp_path):
+    nb = tmp_path / "analysis.ipynb"
+    nb.write_text("{}")
+    monkeypatch.setenv("JPY_SESSION_NAME", str(nb))  # what Jupyter Server tells a kernel
+    ip = make_shell(gpu_daemon)
+    assert run(ip, "%%gpu H100\nx = 1")[0].success
+    assert run(ip, "%%gpu H100\nx += 1")[0].success
+
+    spend = await api(jp_fetch, "cost")  # since the start of today
+    [row] = spend["notebooks"]
+    assert row["notebook"] == str(nb) and row["cells"] == 2 and row["usd"] > 0
+    assert [d["day"] for d in spend["days"]] == [time.strftime("%Y-%m-%d")]
+    assert spend["total_usd"] == pytest.approx(row["usd"])
+
+    run(ip, "%gpu release")
+    after = await api(jp_fetch, "cost", since=str(time.time() - 3600))
+    assert after["notebooks"][0]["usd"] >= row["usd"]  # what the session held, idle time included
+    assert (await api(jp_fetch, "cost", since=str(time.time() + 60)))["notebooks"] == []
+    code, message = await api_error(jp_fetch, "cost", since="yesterday")
+    assert code == 400 and "unix seconds" in message
+
+
+async def test_volumes_need_docker_and_say_so(jp_fetch, gpu_daemon):
+    code, message = await api_error(jp_fetch, "volumes")
+    assert code == 409 and "docker backend" in message
+
+
+async def test_volumes_create_list_delete_refused_while_mounted(jp_fetch, engine, daemon_factory, monkeypatch, make_shell):
+    user = f"sidebar-{uuid.uuid4().hex[:6]}"
+    d = daemon_factory(*docker_args(engine, "--simulate-gpus=H100:1", f"--WorkerDaemon.user={user}"))
+    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
+    assert (await api(jp_fetch, "volumes")) == {"volumes": []}
+    assert await api(jp_fetch, "volumes", "POST", {"name": "data"}) == {"name": "data"}
+    [vol] = (await api(jp_fetch, "volumes"))["volumes"]
+    assert vol["name"] == "data" and vol["in_use_by"] == []
+
+    ip = make_shell(d)
+    assert run(ip, "%%gpu H100 --volume data:/data\nopen('/data/x', 'w').write('1')")[0].success
+    code, message = await api_error(jp_fetch, "volumes/data", "DELETE")
+    assert code == 409 and "release them first (`%gpu release`)" in message
+    run(ip, "%gpu release")
+    assert await api(jp_fetch, "volumes/data", "DELETE") == {"removed": "data"}
+    assert (await api(jp_fetch, "volumes")) == {"volumes": []}
+
+    code, message = await api_error(jp_fetch, "volumes", "POST", body={"name": "../etc"})
+    assert code == 409 and "cannot create volume '../etc': a volume name is" in message
+    code, message = await api_error(jp_fetch, "volumes", "POST", body={})
+    assert code == 400 and '{"name": "NAME"}' in message
+
+
+async def test_daemon_down_is_a_503_with_a_message(jp_fetch, gpu_daemon):
+    assert (await api(jp_fetch, "gpus"))["gpus"]
+    gpu_daemon.stop()
+    for path in ("gpus", "sessions", "cost"):
+        code, message = await api_error(jp_fetch, path)
+        assert code == 503 and "jupyter-gpu daemon" in message and "Traceback" not in message
+
+
+async def test_every_endpoint_and_verb_refuses_unauthenticated_requests(
+    jp_serverapp, http_server_client, jp_base_url, gpu_daemon
+):
+    paths = {"gpus", "sessions", "sessions/abc", "volumes", "volumes/data", "cost"}
+    for path in paths:
+        for verb in VERBS:
+            r = await http_server_client.fetch(
+                f"{jp_base_url}jupyter-gpu/api/{path}",
+                method=verb.upper(),
+                body="{}" if verb in ("post", "put", "patch") else None,
+                allow_nonstandard_methods=True,
+                raise_error=False,
+            )
+            assert r.code in (403, 405), f"{verb.upper()} {path} answered {r.code} without a token"
+
+
+def test_an_unauthenticated_handler_is_refused_at_load():
+    class Open(GPUHandler):
+        async def get(self) -> None:  # no @web.authenticated
+            self.finish("{}")
+
+    assert unauthenticated(ROUTES) == []
+    assert unauthenticated([("open", Open)]) == ["Open.get"]
