@@ -150,7 +150,9 @@ class GPUMagics(Magics, connect.DaemonTarget):
         try:
             chosen = notebook.settings(cell)  # the notebook's jupyter_gpu metadata (the Lab sidebar's choice)
         except notebook.SettingsError as e:
-            raise GPUCellError(f"{e}. Nothing was run.") from None
+            if not args.spec:
+                raise GPUCellError(f"{e}. Nothing was run.") from None
+            chosen = {}  # the cell names its GPU; unreadable metadata cannot matter
         spec = args.spec or chosen.get("gpu") or self.default_gpu
         self._notebook = self._notebook or notebook.display_name(cell)
         pull = _names(args.pull)

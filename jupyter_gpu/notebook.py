@@ -48,7 +48,12 @@ def path() -> str:
 
 def display_name(cell: str = "") -> str:
     """What spend is recorded under: the server's name for the notebook, else its file."""
-    return os.environ.get(ENV_SESSION_NAME, "") or _find_by_cell(cell)[0]
+    if os.environ.get(ENV_SESSION_NAME):
+        return os.environ[ENV_SESSION_NAME]
+    try:
+        return _find_by_cell(cell)[0]
+    except SettingsError:
+        return ""
 
 
 def settings(cell: str) -> dict:
@@ -89,7 +94,7 @@ def _load(file: str) -> dict | None:
 
 def _find_by_cell(cell: str) -> tuple[str, dict]:
     """(file, metadata) of the notebook in the start directory holding ``cell`` as a
-    ``%%gpu`` cell; ("", {}) when none or several disagree."""
+    ``%%gpu`` cell; ("", {}) when none does; SettingsError when several disagree."""
     body = cell.strip()
     if not body:
         return "", {}
@@ -103,9 +108,13 @@ def _find_by_cell(cell: str) -> tuple[str, dict]:
             if c.get("cell_type") == "code" and head.startswith("%%gpu") and rest.strip() == body:
                 found.append((file, (nb.get("metadata") or {}).get(METADATA_KEY) or {}))
                 break
-    if len({json.dumps(m, sort_keys=True) for _, m in found}) == 1:
-        return found[0]
-    return "", {}
+    if len({json.dumps(m, sort_keys=True) for _, m in found}) > 1:
+        names = ", ".join(os.path.basename(f) for f, _ in found)
+        raise SettingsError(
+            f"notebooks {names} in {_start_dir} all hold this cell with different {METADATA_KEY} settings, so "
+            "which GPU it wants is unclear: name it in the cell (%%gpu H100)"
+        )
+    return found[0] if found else ("", {})
 
 
 def _validated(meta: object, where: str) -> dict:
