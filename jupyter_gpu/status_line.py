@@ -35,7 +35,7 @@ def describe(p: dict, final: str = "") -> str:
         parts.append(f"util {p['util']:.0f}%")
     if p.get("memory_used_bytes") is not None:
         parts.append(f"{_bytes(p['memory_used_bytes'])} / {_bytes(p.get('memory_bytes') or 0)}")
-    return ("⏳ running: " if not final else f"{final}: ") + " · ".join(parts)
+    return ("running: " if not final else f"{final}: ") + " · ".join(parts)
 
 
 def _bundle(text: str) -> dict:

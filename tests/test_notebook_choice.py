@@ -73,7 +73,7 @@ def test_a_long_cell_shows_a_live_status_line_that_ends_as_its_final_state(choic
     status = [o for o in cap.outputs if "jupyter-gpu-status" in o.data.get("text/html", "")]
     assert status, "no status line for a 1.5 s cell"
     first, last = status[0].data["text/plain"], status[-1].data["text/plain"]
-    assert first.startswith("⏳ running: H100 ×1 (simulated)") and "so far" in first and "util 100%" in first
+    assert first.startswith("running: H100 ×1 (simulated)") and "so far" in first and "util 100%" in first
     assert last.startswith("finished: H100 ×1 (simulated) · 1.") and "so far" not in last
     quick, cap = run(ip, "%%gpu H100\nx = 1")
     assert not [o for o in cap.outputs if "jupyter-gpu-status" in o.data.get("text/html", "")]

@@ -1,0 +1,182 @@
+"""End to end in a real browser: Debian's Chromium driven by Playwright (never a
+downloaded browser) against a real ``jupyter lab``, a real daemon (docker backend, real
+engine, simulated GPUs) and a real kernel. Leaves screenshots of the sidebar in
+test-output/ for people to look at."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+
+import nbformat
+import pytest
+from conftest import ROOT, LogWatcher, docker_args
+from nbformat.v4 import new_code_cell, new_notebook
+from procs import stop_process
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+OUTPUT = ROOT / "test-output"
+UI_TIMEOUT_MS = 60_000
+CELL = (
+    "%%gpu\n"
+    "import os, time\n"
+    "print('volume holds', sorted(os.listdir('/mnt/scratch')))\n"
+    "time.sleep(4)\n"
+    "print('done on the worker')"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(engine, daemon_factory, tmp_path, runtime_dir):
+    """``jupyter lab`` on loopback with a token, its kernels pointed at a docker daemon."""
+    user = f"e2e-{uuid.uuid4().hex[:6]}"
+    d = daemon_factory(
+        *docker_args(engine, "--simulate-gpus=H100:1,A100-80GB:1", f"--WorkerDaemon.user={user}"),
+        "--WorkerDaemon.progress_interval=0.5",
+    )
+    root = tmp_path / "notebooks"
+    root.mkdir()
+    nb = new_notebook(cells=[new_code_cell("%load_ext jupyter_gpu"), new_code_cell(CELL)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, root / "e2e.ipynb")
+    token, port = uuid.uuid4().hex, free_port()
+    env = {
+        **os.environ,
+        "JUPYTER_GPU_CONNECTION_FILE": d.connection_file,
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+            f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
+            "--LabApp.news_url=",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            "--LabApp.extension_manager=readonly",
+            *(["--allow-root"] if os.getuid() == 0 else []),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=root,
+    )
+    log = LogWatcher(proc.stderr, tmp_path / "lab.log")
+    try:
+        log.wait_for(r"Jupyter Server .* is running at", timeout=60)
+        yield {"url": f"http://127.0.0.1:{port}", "token": token, "root": root, "daemon": d}
+    finally:
+        stop_process(proc, 15)
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A page that leaves test-output/lab-last.png behind, to see where a failure stopped."""
+    OUTPUT.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    yield page
+    page.screenshot(path=str(OUTPUT / "lab-last.png"))
+
+
+def test_sidebar_end_to_end_in_chromium(lab, page):
+    from playwright.sync_api import expect
+
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{lab['url']}/lab/tree/e2e.ipynb?token={lab['token']}")
+    page.locator(".jp-Notebook").wait_for()
+
+    # The sidebar: the simulated GPUs of the daemon the kernels use.
+    page.locator('li[data-id="jupyter-gpu-sidebar"]').click()
+    sidebar = page.locator("#jupyter-gpu-sidebar")
+    expect(sidebar.get_by_text("GPU 0: H100 (simulated)")).to_be_visible()
+    expect(sidebar.get_by_text("GPU 1: A100-80GB (simulated)")).to_be_visible()
+    expect(sidebar.get_by_text("Today: $")).to_be_visible()
+
+    # A volume, created there.
+    sidebar.get_by_label("new volume name").fill("scratch")
+    sidebar.get_by_role("button", name="Create").click()
+    expect(sidebar.locator(".jp-gpu-volume", has_text="scratch")).to_be_visible()
+
+    # This notebook's GPU and volume, chosen there.
+    sidebar.get_by_label("GPU for this notebook").select_option("A100-80GB")
+    sidebar.get_by_label("mount volume scratch").check()
+
+    # Run both cells; the %%gpu cell names no GPU and gets the choice.
+    page.locator(".jp-Cell").first.click()
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.press("Shift+Enter")
+    code_cell = page.locator(".jp-Cell").nth(1)
+    expect(code_cell.locator(".jp-OutputArea-output", has_text="volume holds []")).to_be_visible()
+    expect(code_cell.get_by_text("running: A100-80GB ×1 (simulated)")).to_be_visible()  # the live status line
+    held = sidebar.locator(".jp-gpu-gpu", has_text="A100-80GB")
+    expect(held.locator(".jp-gpu-holder")).to_have_text("yours")
+    expect(held.get_by_text("util 100%")).to_be_visible()
+    expect(sidebar.locator(".jp-gpu-session")).to_contain_text("A100-80GB · busy")
+    sidebar.screenshot(path=str(OUTPUT / "lab-sidebar-running.png"))
+    page.screenshot(path=str(OUTPUT / "lab-running.png"))
+
+    expect(code_cell.get_by_text("done on the worker")).to_be_visible()
+    expect(code_cell.get_by_text("⏱ A100-80GB ×1 (simulated)")).to_be_visible()
+    expect(code_cell.get_by_text("finished: A100-80GB ×1 (simulated)")).to_be_visible()
+    expect(sidebar.locator(".jp-gpu-session")).to_contain_text("released in")  # the idle countdown
+
+    # The choice is in the notebook's metadata, where headless runs find it.
+    page.locator(".jp-Cell").first.click()
+    page.keyboard.press("Control+s")
+    expect(page.locator(".lm-TabBar-tab.jp-mod-dirty")).to_have_count(0)  # Lab marks unsaved documents
+    saved = json.loads((lab["root"] / "e2e.ipynb").read_text())["metadata"]
+    assert saved.get("jupyter_gpu") == {"gpu": "A100-80GB", "volumes": ["scratch:/mnt/scratch"]}
+
+    # Release from the sidebar; then the volume can go.
+    sidebar.get_by_role("button", name="Release").click()
+    expect(sidebar.get_by_text("No sessions")).to_be_visible()
+    expect(held.locator(".jp-gpu-holder")).to_have_text("free")
+    sidebar.locator(".jp-gpu-volume", has_text="scratch").get_by_role("button", name="Delete").click()
+    expect(sidebar.locator(".jp-gpu-volume", has_text="scratch")).to_have_count(0)
+    sidebar.screenshot(path=str(OUTPUT / "lab-sidebar.png"))
+    assert not errors, errors
+    print(f"screenshots: {OUTPUT / 'lab-sidebar-running.png'}, {OUTPUT / 'lab-sidebar.png'}")
