@@ -10,10 +10,21 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-deps test-image demo test bench clean
 
-$(STAMP): pyproject.toml
+LABEXT_SRC := labextension/package.json labextension/package-lock.json labextension/tsconfig.json \
+	$(wildcard labextension/src/*.ts labextension/src/*.tsx labextension/style/*)
+NODE_MODULES := labextension/node_modules/.package-lock.json
+
+# The labextension's node modules, exactly as locked.
+$(NODE_MODULES): labextension/package-lock.json | system-deps
+	cd labextension && npm ci --no-audit --no-fund
+
+# The package, editable, with the labextension built into it by hatch-jupyter-builder
+# (JupyterLab's builder comes from the venv, hence the build deps first and PATH).
+$(STAMP): pyproject.toml $(LABEXT_SRC) $(NODE_MODULES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q 'hatchling>=1.21' 'hatch-jupyter-builder>=0.9' 'jupyterlab>=4.2,<5'
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -29,13 +40,16 @@ demo: install
 	JUPYTER_RUNTIME_DIR=$(DEMO_RUNTIME) $(VENV)/bin/jupyter gpu stop; \
 	test $$status -eq 0 && $(PY) examples/show_outputs.py $(DEMO_RUNTIME)/quickstart.out.ipynb
 
-# What the tests start for real: Debian's Docker engine (the tests run dockerd on their own
-# socket), OpenSSH's sshd (on a loopback port), and a debootstrap root file system for the
-# test images (about 40 s, cached).
+# What the build and the tests start for real: Node.js and npm (the labextension), Debian's
+# Docker engine (the tests run dockerd on their own socket), OpenSSH's sshd (on a loopback
+# port), Debian's Chromium (driven by Playwright; never a downloaded browser), and a
+# debootstrap root file system for the test images (about 40 s, cached).
 system-deps:
-	@if [ ! -x /usr/sbin/dockerd ] || [ ! -x /usr/sbin/debootstrap ] || [ ! -x /usr/sbin/sshd ]; then \
+	@if [ ! -x /usr/sbin/dockerd ] || [ ! -x /usr/sbin/debootstrap ] || [ ! -x /usr/sbin/sshd ] \
+		|| [ ! -x /usr/bin/chromium ] || ! command -v npm >/dev/null; then \
 		$(SUDO) apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q docker.io debootstrap openssh-server; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q docker.io debootstrap openssh-server chromium \
+			$$(command -v npm >/dev/null || echo nodejs npm); \
 	fi
 
 $(ROOTFS): | system-deps
@@ -48,10 +62,12 @@ $(ROOTFS): | system-deps
 test-image: $(ROOTFS)
 
 test: install system-deps test-image
+	cd labextension && npm test --silent
 	$(PY) -m pytest -q
 
 bench: install
 	$(PY) bench/bench.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_RUNTIME) .pytest_cache
+	rm -rf $(VENV) $(DEMO_RUNTIME) .pytest_cache labextension/node_modules labextension/lib \
+		server/jupyter_gpu_server/labextension
