@@ -178,3 +178,31 @@ def test_an_unauthenticated_handler_is_refused_at_load():
 
     assert unauthenticated(ROUTES) == []
     assert unauthenticated([("open", Open)]) == ["Open.get"]
+
+
+async def test_with_nothing_configured_the_sidebar_and_the_magic_share_the_embedded_daemon(
+    jp_serverapp, jp_fetch, runtime_dir, monkeypatch
+):
+    import os
+    import select
+    import signal
+
+    from jupyter_gpu.connect import DaemonTarget
+
+    monkeypatch.delenv("JUPYTER_GPU_CONNECTION_FILE", raising=False)
+    monkeypatch.delenv("JUPYTER_GPU_URL", raising=False)
+    jp_serverapp.web_app.settings["jupyter_gpu_link"].embedded_args = ["--simulate-gpus=H100:1"]
+    host = await api(jp_fetch, "gpus")  # starts the local daemon, as a first %%gpu cell would
+    pid = json.loads((runtime_dir / "jupyter-gpu-daemon.json").read_text())["pid"]
+    pidfd = os.pidfd_open(pid)
+    try:
+        assert [g["model"] for g in host["gpus"]] == ["H100"]
+        client, _ = DaemonTarget().open_client()  # what the magic does with nothing configured
+        try:
+            assert client.call(P.Msg.HELLO)["pid"] == pid
+        finally:
+            client.close()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert select.select([pidfd], [], [], WAIT_S)[0], "the embedded daemon did not stop"
+        os.close(pidfd)
