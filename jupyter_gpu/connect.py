@@ -73,6 +73,26 @@ class DaemonTarget(Configurable):
     ).tag(config=True)
     embedded_args = List(Unicode(), help="Extra command-line options for the embedded daemon.").tag(config=True)
 
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        self._client: DaemonClient | None = None
+        self._tunnel: Any = None
+
+    def connected(self) -> DaemonClient:
+        """The open client, opened (with its tunnel) on first use."""
+        if self._client is None:
+            self._client, self._tunnel = self.open_client()
+        return self._client
+
+    def disconnect(self) -> None:
+        """Forget the connection (and its tunnel): the next request makes a new one."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
+
     def open_client(self) -> tuple[DaemonClient, Any]:
         """A client for the configured daemon, and the SSH tunnel it goes through (or None)."""
         target = self.daemon_url or os.environ.get(ENV_URL, "")

@@ -65,8 +65,6 @@ class GPUMagics(Magics, connect.DaemonTarget):
         connect.DaemonTarget.__init__(self, config=shell.config if shell is not None else None, **kw)
         self.session_id = uuid.uuid4().hex
         self.remote = RemoteNamespace()
-        self._client: DaemonClient | None = None
-        self._tunnel: Any = None
         self._made_bulk_dir = ""
         self._had_worker = False  # a worker was started for this notebook before
         self._notebook = ""  # this kernel's notebook, for spend per notebook
@@ -76,21 +74,13 @@ class GPUMagics(Magics, connect.DaemonTarget):
 
     @property
     def client(self) -> DaemonClient:
-        if self._client is None:
-            try:
-                self._client, self._tunnel = self.open_client()
-            except connect.TargetError as e:
-                raise GPUCellError(str(e)) from None
-        return self._client
+        try:
+            return self.connected()
+        except connect.TargetError as e:
+            raise GPUCellError(str(e)) from None
 
     def _drop_client(self) -> None:
-        """Forget the connection (and its tunnel): the next request makes a new one."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        if self._tunnel is not None:
-            self._tunnel.close()
-            self._tunnel = None
+        self.disconnect()
 
     def _bulk_dir(self) -> str | None:
         """This session's directory for bulk buffers, when the daemon shares our host."""

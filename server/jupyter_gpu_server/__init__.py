@@ -26,4 +26,4 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
 def _unload_jupyter_server_extension(serverapp: Any) -> None:
     link = serverapp.web_app.settings.get("jupyter_gpu_link")
     if link is not None:
-        link.close()
+        link.disconnect()

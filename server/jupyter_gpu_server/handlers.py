@@ -19,7 +19,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 from traitlets import Float
 
-from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
+from jupyter_gpu.client import DaemonError, DaemonLost
 from jupyter_gpu.connect import DaemonTarget, TargetError
 from kernel_worker import protocol as P
 
@@ -46,41 +46,29 @@ class DaemonLink(DaemonTarget):
     def __init__(self, **kw: Any):
         super().__init__(**kw)
         self._lock = threading.Lock()  # one request at a time on the one socket
-        self._client: DaemonClient | None = None
-        self._tunnel: Any = None
 
     def call(self, type: str, content: dict | None = None, session: str = "") -> dict:
         """Blocking request/reply; run it in a thread."""
         with self._lock:
-            if self._client is None:
-                try:
-                    self._client, self._tunnel = self.open_client()
-                except DaemonError as e:  # no connection file, the embedded daemon would not start...
-                    raise TargetError(f"cannot reach the jupyter-gpu daemon: {e}") from None
-            url = self._client.url
-            if url.startswith("ipc://") and not os.path.exists(url[len("ipc://") :]):
-                self.close()
+            try:
+                client = self.connected()
+            except DaemonError as e:  # no connection file, the embedded daemon would not start...
+                raise TargetError(f"cannot reach the jupyter-gpu daemon: {e}") from None
+            if client.url.startswith("ipc://") and not os.path.exists(client.url[len("ipc://") :]):
+                self.disconnect()
                 raise TargetError(
-                    f"the jupyter-gpu daemon is not running (nothing listens at {url}); "
+                    f"the jupyter-gpu daemon is not running (nothing listens at {client.url}); "
                     "a %%gpu cell starts the local one, or start it with `jupyter gpu daemon`"
                 )
             try:
-                return self._client.call(type, content, session, timeout=self.request_timeout)
+                return client.call(type, content, session, timeout=self.request_timeout)
             except DaemonLost:
-                self.close()  # a restarted daemon may have a new key or address: look again next time
+                self.disconnect()  # a restarted daemon may have a new key or address: look again next time
                 raise
             except DaemonError as e:
                 if e.code == P.Err.BAD_SIGNATURE:
-                    self.close()
+                    self.disconnect()
                 raise
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        if self._tunnel is not None:
-            self._tunnel.close()
-            self._tunnel = None
 
 
 class GPUError(web.HTTPError):
