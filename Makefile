@@ -14,9 +14,10 @@ LABEXT_SRC := labextension/package.json labextension/package-lock.json labextens
 	$(wildcard labextension/src/*.ts labextension/src/*.tsx labextension/style/*)
 NODE_MODULES := labextension/node_modules/.package-lock.json
 
-# The labextension's node modules, exactly as locked.
-$(NODE_MODULES): labextension/package-lock.json | system-deps
-	cd labextension && npm ci --no-audit --no-fund
+# The labextension's node modules, as locked. `npm install`, not `npm ci`: the registry
+# mirror here lacks rspack's bindings for other platforms, which `npm ci` insists on.
+$(NODE_MODULES): labextension/package.json labextension/package-lock.json | system-deps
+	cd labextension && npm install --no-audit --no-fund
 
 # The package, editable, with the labextension built into it by hatch-jupyter-builder
 # (JupyterLab's builder comes from the venv, hence the build deps first and PATH).
