@@ -23,7 +23,8 @@ MAX_NOTEBOOK_BYTES = 64 * 1024**2  # larger files are not read just to find a ce
 
 _pushed: dict | None = None  # the sidebar's latest choice, unsaved or not
 _start_dir = os.getcwd()  # the kernel starts in its notebook's directory
-_cache: dict[str, tuple[float, dict]] = {}
+_cache: dict[str, tuple[float, dict]] = {}  # file -> (mtime, its jupyter_gpu metadata)
+_found: dict[tuple[str, int], object] = {}  # (cell, directory mtime) -> what _scan found
 
 
 class SettingsError(ValueError):
@@ -94,10 +95,28 @@ def _load(file: str) -> dict | None:
 
 def _find_by_cell(cell: str) -> tuple[str, dict]:
     """(file, metadata) of the notebook in the start directory holding ``cell`` as a
-    ``%%gpu`` cell; ("", {}) when none does; SettingsError when several disagree."""
+    ``%%gpu`` cell; ("", {}) when none does; SettingsError when several disagree.
+    Remembered until the directory changes (a headless run does not edit its notebook)."""
     body = cell.strip()
     if not body:
         return "", {}
+    try:
+        key = (body, os.stat(_start_dir).st_mtime_ns)
+    except OSError:
+        return "", {}
+    if key not in _found:
+        _found.clear()
+        try:
+            _found[key] = _scan(body)
+        except SettingsError as e:
+            _found[key] = e
+    hit = _found[key]
+    if isinstance(hit, SettingsError):
+        raise hit
+    return hit
+
+
+def _scan(body: str) -> tuple[str, dict]:
     found: list[tuple[str, dict]] = []
     for file in sorted(glob.glob(os.path.join(_start_dir, "*.ipynb"))):
         nb = _load(file)
