@@ -222,6 +222,11 @@ def resolve(connection_file: str = "", **embedded: object) -> tuple[str, bytes]:
     if path:
         try:
             return read_connection_file(path)
+        except FileNotFoundError:
+            raise DaemonError(
+                "no_session",
+                f"no daemon connection file at {path}: is that daemon running? (it writes the file when it starts)",
+            ) from None
         except (OSError, ValueError, KeyError) as e:
             raise DaemonError("no_session", f"cannot read the daemon connection file {path}: {e}") from None
     return start_embedded(**embedded)  # type: ignore[arg-type]

@@ -113,17 +113,23 @@ def cost_parts(cost: dict, session: bool = True) -> list[str]:
     return parts
 
 
+LINE_STYLE = (
+    "color: var(--jp-ui-font-color2, #777); font-size: 0.85em; font-family: var(--jp-code-font-family, monospace);"
+)
+
+
+def line_bundle(text: str, kind: str) -> dict:
+    """A quiet one-line display. The classes keep MathJax from typesetting "$1 · $2" as math."""
+    return {
+        "text/plain": text,
+        "text/html": f'<div class="{kind} mathjax_ignore tex2jax_ignore" style="{LINE_STYLE}">{html.escape(text)}</div>',
+    }
+
+
 def show_cost(cost: dict) -> None:
     """The cost line, as a display (not stdout) so it never mixes with the cell's text."""
     text = "⏱ " + " · ".join(cost_parts(cost))
-    style = (
-        "color: var(--jp-ui-font-color2, #777); font-size: 0.85em; font-family: var(--jp-code-font-family, monospace);"
-    )
-    display(
-        {"text/plain": text, "text/html": f'<div class="jupyter-gpu-cost" style="{style}">{html.escape(text)}</div>'},
-        raw=True,
-        metadata={"jupyter_gpu": {"cost": cost}},
-    )
+    display(line_bundle(text, "jupyter-gpu-cost"), raw=True, metadata={"jupyter_gpu": {"cost": cost}})
 
 
 def show_note(text: str) -> None:

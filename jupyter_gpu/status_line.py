@@ -9,7 +9,6 @@ Jupyter Server with ipywidgets in the kernel), else a display updated in place
 
 from __future__ import annotations
 
-import html
 import os
 import uuid
 from typing import Any
@@ -17,11 +16,8 @@ from typing import Any
 from IPython.display import display
 
 from jupyter_gpu.notebook import ENV_SESSION_NAME
-from jupyter_gpu.output import _bytes, _usd
+from jupyter_gpu.output import _bytes, _usd, line_bundle
 
-STYLE = (
-    "color: var(--jp-ui-font-color2, #777); font-size: 0.85em; font-family: var(--jp-code-font-family, monospace);"
-)
 MODES = ("auto", "widget", "html", "off")
 
 
@@ -39,10 +35,7 @@ def describe(p: dict, final: str = "") -> str:
 
 
 def _bundle(text: str) -> dict:
-    return {
-        "text/plain": text,
-        "text/html": f'<div class="jupyter-gpu-status" style="{STYLE}">{html.escape(text)}</div>',
-    }
+    return line_bundle(text, "jupyter-gpu-status")
 
 
 def _widgets_wanted(mode: str) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -160,7 +161,9 @@ def test_sidebar_end_to_end_in_chromium(lab, page):
     page.screenshot(path=str(OUTPUT / "lab-running.png"))
 
     expect(code_cell.get_by_text("done on the worker")).to_be_visible()
-    expect(code_cell.get_by_text("⏱ A100-80GB ×1 (simulated)")).to_be_visible()
+    cost = code_cell.locator(".jupyter-gpu-cost")
+    expect(cost).to_contain_text("⏱ A100-80GB ×1 (simulated)")
+    expect(cost).to_contain_text(" · $0.00")  # dollars, not typeset as math
     expect(code_cell.get_by_text("finished: A100-80GB ×1 (simulated)")).to_be_visible()
     expect(sidebar.locator(".jp-gpu-session")).to_contain_text("released in")  # the idle countdown
 
@@ -178,5 +181,32 @@ def test_sidebar_end_to_end_in_chromium(lab, page):
     sidebar.locator(".jp-gpu-volume", has_text="scratch").get_by_role("button", name="Delete").click()
     expect(sidebar.locator(".jp-gpu-volume", has_text="scratch")).to_have_count(0)
     sidebar.screenshot(path=str(OUTPUT / "lab-sidebar.png"))
+
+    # Native in the dark theme too: the panel takes Lab's own colours.
+    def background() -> str:
+        return sidebar.evaluate("e => getComputedStyle(e).backgroundColor")
+
+    light = background()
+    page.locator(".lm-MenuBar-item", has_text="Settings").click()
+    page.locator(".lm-Menu-item", has_text=re.compile(r"^Theme$")).hover()
+    page.get_by_role("menuitem", name="JupyterLab Dark", exact=True).click()
+    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'")
+    page.wait_for_function(
+        "([el, before]) => getComputedStyle(el).backgroundColor !== before", arg=[sidebar.element_handle(), light]
+    )
+    expect(sidebar.get_by_text("GPU 0: H100 (simulated)")).to_be_visible()
+    sidebar.screenshot(path=str(OUTPUT / "lab-sidebar-dark.png"))
+
+    # The daemon goes away: one readable error, not a stack trace, and not one per poll.
+    lab["daemon"].stop()
+    error = sidebar.locator(".jp-gpu-error")
+    expect(error.first).to_contain_text("jupyter-gpu daemon")
+    tab = page.locator('li[data-id="jupyter-gpu-sidebar"]')
+    tab.click()  # hide the panel, show it again: that polls at once
+    tab.click()
+    expect(sidebar.get_by_text("GPU 0: H100 (simulated)")).to_be_visible()
+    expect(error).to_have_count(1)
+    expect(sidebar.locator(".jp-gpu-stale")).to_have_count(1)  # what was last seen, dimmed
+    assert "Traceback" not in error.inner_text()
     assert not errors, errors
     print(f"screenshots: {OUTPUT / 'lab-sidebar-running.png'}, {OUTPUT / 'lab-sidebar.png'}")

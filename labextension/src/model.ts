@@ -70,6 +70,11 @@ export function formatBytes(n: number | null | undefined): string {
   return i === 0 ? `${n.toFixed(0)} ${units[i]}` : `${n.toFixed(1)} ${units[i]}`;
 }
 
+/** "1 cell", "2 cells". */
+export function plural(n: number, word: string): string {
+  return `${n} ${word}${n === 1 ? '' : 's'}`;
+}
+
 /** "4:05" for seconds; negative counts as zero. */
 export function formatDuration(seconds: number): string {
   const s = Math.max(0, Math.round(seconds));

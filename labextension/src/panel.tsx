@@ -12,6 +12,7 @@ import {
   holder,
   idleLeft,
   IGPU,
+  plural,
   pollInterval,
   utilPercent
 } from './model';
@@ -160,7 +161,7 @@ function Spend(props: { state: SidebarState }): JSX.Element {
           <ul className="jp-gpu-list">
             {spend.notebooks.slice(0, 5).map(n => (
               <li key={n.notebook} className="jp-gpu-detail" title={n.notebook}>
-                {n.notebook.split('/').pop()}: {formatUsd(n.usd)} · {n.cells} cells
+                {n.notebook.split('/').pop()}: {formatUsd(n.usd)} · {plural(n.cells, 'cell')}
               </li>
             ))}
           </ul>
@@ -176,8 +177,9 @@ function Sidebar(props: { state: SidebarState; choice: NotebookChoice }): JSX.El
     return <p className="jp-gpu-empty">Loading…</p>;
   }
   const mine = s.sessions.map(x => x.id);
+  // While the daemon does not answer, what was last seen stays, dimmed.
   return (
-    <div className="jp-gpu-sidebar-body">
+    <div className={`jp-gpu-sidebar-body${s.errors.host.current ? ' jp-gpu-stale' : ''}`}>
       <ErrorLine text={s.errors.host.current} />
       <ErrorLine text={s.errors.action.current} />
       <h3 className="jp-gpu-heading">GPUs{s.backend ? ` · ${s.backend}` : ''}</h3>

@@ -44,18 +44,20 @@ export class SidebarState {
       const reason = host.status === 'rejected' ? host.reason : (sessions as PromiseRejectedResult).reason;
       this.errors.host.report(String(reason.message ?? reason));
     }
+    // One cause, one message: with the daemon down, the host's error says it all.
+    const down = host.status === 'rejected';
     if (volumes.status === 'fulfilled') {
       this.volumes = volumes.value.volumes;
       this.errors.volumes.clear();
     } else {
       this.volumes = [];
-      this.errors.volumes.report(String(volumes.reason.message ?? volumes.reason));
+      down ? this.errors.volumes.clear() : this.errors.volumes.report(String(volumes.reason.message ?? volumes.reason));
     }
     if (spend.status === 'fulfilled') {
       this.spend = spend.value;
       this.errors.spend.clear();
     } else {
-      this.errors.spend.report(String(spend.reason.message ?? spend.reason));
+      down ? this.errors.spend.clear() : this.errors.spend.report(String(spend.reason.message ?? spend.reason));
     }
     this._changed.emit();
     if (host.status === 'rejected') {

@@ -11,6 +11,7 @@ import {
   IGPU,
   ISession,
   kernelSnippet,
+  plural,
   pollInterval,
   readChoice,
   utilPercent
@@ -54,6 +55,10 @@ describe('formatting', () => {
     expect(formatBytes(512)).toBe('512 B');
     expect(formatBytes(80 * 1024 ** 3)).toBe('80.0 GiB');
     expect(formatBytes(null)).toBe('');
+  });
+  it('counts in words', () => {
+    expect(plural(1, 'cell')).toBe('1 cell');
+    expect(plural(0, 'cell')).toBe('0 cells');
   });
   it('formats durations as clocks', () => {
     expect(formatDuration(65)).toBe('1:05');
