@@ -512,6 +512,7 @@ class WorkerDaemon(LoggingConfigurable):
             "warm": warm,
             "queue": self.scheduler.queue(),
             "backend": self.backend,
+            "volumes": self.backend_instance.has_volumes,
         }
 
     async def _handle_volumes(self, ident: bytes, msg: P.Message, user: str) -> None:

@@ -47,54 +47,63 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def lab(engine, daemon_factory, tmp_path, runtime_dir):
-    """``jupyter lab`` on loopback with a token, its kernels pointed at a docker daemon."""
-    user = f"e2e-{uuid.uuid4().hex[:6]}"
-    d = daemon_factory(
-        *docker_args(engine, "--simulate-gpus=H100:1,A100-80GB:1", f"--WorkerDaemon.user={user}"),
-        "--WorkerDaemon.progress_interval=0.5",
-    )
-    root = tmp_path / "notebooks"
-    root.mkdir()
-    nb = new_notebook(cells=[new_code_cell("%load_ext jupyter_gpu"), new_code_cell(CELL)])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, root / "e2e.ipynb")
-    token, port = uuid.uuid4().hex, free_port()
-    env = {
-        **os.environ,
-        "JUPYTER_GPU_CONNECTION_FILE": d.connection_file,
-        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jupyterlab",
-            "--no-browser",
-            "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={port}",
-            "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={token}",
-            f"--ServerApp.root_dir={root}",
-            f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
-            f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
-            "--LabApp.news_url=",
-            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-            "--LabApp.extension_manager=readonly",
-            *(["--allow-root"] if os.getuid() == 0 else []),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=root,
-    )
-    log = LogWatcher(proc.stderr, tmp_path / "lab.log")
-    try:
-        log.wait_for(r"Jupyter Server .* is running at", timeout=60)
-        yield {"url": f"http://127.0.0.1:{port}", "token": token, "root": root, "daemon": d}
-    finally:
+def lab_factory(daemon_factory, tmp_path, runtime_dir):
+    """``jupyter lab`` on loopback with a token, its kernels pointed at a daemon started
+    with the given options."""
+    started: list[subprocess.Popen] = []
+
+    def start(*daemon_args: str) -> dict:
+        d = daemon_factory(*daemon_args, "--WorkerDaemon.progress_interval=0.5")
+        root = tmp_path / "notebooks"
+        root.mkdir()
+        nb = new_notebook(cells=[new_code_cell("%load_ext jupyter_gpu"), new_code_cell(CELL)])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, root / "e2e.ipynb")
+        token, port = uuid.uuid4().hex, free_port()
+        env = {
+            **os.environ,
+            "JUPYTER_GPU_CONNECTION_FILE": d.connection_file,
+            "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+            "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+        }
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jupyterlab",
+                "--no-browser",
+                "--ServerApp.ip=127.0.0.1",
+                f"--ServerApp.port={port}",
+                "--ServerApp.port_retries=0",
+                f"--IdentityProvider.token={token}",
+                f"--ServerApp.root_dir={root}",
+                f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+                f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
+                "--LabApp.news_url=",
+                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                "--LabApp.extension_manager=readonly",
+                *(["--allow-root"] if os.getuid() == 0 else []),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=root,
+        )
+        started.append(proc)
+        LogWatcher(proc.stderr, tmp_path / "lab.log").wait_for(r"Jupyter Server .* is running at", timeout=60)
+        return {"url": f"http://127.0.0.1:{port}", "token": token, "root": root, "daemon": d}
+
+    yield start
+    for proc in started:
         stop_process(proc, 15)
+
+
+def open_sidebar(page, lab: dict):
+    """The notebook open in Lab, and the jupyter-gpu panel shown beside it."""
+    page.goto(f"{lab['url']}/lab/tree/e2e.ipynb?token={lab['token']}")
+    page.locator(".jp-Notebook").wait_for()
+    page.locator('li[data-id="jupyter-gpu-sidebar"]').click()
+    return page.locator("#jupyter-gpu-sidebar")
 
 
 @pytest.fixture
@@ -120,19 +129,19 @@ def page(browser):
     page.screenshot(path=str(OUTPUT / "lab-last.png"))
 
 
-def test_sidebar_end_to_end_in_chromium(lab, page):
+def test_sidebar_end_to_end_in_chromium(lab_factory, engine, page):
     from playwright.sync_api import expect
+
+    user = f"e2e-{uuid.uuid4().hex[:6]}"
+    lab = lab_factory(*docker_args(engine, "--simulate-gpus=H100:1,A100-80GB:1", f"--WorkerDaemon.user={user}"))
 
     page.set_default_timeout(UI_TIMEOUT_MS)
     expect.set_options(timeout=UI_TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"{lab['url']}/lab/tree/e2e.ipynb?token={lab['token']}")
-    page.locator(".jp-Notebook").wait_for()
 
     # The sidebar: the simulated GPUs of the daemon the kernels use.
-    page.locator('li[data-id="jupyter-gpu-sidebar"]').click()
-    sidebar = page.locator("#jupyter-gpu-sidebar")
+    sidebar = open_sidebar(page, lab)
     expect(sidebar.get_by_text("GPU 0: H100 (simulated)")).to_be_visible()
     expect(sidebar.get_by_text("GPU 1: A100-80GB (simulated)")).to_be_visible()
     expect(sidebar.get_by_text("Today: $")).to_be_visible()
@@ -210,3 +219,15 @@ def test_sidebar_end_to_end_in_chromium(lab, page):
     assert "Traceback" not in error.inner_text()
     assert not errors, errors
     print(f"screenshots: {OUTPUT / 'lab-sidebar-running.png'}, {OUTPUT / 'lab-sidebar.png'}")
+
+
+def test_sidebar_on_the_process_backend_says_volumes_need_docker(lab_factory, page):
+    from playwright.sync_api import expect
+
+    lab = lab_factory("--simulate-gpus=H100:2")
+    sidebar = open_sidebar(page, lab)
+    expect(sidebar.locator(".jp-gpu-gpu")).to_have_count(2)
+    expect(sidebar.get_by_text("GPUs · process")).to_be_visible()
+    expect(sidebar.get_by_text("Volumes need the docker backend")).to_be_visible()
+    expect(sidebar.get_by_label("new volume name")).to_have_count(0)
+    expect(sidebar.locator(".jp-gpu-error")).to_have_count(0)

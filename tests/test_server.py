@@ -62,7 +62,7 @@ async def until(check, what: str, timeout: float = WAIT_S):
 
 async def test_gpus_show_live_state_and_who_holds_them(jp_fetch, gpu_daemon):
     host = await api(jp_fetch, "gpus")
-    assert host["backend"] == "process"
+    assert host["backend"] == "process" and host["volumes"] is False
     assert [(g["model"], g["simulated"], g["user"]) for g in host["gpus"]] == [
         ("H100", True, None),
         ("A100-80GB", True, None),
@@ -128,6 +128,7 @@ async def test_volumes_create_list_delete_refused_while_mounted(jp_fetch, engine
     user = f"sidebar-{uuid.uuid4().hex[:6]}"
     d = daemon_factory(*docker_args(engine, "--simulate-gpus=H100:1", f"--WorkerDaemon.user={user}"))
     monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
+    assert (await api(jp_fetch, "gpus"))["volumes"] is True
     assert (await api(jp_fetch, "volumes")) == {"volumes": []}
     assert await api(jp_fetch, "volumes", "POST", {"name": "data"}) == {"name": "data"}
     [vol] = (await api(jp_fetch, "volumes"))["volumes"]

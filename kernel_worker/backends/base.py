@@ -63,6 +63,8 @@ def describe_exit(code: int | None) -> str:
 class Backend(LoggingConfigurable):
     """Runs executors. Implementations: ``process`` (this host), ``docker``."""
 
+    has_volumes = False  # whether the *_volume methods below are implemented
+
     orphan_timeout = Float(
         0.0, help="Seconds a worker waits for its daemon to come back after losing it, then exits."
     ).tag(config=True)

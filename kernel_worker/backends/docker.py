@@ -59,6 +59,8 @@ class Container:
 
 
 class DockerBackend(Backend):
+    has_volumes = True
+
     image = Unicode("jupyter-gpu-worker:latest", help="Image for sessions that name none with --image.").tag(
         config=True
     )

@@ -195,7 +195,11 @@ function Sidebar(props: { state: SidebarState; choice: NotebookChoice }): JSX.El
       <h3 className="jp-gpu-heading">This notebook</h3>
       <props.choice.Component choices={gpuChoices(s.gpus)} volumes={s.volumes.map(v => v.name)} />
       <h3 className="jp-gpu-heading">Volumes</h3>
-      <Volumes state={s} />
+      {s.hasVolumes ? (
+        <Volumes state={s} />
+      ) : (
+        <p className="jp-gpu-empty">Volumes need the docker backend: `jupyter gpu daemon --backend docker`.</p>
+      )}
       <h3 className="jp-gpu-heading">Sessions</h3>
       <Sessions state={s} />
       <h3 className="jp-gpu-heading">Spend</h3>

@@ -9,6 +9,8 @@ export type Section = 'host' | 'volumes' | 'spend' | 'action';
 export class SidebarState {
   gpus: IGPU[] = [];
   backend = '';
+  /** Whether the daemon's backend has volumes (docker does, process does not). */
+  hasVolumes = false;
   sessions: ISession[] = [];
   volumes: IVolume[] = [];
   spend: ISpend | null = null;
@@ -27,10 +29,12 @@ export class SidebarState {
 
   /** One poll. Rejects when the host part failed, so the poll backs off. */
   async refresh(): Promise<void> {
+    const noVolumes = Promise.resolve({ volumes: [] as IVolume[] });
     const [host, sessions, volumes, spend] = await Promise.allSettled([
-      requestAPI<{ gpus: IGPU[]; backend: string }>('gpus', 'list GPUs'),
+      requestAPI<{ gpus: IGPU[]; backend: string; volumes: boolean }>('gpus', 'list GPUs'),
       requestAPI<{ sessions: ISession[] }>('sessions', 'list sessions'),
-      requestAPI<{ volumes: IVolume[] }>('volumes', 'list volumes'),
+      // Asked only of a backend known to have volumes (the first poll learns which).
+      this.loaded && !this.hasVolumes ? noVolumes : requestAPI<{ volumes: IVolume[] }>('volumes', 'list volumes'),
       requestAPI<ISpend>('cost', 'read spend')
     ]);
     this.fetchedAt = Date.now();
@@ -38,6 +42,7 @@ export class SidebarState {
     if (host.status === 'fulfilled' && sessions.status === 'fulfilled') {
       this.gpus = host.value.gpus;
       this.backend = host.value.backend;
+      this.hasVolumes = host.value.volumes;
       this.sessions = sessions.value.sessions;
       this.errors.host.clear();
     } else {
@@ -46,7 +51,10 @@ export class SidebarState {
     }
     // One cause, one message: with the daemon down, the host's error says it all.
     const down = host.status === 'rejected';
-    if (volumes.status === 'fulfilled') {
+    if (!down && !this.hasVolumes) {
+      this.volumes = [];
+      this.errors.volumes.clear();
+    } else if (volumes.status === 'fulfilled') {
       this.volumes = volumes.value.volumes;
       this.errors.volumes.clear();
     } else {

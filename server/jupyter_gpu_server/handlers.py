@@ -129,7 +129,8 @@ class GPUsHandler(GPUHandler):
     @web.authenticated
     async def get(self) -> None:
         st = await self.daemon(P.Msg.STATUS)
-        self.reply({"backend": st["backend"], "gpus": st["gpus"], "queue": st["queue"], "warm": st["warm"]})
+        keep = ("backend", "gpus", "queue", "warm", "volumes")
+        self.reply({k: st[k] for k in keep})
 
 
 class SessionsHandler(GPUHandler):
