@@ -161,7 +161,8 @@ def test_sidebar_end_to_end_in_chromium(lab_factory, engine, page):
     page.keyboard.press("Shift+Enter")
     code_cell = page.locator(".jp-Cell").nth(1)
     expect(code_cell.locator(".jp-OutputArea-output", has_text="volume holds []")).to_be_visible()
-    expect(code_cell.get_by_text("running: A100-80GB ×1 (simulated)")).to_be_visible()  # the live status line
+    # The live status line: an ipywidgets HTML widget in Lab, static once the cell is done.
+    expect(code_cell.locator(".jupyter-widgets", has_text="running: A100-80GB ×1 (simulated)")).to_be_visible()
     held = sidebar.locator(".jp-gpu-gpu", has_text="A100-80GB")
     expect(held.locator(".jp-gpu-holder")).to_have_text("yours")
     expect(held.get_by_text("util 100%")).to_be_visible()
@@ -174,6 +175,7 @@ def test_sidebar_end_to_end_in_chromium(lab_factory, engine, page):
     expect(cost).to_contain_text("⏱ A100-80GB ×1 (simulated)")
     expect(cost).to_contain_text(" · $0.00")  # dollars, not typeset as math
     expect(code_cell.get_by_text("finished: A100-80GB ×1 (simulated)")).to_be_visible()
+    expect(code_cell.locator(".jupyter-widgets")).to_have_count(0)
     expect(sidebar.locator(".jp-gpu-session")).to_contain_text("released in")  # the idle countdown
 
     # The choice is in the notebook's metadata, where headless runs find it.
