@@ -205,7 +205,11 @@ def test_sidebar_end_to_end_in_chromium(lab_factory, engine, page):
     page.wait_for_function(
         "([el, before]) => getComputedStyle(el).backgroundColor !== before", arg=[sidebar.element_handle(), light]
     )
-    expect(sidebar.get_by_text("GPU 0: H100 (simulated)")).to_be_visible()
+    # Readable: its text turns light (Lab's --jp-ui-font-color1) once the theme has applied.
+    page.wait_for_function(
+        "el => Number(getComputedStyle(el).color.match(/\\d+/)[0]) > 200",
+        arg=sidebar.locator(".jp-gpu-name").first.element_handle(),
+    )
     sidebar.screenshot(path=str(OUTPUT / "lab-sidebar-dark.png"))
 
     # The daemon goes away: one readable error, not a stack trace, and not one per poll.
