@@ -25,7 +25,8 @@ import zmq
 
 # The daemon and the Docker engine are started exactly as the tests start them.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import LogWatcher, start_daemon  # noqa: E402
+from conftest import LogWatcher, start_daemon, wait_listening  # noqa: E402
+from procs import stop_process  # noqa: E402
 
 
 def private_dir(tmp: str, name: str) -> Path:
@@ -221,6 +222,61 @@ def bench_docker(ip, tmp: str, reps: int, cold_reps: int) -> dict | None:
         engine.stop()
 
 
+# ----------------------------------------------------------------------------- the sidebar's API
+
+
+def bench_sidebar(tmp: str, reps: int) -> dict:
+    """GET gpus through a real Jupyter Server (the sidebar's poll), next to Jupyter's own
+    GET /api/status on the same server and connection."""
+    import http.client
+    import socket
+    import subprocess
+    import uuid
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    token = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={tmp}",
+            *(["--allow-root"] if os.getuid() == 0 else []),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        LogWatcher(proc.stderr, Path(tmp) / "server.log").wait_for(r"Jupyter Server .* is running at", timeout=60)
+        wait_listening(port)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+        def get(path: str) -> float:
+            t = time.perf_counter()
+            conn.request("GET", path, headers={"Authorization": f"token {token}"})
+            r = conn.getresponse()
+            r.read()
+            if r.status != 200:
+                raise RuntimeError(f"GET {path}: HTTP {r.status}")
+            return time.perf_counter() - t
+
+        out = {}
+        for name, path in (("gpus", "/jupyter-gpu/api/gpus"), ("status", "/api/status")):
+            get(path)  # warm: connection, daemon link
+            out[name] = [get(path) for _ in range(reps)]
+        conn.close()
+        return out
+    finally:
+        stop_process(proc, 10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -240,6 +296,7 @@ def main() -> None:
             gpu = bench_gpu(ip, reps, cold_reps)
             ipp_r = None if args.no_ipp else bench_ipp(ip, reps)
             dock = None if args.no_docker else bench_docker(ip, tmp, reps, cold_reps)
+            side = bench_sidebar(tmp, reps)
         finally:
             d.stop()
     rows = [
@@ -289,6 +346,15 @@ def main() -> None:
             "",
         ),
     ]
+    rows.append(
+        (
+            "sidebar poll: GET jupyter-gpu/api/gpus via Jupyter Server, p50",
+            ms(pct(side["gpus"], 50)),
+            "-",
+            "-",
+            f"< 20 ms (Jupyter's own GET /api/status: {ms(pct(side['status'], 50))})",
+        )
+    )
     head = ("metric", "jupyter-gpu", "ipyparallel", "raw pyzmq", "target")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
     print(f"# {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {reps} reps, process backend, cpu device")

@@ -67,6 +67,22 @@ class LogWatcher:
                 self._cond.wait(left)
 
 
+def wait_listening(port: int, timeout: float = START_TIMEOUT) -> None:
+    """Until something accepts connections on loopback ``port`` (servers log their URL
+    a moment before they listen)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s") from None
+            select.select([], [], [], 0.02)  # a retry interval, not a synchronisation
+
+
 @dataclass
 class Daemon:
     proc: subprocess.Popen

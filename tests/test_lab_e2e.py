@@ -15,7 +15,7 @@ import uuid
 
 import nbformat
 import pytest
-from conftest import ROOT, LogWatcher, docker_args
+from conftest import ROOT, LogWatcher, docker_args, wait_listening
 from nbformat.v4 import new_code_cell, new_notebook
 from procs import stop_process
 
@@ -91,6 +91,7 @@ def lab_factory(daemon_factory, tmp_path, runtime_dir):
         )
         started.append(proc)
         LogWatcher(proc.stderr, tmp_path / "lab.log").wait_for(r"Jupyter Server .* is running at", timeout=60)
+        wait_listening(port)
         return {"url": f"http://127.0.0.1:{port}", "token": token, "root": root, "daemon": d}
 
     yield start
