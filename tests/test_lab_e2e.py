@@ -35,7 +35,7 @@ CELL = (
     "%%gpu\n"
     "import os, time\n"
     "print('volume holds', sorted(os.listdir('/mnt/scratch')))\n"
-    "time.sleep(4)\n"
+    "time.sleep(8)\n"  # long enough for the sidebar to see it running (it polls every 3 s when idle)
     "print('done on the worker')"
 )
 
