@@ -92,13 +92,15 @@ def _usd(x: float) -> str:
     return f"${x:.4f}" if x < 1 else f"${x:.2f}"
 
 
+def device_label(info: dict) -> str:
+    """``H100 ×2 (simulated)``, or ``cpu``: what a cost or status line ran on."""
+    device, count = info.get("device", "cpu"), info.get("count", 0)
+    return (f"{device} ×{count}" if count else device) + (" (simulated)" if info.get("simulated") else "")
+
+
 def cost_parts(cost: dict, session: bool = True) -> list[str]:
     """The pieces of a cost line; ``session`` adds what the session has cost so far."""
-    device = cost.get("device", "cpu")
-    count = cost.get("count", 0)
-    parts = [f"{device} ×{count}" if count else device]
-    if cost.get("simulated"):
-        parts[0] += " (simulated)"
+    parts = [device_label(cost)]
     parts.append(f"{cost.get('wall_s', 0.0):.2f} s")
     parts.append(_usd(cost.get("usd", 0.0)) + ("" if cost.get("price_per_hour") else " (no price set)"))
     if cost.get("peak_memory_bytes") is not None:

@@ -16,16 +16,14 @@ from typing import Any
 from IPython.display import display
 
 from jupyter_gpu.notebook import ENV_SESSION_NAME
-from jupyter_gpu.output import _bytes, _usd, line_bundle
+from jupyter_gpu.output import _bytes, _usd, device_label, line_bundle
 
 MODES = ("auto", "widget", "html", "off")
 
 
 def describe(p: dict, final: str = "") -> str:
     """``H100 ×1 · 12.3 s · $0.0102 · util 97% · 31.2 GiB / 80.0 GiB``."""
-    count = p.get("count", 0)
-    device = f"{p.get('device', 'cpu')} ×{count}" if count else p.get("device", "cpu")
-    parts = [device + (" (simulated)" if p.get("simulated") else ""), f"{p.get('elapsed_s', 0.0):.1f} s"]
+    parts = [device_label(p), f"{p.get('elapsed_s', 0.0):.1f} s"]
     parts.append(_usd(p.get("usd", 0.0)) + " so far" * (not final))
     if p.get("util") is not None:
         parts.append(f"util {p['util']:.0f}%")

@@ -487,7 +487,7 @@ class WorkerDaemon(LoggingConfigurable):
                 "idle_s": now - s.last_active if s.state == "idle" else 0.0,
                 "idle_timeout": self.idle_timeout,
                 "held_s": now - s.started_at,
-                "usd": self.ledger.price(s) * (now - s.started_at) / 3600,
+                "usd": self.ledger.usd(s, now - s.started_at),
                 "cells": len(s.cells),
                 "versions": s.versions,
                 "user": s.user,
@@ -502,7 +502,7 @@ class WorkerDaemon(LoggingConfigurable):
                 "gpus": [g.uuid for g in w.gpus],
                 "state": w.state,
                 "idle_s": now - w.started_at,
-                "usd": self.ledger.price(w) * (now - w.started_at) / 3600,
+                "usd": self.ledger.usd(w, now - w.started_at),
             }
             for w in self.warm
         ]
@@ -1025,7 +1025,7 @@ class WorkerDaemon(LoggingConfigurable):
                 util = (100.0 if s.gpus else None) if simulated else t.last_util
                 progress = {
                     "elapsed_s": elapsed,
-                    "usd": self.ledger.price(s) * elapsed / 3600,
+                    "usd": self.ledger.usd(s, elapsed),
                     "device": s.device,
                     "count": len(s.gpus),
                     "simulated": simulated,

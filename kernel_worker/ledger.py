@@ -54,6 +54,10 @@ class Ledger:
             return 0.0
         return float(self.prices.get(s.device, 0.0)) * max(1, len(s.gpus))
 
+    def usd(self, s: Session | None, seconds: float) -> float:
+        """What holding ``s``'s devices for ``seconds`` costs."""
+        return self.price(s) * seconds / 3600
+
     def cell(self, s: Session) -> dict:
         """Close the cell ``s`` is running and return its cost line's numbers."""
         now = time.monotonic()
@@ -92,7 +96,7 @@ class Ledger:
                 "held_s": held,
                 "idle_s": max(0.0, held - s.busy_s),
                 "usd": 0.0,
-                "released_usd": self.price(s) * held / 3600,
+                "released_usd": self.usd(s, held),
             },
         )
 
@@ -104,7 +108,7 @@ class Ledger:
             "cells": cells,
             "cells_usd": sum(c["usd"] for c in cells),
             "live_held_s": held,
-            "live_usd": self.price(live) * held / 3600,
+            "live_usd": self.usd(live, held),
             "released_usd": sum(c.get("released_usd", 0.0) for c in cells),
         }
 
@@ -138,7 +142,7 @@ class Ledger:
         for s in live:
             if user is None or s.user == user:
                 held = time.monotonic() - s.started_at
-                add(s.notebook, now, self.price(s) * held / 3600, held, 0)
+                add(s.notebook, now, self.usd(s, held), held, 0)
         return {
             "since": since,
             "now": now,

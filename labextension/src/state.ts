@@ -68,7 +68,7 @@ export class SidebarState {
       down ? this.errors.spend.clear() : this.errors.spend.report(String(spend.reason.message ?? spend.reason));
     }
     this._changed.emit();
-    if (host.status === 'rejected') {
+    if (down) {
       throw host.reason;
     }
   }

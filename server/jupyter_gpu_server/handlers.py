@@ -80,8 +80,6 @@ class GPUError(web.HTTPError):
         self.message = message
 
 
-
-
 class GPUHandler(APIHandler):
     """Base: talks to the daemon through the server's DaemonLink."""
 
