@@ -25,8 +25,9 @@ import zmq
 
 # The daemon and the Docker engine are started exactly as the tests start them.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import LogWatcher, start_daemon, wait_listening  # noqa: E402
-from procs import stop_process  # noqa: E402
+from support.daemons import start_daemon  # noqa: E402
+from support.logs import LogWatcher  # noqa: E402
+from support.procs import stop_process, wait_listening  # noqa: E402
 
 
 def private_dir(tmp: str, name: str) -> Path:
@@ -189,7 +190,7 @@ def bench_docker(ip, tmp: str, reps: int, cold_reps: int) -> dict | None:
     """The same cells on the docker backend: a real engine and the test image (``make test-image``)."""
     import sysconfig
 
-    import dockerd
+    from support import dockerd
 
     if not dockerd.ROOTFS_TAR.exists():
         print(f"# docker rows skipped: {dockerd.ROOTFS_TAR} missing (make test-image)", file=sys.stderr)

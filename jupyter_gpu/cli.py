@@ -77,7 +77,7 @@ def _stop(args: argparse.Namespace) -> int:
     import os
     import signal
 
-    from kernel_worker.daemon import default_connection_file
+    from kernel_worker.daemon.paths import default_connection_file
 
     path = args.connection_file or default_connection_file()
     try:

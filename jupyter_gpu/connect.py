@@ -22,7 +22,7 @@ from jupyter_core.paths import jupyter_config_dir
 from traitlets import Bool, Float, List, Unicode
 from traitlets.config import Configurable
 
-from kernel_worker.daemon import default_connection_file
+from kernel_worker.daemon.paths import default_connection_file
 
 from jupyter_gpu.client import DaemonClient, DaemonError
 

@@ -11,7 +11,7 @@ from jupyter_core.application import JupyterApp
 from traitlets import Bool
 
 from kernel_worker import __version__
-from kernel_worker.daemon import WorkerDaemon
+from kernel_worker.daemon.app import WorkerDaemon
 
 
 class DaemonApp(JupyterApp):

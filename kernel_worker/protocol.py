@@ -74,7 +74,18 @@ class Msg:
 
 
 CLIENT_REQUESTS = frozenset(
-    {Msg.HELLO, Msg.EXECUTE, Msg.INTERRUPT, Msg.PULL, Msg.RELEASE, Msg.STATUS, Msg.COST, Msg.VOLUMES, Msg.SPEND, Msg.PING}
+    {
+        Msg.HELLO,
+        Msg.EXECUTE,
+        Msg.INTERRUPT,
+        Msg.PULL,
+        Msg.RELEASE,
+        Msg.STATUS,
+        Msg.COST,
+        Msg.VOLUMES,
+        Msg.SPEND,
+        Msg.PING,
+    }
 )
 # Requests the daemon passes on to the session's executor.
 EXECUTOR_REQUESTS = frozenset({Msg.EXECUTE, Msg.PULL, Msg.PING})
@@ -118,6 +129,19 @@ class Err:
     RELEASED = "released"
     SHUTDOWN = "shutdown"
     VOLUME = "volume"
+
+
+class Env:
+    """Environment variables through which a backend tells an executor who it is and where
+    its daemon listens: the daemon-to-executor half of the protocol, before any message."""
+
+    ENDPOINT = "JUPYTER_GPU_ENDPOINT"  # the ipc/tcp address the executor dials
+    SESSION = "JUPYTER_GPU_SESSION"  # the worker id, also its ZeroMQ identity
+    KEY = "JUPYTER_GPU_SESSION_KEY"  # the per-worker signing key (removed from the env once read)
+    BULK_DIR = "JUPYTER_GPU_BULK_DIR"  # where large buffers are exchanged as files ("" = none)
+    FLUSH_MS = "JUPYTER_GPU_FLUSH_MS"  # how long stream output is batched
+    HEARTBEAT_S = "JUPYTER_GPU_HEARTBEAT_S"  # seconds between heartbeats
+    ORPHAN_S = "JUPYTER_GPU_ORPHAN_S"  # how long to wait for a lost daemon before exiting
 
 
 class ProtocolError(Exception):

@@ -94,7 +94,7 @@ def test_curve_identities_and_cross_user_denial(curve_daemon):
 
 
 def test_one_daemon_keeps_users_volumes_apart(engine, daemon_factory, tmp_path):
-    from conftest import docker_args
+    from support.daemons import docker_args
 
     kd = tmp_path / "keys"
     server_pub = keys.init(str(kd)).encode()
@@ -138,7 +138,7 @@ def test_magic_connects_over_curve(curve_daemon, make_shell, tmp_path):
     d, client, kd, users = curve_daemon
     server_pub = keys.load(str(kd))[0].decode()
     ip = make_shell(d)
-    from conftest import run
+    from support.shells import run
 
     result, cap = run(ip, f"%gpu connect {d.url} --server-key {server_pub} --client-key {tmp_path}/alice")
     assert result.success and f"connected to {d.url}: process backend" in cap.stdout, cap.stdout

@@ -177,3 +177,20 @@ def test_a_flooding_client_slows_only_itself(daemon):
         assert _run(polite, "polite", "print('still fine')").content["ok"]
     finally:
         flooder.close(0)
+
+
+def test_a_request_whose_handler_fails_costs_one_error_reply_not_the_loop(daemon, raw):
+    exchange, signer, header = raw
+    good = daemon.client()
+    assert _run(good, "steady", "kept = 1").type == P.Msg.DONE
+    for i in range(3):  # the same fault again and again: each costs its own reply
+        h = header(id=f"bad{i}", type="spend", content={"since": "yesterday"})
+        reply = exchange([P.DELIM, signer.sign(h), h])
+        assert reply.type == P.Msg.FAIL and reply.parent == f"bad{i}"
+        assert reply.content["code"] == P.Err.BAD_MESSAGE
+        assert reply.content["message"].startswith("daemon could not handle spend: ")
+    daemon.log.wait_for(r"error handling spend")
+    assert _run(good, "steady", "print(kept + 1)").content["ok"]
+    h = header(id="fine", type="spend", content={"since": 0})
+    assert exchange([P.DELIM, signer.sign(h), h]).type == P.Msg.REPLY
+    assert daemon.proc.poll() is None

@@ -9,8 +9,9 @@ import subprocess
 import sys
 import tempfile
 
-import dockerd
-from conftest import docker_args, run
+from support import dockerd
+from support.daemons import docker_args
+from support.shells import run
 
 from kernel_worker import protocol as P
 from kernel_worker.backends.docker import LABEL_SESSION
@@ -69,7 +70,7 @@ def test_volumes_of_two_users_never_meet(engine, daemon_factory, make_shell, tmp
     run(ip, "%gpu release")
     bob_dir = tmp_path / "bob"
     bob_dir.mkdir()
-    from conftest import start_daemon
+    from support.daemons import start_daemon
 
     bob = start_daemon(bob_dir, *docker_args(engine, "--WorkerDaemon.user=bob"))
     try:

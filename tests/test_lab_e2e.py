@@ -15,9 +15,11 @@ import uuid
 
 import nbformat
 import pytest
-from conftest import ROOT, LogWatcher, docker_args, wait_listening
 from nbformat.v4 import new_code_cell, new_notebook
-from procs import stop_process
+from support.daemons import docker_args
+from support.logs import LogWatcher
+from support.paths import ROOT
+from support.procs import stop_process, wait_listening
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

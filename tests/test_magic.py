@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import plain, run
+from support.shells import plain, run
 
 from kernel_worker import protocol as P
 

@@ -9,8 +9,8 @@ import sys
 
 import nbformat
 import pytest
-from conftest import run
 from nbformat.v4 import new_code_cell, new_notebook
+from support.shells import run
 
 from jupyter_gpu import notebook
 
@@ -51,8 +51,12 @@ def test_a_cell_without_a_gpu_uses_the_notebooks_choice(
     assert result.success and costs(cap)[0].startswith("⏱ A100-80GB ×1")
 
     # The sidebar pushes an unsaved choice straight into the kernel, with this very code.
-    ip.run_cell('__import__("jupyter_gpu.notebook").notebook.use(__import__("json").loads(' + json.dumps(
-        json.dumps({"gpu": "H100"})) + "))", silent=True)
+    ip.run_cell(
+        '__import__("jupyter_gpu.notebook").notebook.use(__import__("json").loads('
+        + json.dumps(json.dumps({"gpu": "H100"}))
+        + "))",
+        silent=True,
+    )
     result, cap = run(ip, "%%gpu\nprint('moved')")
     assert result.success and costs(cap)[0].startswith("⏱ H100 ×1")
     result, cap = run(ip, "%%gpu cpu\nprint('the cell wins')")

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import ROOT, plain
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
+from support.paths import ROOT
+from support.shells import plain
 
 KERNEL_TIMEOUT = 120
 

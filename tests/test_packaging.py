@@ -9,7 +9,7 @@ import sys
 import sysconfig
 import zipfile
 
-from conftest import ROOT
+from support.paths import ROOT
 
 BUILD_TIMEOUT = 300
 
@@ -17,7 +17,18 @@ BUILD_TIMEOUT = 300
 def test_wheel_ships_the_prebuilt_sidebar_and_enables_both_extensions(tmp_path):
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         env=env,
         timeout=BUILD_TIMEOUT,
@@ -37,7 +48,17 @@ def test_wheel_ships_the_prebuilt_sidebar_and_enables_both_extensions(tmp_path):
     prefix = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True, timeout=BUILD_TIMEOUT)
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(prefix / "bin" / "python"), "install", "--no-deps", "-q", str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(prefix / "bin" / "python"),
+            "install",
+            "--no-deps",
+            "-q",
+            str(wheel),
+        ],
         check=True,
         timeout=BUILD_TIMEOUT,
     )

@@ -9,7 +9,8 @@ import time
 import uuid
 
 import pytest
-from conftest import docker_args, run
+from support.daemons import docker_args
+from support.shells import run
 from tornado.httpclient import HTTPClientError
 
 from jupyter_gpu_server.handlers import ROUTES, VERBS, GPUHandler, unauthenticated
@@ -124,7 +125,9 @@ async def test_volumes_need_docker_and_say_so(jp_fetch, gpu_daemon):
     assert code == 409 and "docker backend" in message
 
 
-async def test_volumes_create_list_delete_refused_while_mounted(jp_fetch, engine, daemon_factory, monkeypatch, make_shell):
+async def test_volumes_create_list_delete_refused_while_mounted(
+    jp_fetch, engine, daemon_factory, monkeypatch, make_shell
+):
     user = f"sidebar-{uuid.uuid4().hex[:6]}"
     d = daemon_factory(*docker_args(engine, "--simulate-gpus=H100:1", f"--WorkerDaemon.user={user}"))
     monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)

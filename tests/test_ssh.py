@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LogWatcher, plain, run
-from procs import stop_process
+from support.logs import LogWatcher
+from support.procs import stop_process
+from support.shells import plain, run
 
 SSHD = "/usr/sbin/sshd"
 

@@ -14,8 +14,8 @@ from typing import Any
 from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
+from kernel_worker import protocol as P
 from kernel_worker.inventory import GPU
-
 
 SOCKET_NAME = "worker.sock"
 NO_VOLUMES = "volumes need the docker backend: run the daemon with `jupyter gpu daemon --backend docker`"
@@ -38,9 +38,7 @@ class WorkerSpec:
 
     def executor_env(self, socket_dir: str, bulk_dir: str) -> dict[str, str]:
         """The executor's environment, with the two directories as the worker sees them."""
-        from kernel_worker.executor import ENV_BULK_DIR, ENV_ENDPOINT
-
-        return {**self.env, ENV_ENDPOINT: f"ipc://{socket_dir}/{SOCKET_NAME}", ENV_BULK_DIR: bulk_dir}
+        return {**self.env, P.Env.ENDPOINT: f"ipc://{socket_dir}/{SOCKET_NAME}", P.Env.BULK_DIR: bulk_dir}
 
 
 @dataclass

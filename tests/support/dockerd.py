@@ -4,6 +4,7 @@ pulled from a registry."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import shutil
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cloudpickle
-from procs import stop_process
 
-ROOT = Path(__file__).resolve().parent.parent
+from .paths import ROOT
+from .procs import stop_process
+
 ROOTFS_TAR = ROOT / ".cache" / "rootfs-bookworm.tar"
 IMAGE = "jupyter-gpu-test:bookworm"  # python3, pyzmq, and the notebook's own cloudpickle
 IMAGE_NOZMQ = "jupyter-gpu-test:nozmq"  # pyzmq removed
@@ -29,10 +31,30 @@ class Engine:
     proc: subprocess.Popen
     url: str
     client: object
+    data: Path
+    lock: int  # fd holding the data root's lock; -1 for a data root of this run's own
 
     def stop(self) -> None:
         self.client.close()
         stop_process(self.proc, 30)
+        if self.lock >= 0:
+            os.close(self.lock)  # releases the shared data root for the next run
+        else:
+            shutil.rmtree(self.data, ignore_errors=True)
+
+
+def _data_root() -> tuple[Path, int]:
+    """The shared data root (outside the work tree, kept for its images) when no other test
+    run holds it; else a fresh one of this run's own, so two runs at once never meet."""
+    shared = Path(tempfile.gettempdir()) / "jupyter-gpu-test-docker"
+    shared.mkdir(parents=True, exist_ok=True)
+    fd = os.open(shared.parent / f"{shared.name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return shared, fd
+    except BlockingIOError:
+        os.close(fd)
+        return Path(tempfile.mkdtemp(prefix="jgpu-docker-data-")), -1
 
 
 def start_engine(log) -> Engine:  # noqa: ANN001
@@ -42,8 +64,7 @@ def start_engine(log) -> Engine:  # noqa: ANN001
     if shutil.which("dockerd") is None:
         raise RuntimeError("dockerd is not installed: `make test` installs Debian's docker.io")
     run = Path(tempfile.mkdtemp(prefix="jgpu-dockerd-"))
-    data = Path(tempfile.gettempdir()) / "jupyter-gpu-test-docker"  # outside the work tree; kept for its images
-    data.mkdir(parents=True, exist_ok=True)
+    data, lock = _data_root()
     url = f"unix://{run}/docker.sock"
     proc = subprocess.Popen(
         [
@@ -60,14 +81,23 @@ def start_engine(log) -> Engine:  # noqa: ANN001
         stderr=subprocess.PIPE,
     )
     watcher = log(proc.stderr, run / "dockerd.log")
-    watcher.wait_for(r"API listen on", timeout=START_TIMEOUT)
+    try:
+        watcher.wait_for(r"API listen on", timeout=START_TIMEOUT)
+    except AssertionError:
+        Engine(proc, url, _NoClient(), data, lock).stop()
+        raise
     client = docker.DockerClient(base_url=url, timeout=120)
-    # The data root is reused between runs (it caches the images): start from no leftovers.
+    # The shared data root is reused between runs (it caches the images): start from no leftovers.
     for c in client.containers.list(all=True):
         c.remove(force=True)
     for v in client.volumes.list():
         v.remove(force=True)
-    return Engine(proc, url, client)
+    return Engine(proc, url, client, data, lock)
+
+
+class _NoClient:
+    def close(self) -> None:
+        pass
 
 
 def ensure_images(client, url: str) -> None:  # noqa: ANN001

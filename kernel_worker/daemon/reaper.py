@@ -1,0 +1,77 @@
+"""Ending what nobody ends by asking: sessions idle past ``idle_timeout``, workers that
+went silent or died on their own, cells past their ``--timeout``, and the embedded
+daemon itself once nothing uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from kernel_worker import protocol as P
+from kernel_worker.session import Session
+
+if TYPE_CHECKING:
+    from kernel_worker.daemon.app import WorkerDaemon
+
+
+class Reaper:
+    def __init__(self, daemon: WorkerDaemon):
+        self.d = daemon
+        self.log = daemon.log
+
+    async def run(self) -> None:
+        d = self.d
+        while True:
+            await asyncio.sleep(d.reap_interval)  # a periodic timer, not a synchronisation
+            now = time.monotonic()
+            for s in list(d.sessions.live.values()):
+                if s.state == "idle" and now - s.last_active > d.idle_timeout:
+                    why = f"it was idle for more than {d.idle_timeout:g} s (idle_timeout)"
+                    d.spawn(d.sessions.release(s, why))
+                elif s.state != "starting" and now - s.last_heard > d.worker_heartbeat_timeout:
+                    why = f"its worker sent no heartbeat for {d.worker_heartbeat_timeout:g} s and was stopped"
+                    d.spawn(d.sessions.release(s, why, code=P.Err.WORKER_DIED))
+            quiet = now - d.front.last_request
+            if d.exit_when_idle and not d.sessions.live and quiet > d.exit_when_idle:
+                self.log.info("no sessions and no requests for %.0f s: exiting", quiet)
+                d.stop()
+
+    async def watch(self, s: Session) -> None:
+        """End the session cleanly when its worker dies on its own."""
+        exit = await self.d.backend_instance.wait(s.handle)
+        if s.releasing or s.state == "starting":
+            return  # a start in progress sees this task end and fails with the reason itself
+        why = f"its worker {exit.reason}"
+        if s.state == "busy":
+            why += " while running the cell"
+        await self.d.sessions.release(
+            s,
+            f"{why}; variables defined on the worker are lost, the next cell starts a fresh one "
+            f"(worker log: {self.d.workers.log_path(s.wid)})",
+            code=P.Err.WORKER_DIED,
+        )
+
+    async def enforce_timeout(self, s: Session, msg: P.Message, timeout: float) -> None:
+        """A cell past ``--timeout`` is interrupted; one that ignores the interrupt for
+        ``interrupt_grace`` seconds loses its worker."""
+        try:
+            await asyncio.wait_for(s.cell_done.wait(), timeout)
+            return
+        except asyncio.TimeoutError:
+            pass
+        if s.current is not msg or s.state != "busy":
+            return
+        note = f"\n[jupyter-gpu] cell passed --timeout {timeout:g} s: interrupting\n"
+        self.d.front.send(s.client, msg.reply(P.Msg.STREAM, {"name": "stderr", "text": note}))
+        await self.d.backend_instance.signal(s.handle, signal.SIGINT)
+        try:
+            await asyncio.wait_for(s.cell_done.wait(), self.d.interrupt_grace)
+        except asyncio.TimeoutError:
+            await self.d.sessions.release(
+                s,
+                f"the cell passed --timeout {timeout:g} s and did not stop within {self.d.interrupt_grace:g} s of an "
+                "interrupt, so its worker was killed; variables defined on it are lost",
+                code=P.Err.TIMEOUT,
+            )

@@ -1,0 +1,135 @@
+"""Answers that do not touch a session's worker: hello, ping, the host's status as the
+asking user may see it, a session's cost, spend reports, and volumes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import TYPE_CHECKING
+
+from kernel_worker import inventory
+from kernel_worker import protocol as P
+from kernel_worker.backends.base import VolumeError
+from kernel_worker.daemon.pool import WARM_PREFIX
+
+if TYPE_CHECKING:
+    from kernel_worker.daemon.app import WorkerDaemon
+
+VOLUME_OPS = ("ls", "du", "create", "rm")
+
+
+class Services:
+    def __init__(self, daemon: WorkerDaemon):
+        self.d = daemon
+
+    def _everyone(self, msg: P.Message, user: str) -> bool:
+        """Whether this request may see every user's data: operators asking for ``all``."""
+        return bool(msg.content.get("all")) and user in self.d.operators
+
+    def ping(self, ident: bytes, msg: P.Message, user: str) -> None:
+        self.d.front.reply(ident, msg, {}, P.Msg.PONG)
+
+    def hello(self, ident: bytes, msg: P.Message, user: str) -> None:
+        d = self.d
+        welcome = {
+            "protocol": P.PROTOCOL_VERSION,
+            "backend": d.backend,
+            "pid": os.getpid(),
+            "gpus": [g.to_json() for g in d.scheduler.gpus],
+            "idle_timeout": d.idle_timeout,
+            "bulk_root": d.bulk_root,
+            "bulk_probe": d.bulk_probe,
+        }
+        d.front.reply(ident, msg, welcome, P.Msg.WELCOME)
+
+    def status(self, ident: bytes, msg: P.Message, user: str) -> None:
+        self.d.front.reply(ident, msg, self.host_status(user, self._everyone(msg, user)))
+
+    def cost(self, ident: bytes, msg: P.Message, user: str) -> None:
+        summary = self.d.ledger.summary(msg.session, self.d.sessions.live.get(msg.session))
+        self.d.front.reply(ident, msg, summary)
+
+    def spend(self, ident: bytes, msg: P.Message, user: str) -> None:
+        since = float(msg.content.get("since", 0.0) or 0.0)
+        who = None if self._everyone(msg, user) else user
+        self.d.front.reply(ident, msg, self.d.ledger.spend(who, since, list(self.d.sessions.live.values())))
+
+    async def volumes(self, ident: bytes, msg: P.Message, user: str) -> None:
+        b = self.d.backend_instance
+        op, name = msg.content.get("op"), str(msg.content.get("name") or "")
+        ops = {
+            "ls": lambda: b.list_volumes(user),
+            "du": lambda: b.volume_usage(user),
+            "create": lambda: b.create_volume(user, name),
+            "rm": lambda: b.remove_volume(user, name),
+        }
+        if op not in ops:
+            text = f"unknown volumes operation {str(op)[:20]!r}; use {', '.join(VOLUME_OPS)}"
+            self.d.front.fail(ident, msg, P.Err.BAD_MESSAGE, text)
+            return
+        try:
+            result = await asyncio.to_thread(ops[op])  # the Docker SDK blocks
+        except VolumeError as e:
+            self.d.front.fail(ident, msg, P.Err.VOLUME, str(e))
+            return
+        self.d.front.reply(ident, msg, {"result": result})
+
+    def host_status(self, user: str, everyone: bool) -> dict:
+        """The host as ``user`` may see it: their own sessions (all, for operators); of a GPU
+        someone else holds, who holds it but not their session id."""
+        d = self.d
+        now = time.monotonic()
+        live = d.sessions.live
+        gpus = []
+        for g in d.scheduler.gpus:
+            holder = d.scheduler.holder.get(g.uuid)
+            warm = holder is not None and holder.startswith(WARM_PREFIX)
+            s = live.get(holder or "")
+            util, used = inventory.read(g, busy=s is not None and s.state == "busy")
+            gpus.append(
+                {
+                    **g.to_json(),
+                    "session": None if warm or (s and not everyone and s.user != user) else holder,
+                    "user": s.user if s else None,
+                    "warm": warm,
+                    "util": util,
+                    "memory_used_bytes": used,
+                }
+            )
+        sessions = [
+            {
+                "id": s.id,
+                "state": s.state,
+                "device": s.device,
+                "gpus": [g.uuid for g in s.gpus],
+                "idle_s": now - s.last_active if s.state == "idle" else 0.0,
+                "idle_timeout": d.idle_timeout,
+                "held_s": now - s.started_at,
+                "usd": d.ledger.usd(s, now - s.started_at),
+                "cells": len(s.cells),
+                "versions": s.versions,
+                "user": s.user,
+                "notebook": s.notebook,
+            }
+            for s in live.values()
+            if everyone or s.user == user
+        ]
+        warm = [
+            {
+                "device": w.device,
+                "gpus": [g.uuid for g in w.gpus],
+                "state": w.state,
+                "idle_s": now - w.started_at,
+                "usd": d.ledger.usd(w, now - w.started_at),
+            }
+            for w in d.pool.warm
+        ]
+        return {
+            "gpus": gpus,
+            "sessions": sessions,
+            "warm": warm,
+            "queue": d.scheduler.queue(),
+            "backend": d.backend,
+            "volumes": d.backend_instance.has_volumes,
+        }

@@ -1,0 +1,307 @@
+"""A session's life: a notebook's request finds its session or starts one (queueing
+for GPUs, taking a warm worker or starting a new one), each cell begins and ends,
+and the session is released, by the user, the reaper or a dying worker.
+
+The hot path (a cell for a session with an idle worker) is handled inline, with no
+task: the request is relayed to the worker as the frames it arrived in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from kernel_worker import bulk, inventory, scheduler
+from kernel_worker import protocol as P
+from kernel_worker.backends.base import VolumeError
+from kernel_worker.session import Session, version_mismatch
+
+if TYPE_CHECKING:
+    from kernel_worker.daemon.app import WorkerDaemon
+
+
+class Refused(Exception):
+    """A session start refused for a reason the client is told as it is."""
+
+    def __init__(self, code: str, text: str):
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+class Sessions:
+    def __init__(self, daemon: WorkerDaemon):
+        self.d = daemon
+        self.log = daemon.log
+        self.live: dict[str, Session] = {}  # by session id (the notebook's)
+        self.owners: dict[str, str] = {}  # session id -> the user who made it, kept after release
+        self.ended: dict[str, str] = {}  # session id -> why its worker went away
+
+    def add(self, s: Session) -> None:
+        self.live[s.id] = s
+        self.owners[s.id] = s.user
+
+    # ------------------------------------------------------------------ requests
+
+    def handle_run(self, ident: bytes, msg: P.Message, user: str) -> None:
+        """EXECUTE or PULL: hand it to the session's worker at once when there is one
+        (the hot path, no task), else queue for GPUs and start a worker first."""
+        if not msg.session:
+            self.d.front.fail(ident, msg, P.Err.BAD_MESSAGE, f"{msg.type} needs a session id")
+            return
+        moved = msg.content.get("bulk")
+        if moved is not None and not _valid_bulk(moved, len(msg.buffers)):
+            self.d.front.fail(ident, msg, P.Err.BAD_MESSAGE, "bad bulk buffer references")
+            return
+        self._run(ident, msg, user)
+
+    def _run(self, ident: bytes, msg: P.Message, user: str) -> None:
+        front = self.d.front
+        s = self.live.get(msg.session)
+        if s is not None and s.state == "adopting":
+            self.d.spawn(self._run_when_adopted(s, ident, msg, user))
+            return
+        if s is not None and s.state != "idle":
+            front.fail(ident, msg, P.Err.BUSY, f"session {msg.session} is {s.state}: one request at a time")
+            return
+        if msg.type == P.Msg.PULL and s is None:
+            why = self.ended.get(msg.session, "it has no worker")
+            front.fail(ident, msg, P.Err.NO_SESSION, f"nothing to pull: {why}")
+            return
+        req = None
+        if msg.type == P.Msg.EXECUTE and (s is None or msg.content.get("gpu")):
+            try:
+                req = scheduler.parse(str(msg.content.get("gpu") or scheduler.ANY))
+                self.d.scheduler.check(req)
+            except scheduler.SpecError as e:
+                bad = "cannot provide" in str(e)
+                front.fail(ident, msg, P.Err.NO_SUCH_GPU if bad else P.Err.BAD_SPEC, str(e))
+                return
+        if s is not None and (req is None or self.d.scheduler.satisfies(req, s.gpus)):
+            self.begin(s, ident, msg)
+            return
+        assert req is not None
+        over = self._over_limit(user, req, replacing=s)
+        if over:
+            front.fail(ident, msg, P.Err.UNAVAILABLE, over)
+            return
+        old = s
+        key = P.new_key()
+        notebook = str(msg.content.get("notebook") or "")
+        s = Session(msg.session, req, key, P.Signer(key), client=ident, current=msg, user=user, notebook=notebook)
+        self.add(s)  # registered now: a second request finds it starting
+        self.d.spawn(self._start_then_begin(old, s, ident, msg))
+
+    async def _run_when_adopted(self, s: Session, ident: bytes, msg: P.Message, user: str) -> None:
+        """A request for a worker adopted after a restart that has not reconnected yet."""
+        try:
+            await asyncio.wait_for(asyncio.shield(s.ready), self.d.worker_start_timeout)
+        except asyncio.TimeoutError:
+            why = "its worker did not reconnect after the daemon restarted"
+            await self.release(s, why, code=P.Err.WORKER_DIED)
+            self.d.front.fail(ident, msg, P.Err.WORKER_DIED, f"session {s.id} ended: {why}")
+            return
+        self._run(ident, msg, user)
+
+    async def handle_release(self, ident: bytes, msg: P.Message, user: str) -> None:
+        s = self.live.get(msg.session)
+        if s is not None:
+            await self.release(s, "released by the user", code=P.Err.RELEASED)
+        self.d.front.reply(ident, msg, {"released": s is not None})
+
+    async def handle_interrupt(self, ident: bytes, msg: P.Message, user: str) -> None:
+        s = self.live.get(msg.session)
+        done = False
+        if s is not None and s.state == "busy" and s.handle is not None:
+            await self.d.backend_instance.signal(s.handle, signal.SIGINT)
+            done = True
+        elif s is not None and s.state == "starting":
+            for t in list(s.tasks):
+                t.cancel()
+            done = True
+        self.d.front.reply(ident, msg, {"interrupted": done})
+
+    def _over_limit(self, user: str, req: scheduler.Request, replacing: Session | None) -> str:
+        """Why ``user`` may not start another session for ``req`` now ("" when they may)."""
+        mine = [s for s in self.live.values() if s.user == user and s is not replacing]
+        most_sessions, most_gpus = self.d.max_sessions_per_user, self.d.max_gpus_per_user
+        if most_sessions and len(mine) >= most_sessions:
+            return (
+                f"you already hold {len(mine)} session(s), the most this host allows per user "
+                f"(max_sessions_per_user={most_sessions}): `%gpu release` one first"
+            )
+        want = min((n for _, n in req.alternatives), default=0)
+        held = sum(len(s.gpus) for s in mine)
+        if most_gpus and held + want > most_gpus:
+            return (
+                f"you hold {held} GPU(s); {req.text} would take you past this host's limit of "
+                f"{most_gpus} per user (max_gpus_per_user): `%gpu release` first"
+            )
+        return ""
+
+    # ------------------------------------------------------------------ cells
+
+    def begin(self, s: Session, ident: bytes, msg: P.Message) -> None:
+        """Hand a request to the session's idle worker."""
+        s.client = ident
+        s.current = msg
+        s.state = "busy"
+        s.cell_started = time.monotonic()
+        s.cell_done.clear()
+        s.telemetry = inventory.Sample()
+        s.notebook = str(msg.content.get("notebook") or s.notebook)
+        if s.wid != s.id and msg.content.get("bulk"):
+            self.d.workers.move_bulk(msg.content["bulk"], s.id, s.wid)
+        self.d.workers.send(s, msg)
+        if msg.type == P.Msg.EXECUTE:
+            if any(not g.simulated for g in s.gpus):
+                self.d.spawn(self.d.telemetry.sample(s), s.tasks)
+            timeout = msg.content.get("timeout")
+            if isinstance(timeout, (int, float)) and timeout > 0:
+                self.d.spawn(self.d.reaper.enforce_timeout(s, msg, float(timeout)), s.tasks)
+
+    def from_worker(self, s: Session, msg: P.Message) -> None:
+        """Relay a worker's output for the request it serves; a final reply ends the cell."""
+        if s.current is None or msg.parent != s.current.id:
+            return  # output of a request that was already answered
+        msg.session = s.id
+        if s.wid != s.id and msg.content.get("bulk"):
+            self.d.workers.move_bulk(msg.content["bulk"], s.wid, s.id)
+        if msg.type == P.Msg.DONE:
+            msg.content["cost"] = self.d.ledger.cell(s)
+        if msg.type in (P.Msg.DONE, P.Msg.VALUES):
+            s.state = "idle"
+            s.current = None
+            s.last_active = time.monotonic()
+            s.cell_done.set()
+        self.d.front.send(s.client, msg)
+
+    # ------------------------------------------------------------------ start
+
+    async def _start_then_begin(self, old: Session | None, s: Session, ident: bytes, msg: P.Message) -> None:
+        if old is not None:
+            await self.release(old, f"moved from {old.request.text} to {s.request.text}")
+        if await self._start(s, ident, msg):
+            self.begin(s, ident, msg)
+
+    async def _start(self, s: Session, ident: bytes, msg: P.Message) -> bool:
+        """GPUs for ``s`` (a warm worker's, free ones, or after queueing), then its worker.
+        True when it started; otherwise the client has been told why."""
+        previous = self.ended.pop(s.id, None)
+        t0 = time.monotonic()
+        me = asyncio.current_task()
+        s.tasks.add(me)  # so an interrupt can cancel the wait
+        warm = None
+        try:
+            warm = self.d.pool.take(s, msg)
+            if warm is None:
+                await self._allocate(s, ident, msg)
+            waited = time.monotonic() - t0
+            s.started_at = time.monotonic()
+            if warm is None:
+                await self.d.workers.start(s)
+            self.d.records.save(s)
+            mismatch = version_mismatch(msg.content.get("client_versions") or {}, s.versions)
+            if mismatch:
+                raise Refused(P.Err.VERSION, mismatch)
+            if s.watcher is not None and s.watcher.done():
+                raise RuntimeError(f"the worker ended right after it started; see {self.d.workers.log_path(s.wid)}")
+        except (Exception, asyncio.CancelledError) as e:
+            await self._start_failed(s, ident, msg, e)
+            if isinstance(e, asyncio.CancelledError) and self.d.stopping:
+                raise
+            return False
+        finally:
+            s.tasks.discard(me)
+        s.state = "idle"
+        info = {
+            "gpus": [g.to_json() for g in s.gpus],
+            "device": s.device,
+            "waited_s": waited,
+            "start_s": time.monotonic() - s.started_at,
+            "cold": warm is None,
+            "warm_for_s": time.monotonic() - warm.started_at if warm else 0.0,
+            "previous": previous,
+            "versions": s.versions,
+            "idle_timeout": self.d.idle_timeout,
+            "price_per_hour": self.d.ledger.price(s),
+        }
+        self.d.front.send(ident, msg.reply(P.Msg.STARTED, info))
+        return True
+
+    async def _allocate(self, s: Session, ident: bytes, msg: P.Message) -> None:
+        """Free GPUs now (giving back warm workers that cannot serve ``s`` if need be), or a
+        place in the queue, with its position told to the client as it moves."""
+        sched, req = self.d.scheduler, s.request
+        s.gpus = sched.allocate_now(req, s.id) or []
+        if s.gpus or sched.satisfies(req, []):
+            return
+        if await self.d.pool.free_for(req):
+            s.gpus = sched.allocate_now(req, s.id) or []
+            if s.gpus:
+                return
+        if msg.content.get("no_wait"):
+            holders = sorted(set(sched.holder.values()) - {s.id})
+            raise Refused(
+                P.Err.UNAVAILABLE,
+                f"no {req.text} free right now (held by {len(holders)} other session(s)); "
+                "drop --no-wait to queue for it",
+            )
+
+        def position(n: int) -> None:
+            self.d.front.send(ident, msg.reply(P.Msg.QUEUED, {"position": n, "request": req.text}))
+
+        s.gpus = await self.d.spawn(sched.acquire(req, s.id, position, None), s.tasks)
+
+    async def _start_failed(self, s: Session, ident: bytes, msg: P.Message, e: BaseException) -> None:
+        self.forget(s)
+        await self.d.workers.stop(s)
+        if isinstance(e, Refused):
+            code, text = e.code, e.text
+        elif isinstance(e, asyncio.CancelledError):
+            code, text = P.Err.RELEASED, "interrupted while waiting for a GPU or a worker; nothing ran"
+        else:
+            self.log.warning("worker for %s failed to start: %s", s.id, e)
+            code = P.Err.VOLUME if isinstance(e, VolumeError) else P.Err.WORKER_START
+            text = f"could not start a worker: {e}"
+        self.d.front.fail(ident, msg, code, text)
+
+    # ------------------------------------------------------------------ end
+
+    def forget(self, s: Session) -> None:
+        """Take ``s`` out of every table and give its GPUs back to the scheduler."""
+        if self.live.get(s.id) is s:
+            del self.live[s.id]
+        self.d.pool.discard(s)
+        s.releasing = True
+        self.d.scheduler.release(s.gpus)
+        s.gpus = []
+
+    async def release(self, s: Session, why: str, code: str = P.Err.RELEASED) -> None:
+        """Stop the worker and return its GPUs; a request in flight gets a FAIL saying why."""
+        if s.releasing:
+            return
+        current = s.current if s.state == "busy" else None
+        self.d.ledger.release(s)
+        self.forget(s)
+        for t in list(s.tasks):
+            if t is not asyncio.current_task():
+                t.cancel()
+        self.ended[s.id] = why
+        await self.d.workers.stop(s)
+        if current is not None:
+            self.d.front.fail(s.client, current, code, f"session {s.id} ended: {why}")
+        self.log.info("session %s released: %s", s.id, why)
+        self.d.pool.refill()  # its GPUs may refill the pool
+
+
+def _valid_bulk(moved: Any, nframes: int) -> bool:
+    if not isinstance(moved, dict):
+        return False
+    for k, ref in moved.items():
+        if not (k.isdigit() and int(k) < nframes and isinstance(ref, dict)):
+            return False
+        if not bulk.valid_name(ref.get("file")) or not isinstance(ref.get("size"), int):
+            return False
+    return True

@@ -1,0 +1,60 @@
+"""What a running cell's notebook hears while it runs: GPU samples (pynvml, for real
+GPUs) and a progress message every ``progress_interval`` from one daemon timer (no task
+per cell): elapsed time, dollars so far, utilisation and memory.
+
+A simulated GPU never invents readings: it says 100 % while a cell runs, no memory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from kernel_worker import inventory
+from kernel_worker import protocol as P
+from kernel_worker.session import Session
+
+if TYPE_CHECKING:
+    from kernel_worker.daemon.app import WorkerDaemon
+
+
+class Telemetry:
+    def __init__(self, daemon: WorkerDaemon):
+        self.d = daemon
+
+    async def sample(self, s: Session) -> None:
+        """Sample ``s``'s GPUs until its cell ends."""
+        while s.state == "busy":
+            inventory.sample(s.gpus, s.telemetry)
+            try:
+                await asyncio.wait_for(s.cell_done.wait(), self.d.telemetry_interval)
+            except asyncio.TimeoutError:
+                continue
+
+    async def progress(self) -> None:
+        """Tell each running cell's notebook how it is going (its live status line)."""
+        interval = self.d.progress_interval
+        while True:
+            await asyncio.sleep(interval)  # a periodic timer, not a synchronisation
+            now = time.monotonic()
+            for s in list(self.d.sessions.live.values()):
+                msg = s.current
+                if s.state != "busy" or msg is None or msg.type != P.Msg.EXECUTE:
+                    continue
+                elapsed = now - s.cell_started
+                if elapsed >= interval:
+                    self.d.front.send(s.client, msg.reply(P.Msg.PROGRESS, self.reading(s, elapsed)))
+
+    def reading(self, s: Session, elapsed: float) -> dict:
+        t = s.telemetry
+        simulated = any(g.simulated for g in s.gpus)
+        return {
+            "elapsed_s": elapsed,
+            "usd": self.d.ledger.usd(s, elapsed),
+            "device": s.device,
+            "count": len(s.gpus),
+            "simulated": simulated,
+            "util": (100.0 if s.gpus else None) if simulated else t.last_util,
+            "memory_used_bytes": t.last_memory_bytes,
+            "memory_bytes": sum(g.memory_bytes for g in s.gpus),
+        }

@@ -1,0 +1,169 @@
+"""The executors' side of the daemon: one ROUTER socket that every worker dials back to
+(through an ipc socket in its own session directory), and a worker's life: its
+directories, start (until it says READY), the messages it sends, stop.
+
+A worker's id (``wid``) names its socket, log, bulk directory and container: the session
+id, or a warm worker's own id until a session takes it over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import time
+from typing import TYPE_CHECKING
+
+import zmq
+
+from kernel_worker import bulk
+from kernel_worker import protocol as P
+from kernel_worker.backends import WorkerSpec
+from kernel_worker.backends.base import SOCKET_NAME
+from kernel_worker.session import Session
+
+if TYPE_CHECKING:
+    from kernel_worker.daemon.app import WorkerDaemon
+
+
+class Workers:
+    def __init__(self, daemon: WorkerDaemon):
+        self.d = daemon
+        self.log = daemon.log
+        self.by_wid: dict[str, Session] = {}  # for messages from workers
+        self.sock: zmq.Socket | None = None
+
+    def open(self, ctx: zmq.Context) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.sock.router_mandatory = True  # a worker that is not connected is an error, not a silent drop
+        self.d.pump.add(self.sock, self._on_message)
+
+    # ------------------------------------------------------------------ where a worker lives
+
+    @property
+    def sessions_root(self) -> str:
+        return os.path.join(self.d.state_dir, "sessions")
+
+    def session_dir(self, wid: str) -> str:
+        """Private per-worker directory: its socket (mounted into its container, so a
+        worker sees its own socket and nothing else) and its record."""
+        return os.path.join(self.sessions_root, wid)
+
+    def bulk_dir(self, wid: str) -> str:
+        return os.path.join(self.d.bulk_root, wid)
+
+    def log_path(self, wid: str) -> str:
+        return os.path.join(self.d.state_dir, "logs", f"{wid}.log")
+
+    def bind(self, wid: str) -> None:
+        self.sock.bind(f"ipc://{os.path.join(self.session_dir(wid), SOCKET_NAME)}")
+
+    def remove_dirs(self, wid: str, session: str = "") -> None:
+        """A worker's directories, and the bulk files of the session it served."""
+        for name in {wid, session or wid}:
+            shutil.rmtree(self.bulk_dir(name), ignore_errors=True)
+        shutil.rmtree(self.session_dir(wid), ignore_errors=True)
+
+    # ------------------------------------------------------------------ life
+
+    async def start(self, s: Session) -> None:
+        """Start ``s``'s worker and wait until it says READY (or fails, or times out)."""
+        s.ready = asyncio.get_running_loop().create_future()
+        for d in (self.bulk_dir(s.wid), self.session_dir(s.wid)):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        self.bind(s.wid)
+        self.by_wid[s.wid] = s
+        env = {
+            P.Env.SESSION: s.wid,
+            P.Env.KEY: s.key.decode(),
+            P.Env.FLUSH_MS: str(self.d.flush_ms),
+            P.Env.HEARTBEAT_S: str(self.d.worker_heartbeat_interval),
+            P.Env.ORPHAN_S: str(self.d.backend_instance.orphan_timeout),
+        }
+        options = {k: s.current.content.get(k) for k in ("image", "volumes")} if s.current else {}
+        os.makedirs(os.path.dirname(self.log_path(s.wid)), exist_ok=True)
+        spec = WorkerSpec(
+            s.wid, s.gpus, env, self.session_dir(s.wid), self.bulk_dir(s.wid), self.log_path(s.wid), s.user, options
+        )
+        s.handle = await self.d.backend_instance.start(spec)
+        s.watcher = watcher = self.d.spawn(self.d.reaper.watch(s))
+        done, _ = await asyncio.wait(
+            {s.ready, watcher}, timeout=self.d.worker_start_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if s.ready not in done:
+            raise RuntimeError(
+                self.exit_reason(spec.log_path)
+                if watcher in done
+                else f"the worker did not connect within {self.d.worker_start_timeout:.0f} s; see {spec.log_path}"
+            )
+        s.versions = s.ready.result().get("versions", {})
+        s.last_heard = time.monotonic()
+
+    async def stop(self, s: Session) -> None:
+        """Stop ``s``'s worker for good and remove what it had on this host."""
+        if s.handle is not None:
+            await self.d.backend_instance.stop(s.handle)
+        try:
+            self.sock.unbind(f"ipc://{os.path.join(self.session_dir(s.wid), SOCKET_NAME)}")
+        except zmq.ZMQError:
+            pass  # never bound: the start failed before
+        if self.by_wid.get(s.wid) is s:
+            del self.by_wid[s.wid]
+        self.remove_dirs(s.wid, s.id)
+
+    def exit_reason(self, log_path: str) -> str:
+        """Why a worker ended before connecting, from the last lines it wrote."""
+        try:
+            with open(log_path, errors="replace") as f:
+                tail = f.read()[-4000:]
+        except OSError:
+            tail = ""
+        missing = re.search(r"JUPYTER_GPU_MISSING: (.*)", tail)
+        if missing:
+            return missing.group(1)
+        last = tail.strip().splitlines()[-1:] or ["(no output)"]
+        return f"the worker exited before it connected: {last[0]} (log: {log_path})"
+
+    # ------------------------------------------------------------------ messages
+
+    def send(self, s: Session, msg: P.Message) -> None:
+        try:
+            self.sock.send_multipart([s.wid.encode(), *P.pack(msg, s.signer)], copy=False)
+        except zmq.ZMQError as e:  # EHOSTUNREACH: the worker's connection is gone
+            why = f"its worker is not connected ({e.strerror})"
+            self.d.spawn(self.d.sessions.release(s, why, code=P.Err.WORKER_DIED))
+        self.d.pump.schedule()
+
+    def _on_message(self, frames: list) -> None:
+        wid = frames[0].bytes.decode("utf-8", "replace")
+        s = self.by_wid.get(wid)
+        if s is None:
+            return  # a worker we already let go of
+        try:
+            _, rest = P.split_routing(frames[1:])
+            msg = P.unpack(rest, s.signer, self.d.limits, P.EXECUTOR_REPLIES)
+        except P.ProtocolError as e:
+            self.log.warning("dropped a bad message from worker %s: %s", wid, e.text)
+            return
+        s.last_heard = time.monotonic()
+        if msg.type == P.Msg.READY:
+            if s.ready is not None and not s.ready.done():
+                s.ready.set_result(msg.content)
+            return
+        if msg.type in (P.Msg.HEARTBEAT, P.Msg.PONG):
+            return
+        self.d.sessions.from_worker(s, msg)
+
+    def move_bulk(self, moved: dict, src: str, dst: str) -> None:
+        """Bulk files travel between a session's and its (warm-started) worker's directory
+        by rename: same tmpfs, no bytes copied, names already checked."""
+        os.makedirs(self.bulk_dir(dst), mode=0o700, exist_ok=True)
+        for ref in moved.values():
+            name = ref.get("file") if isinstance(ref, dict) else None
+            if bulk.valid_name(name):
+                try:
+                    os.replace(os.path.join(self.bulk_dir(src), name), os.path.join(self.bulk_dir(dst), name))
+                except FileNotFoundError:
+                    pass  # the reader reports the missing buffer

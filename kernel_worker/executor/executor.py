@@ -1,0 +1,161 @@
+"""The executor's requests: execute a cell, pull values, answer pings, on one
+persistent namespace. Started by ``kernel_worker.worker`` (the entry point)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import zmq
+
+from kernel_worker import bulk, serialize
+from kernel_worker import protocol as P
+from kernel_worker.executor.channel import Channel
+from kernel_worker.executor.outbox import Outbox, StreamWriter, capture_fds
+from kernel_worker.executor.runner import Runner
+
+
+def _versions() -> dict:
+    import cloudpickle
+
+    out = {
+        "python": platform.python_version(),
+        "cloudpickle": cloudpickle.__version__,
+        "pyzmq": zmq.__version__,
+        "pid": os.getpid(),
+        "host": platform.node(),
+    }
+    for dist in ("numpy", "torch", "ipython"):
+        try:  # from package metadata: importing torch here would cost seconds
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+class Executor:
+    def __init__(self) -> None:
+        self.session = os.environ[P.Env.SESSION]
+        self.bulk_dir = os.environ.get(P.Env.BULK_DIR, "")
+        self.signer = P.Signer(os.environ.pop(P.Env.KEY).encode())
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 1000
+        self.sock.identity = self.session.encode()
+        self.outbox = Outbox(float(os.environ.get(P.Env.FLUSH_MS, "5")) / 1000)
+        self.channel = Channel(
+            self.sock, self.signer, self.outbox, self.session, float(os.environ.get(P.Env.HEARTBEAT_S, "2"))
+        )
+        # Connect only once the channel watches connection events: every connect, the
+        # first included, is answered with READY.
+        self.sock.connect(os.environ[P.Env.ENDPOINT])
+        self.running = False
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # Only a running cell is interrupted; between cells SIGINT is ignored.
+        if self.running:
+            raise KeyboardInterrupt
+
+    def main(self) -> None:
+        # Keep real stderr for our own diagnostics (it goes to the worker log).
+        sys.__stderr__ = os.fdopen(os.dup(2), "w", buffering=1)
+        capture_fds(self.outbox)
+        sys.stdout = StreamWriter("stdout", self.outbox)
+        sys.stderr = StreamWriter("stderr", self.outbox)
+        self.runner = Runner(self.outbox)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        threading.Thread(target=self.channel.flusher, name="jgpu-flush", daemon=True).start()
+        self.channel.ready_content = {"versions": _versions(), "ipython": self.runner.shell is not None}
+        handlers: dict[str, Callable[[P.Message], P.Message]] = {
+            P.Msg.EXECUTE: self.execute,
+            P.Msg.PULL: self.pull,
+            P.Msg.PING: lambda m: m.reply(P.Msg.PONG),
+        }
+        while True:
+            msg = self.channel.next_request()
+            self.channel.busy.set()
+            try:
+                reply = handlers[msg.type](msg)
+            finally:
+                self.channel.busy.clear()
+            with self.channel.lock:  # output first, then the reply, from this thread: no hand-off
+                self.channel.flush()
+                self.channel.send(reply)
+
+    def _values_out(self, names: list, bulk_ok: bool) -> tuple[dict, list]:
+        missing = [n for n in names if n not in self.ns]
+        if missing:
+            raise NameError(f"not defined on the worker: {', '.join(missing)}")
+        specs, frames = serialize.dump_values({n: self.ns[n] for n in names})
+        content: dict = {"values": specs}
+        if bulk_ok and self.bulk_dir:
+            frames, moved = bulk.offload(frames, self.bulk_dir)
+            content["bulk"] = moved
+        return content, frames
+
+    @property
+    def ns(self) -> dict:
+        return self.runner.ns
+
+    def execute(self, msg: P.Message) -> P.Message:
+        self.outbox.parent = msg
+        t0 = time.monotonic()
+        ok, content, frames = True, {}, []
+        loaded = False
+        try:
+            self.ns.update(serialize.receive_values(msg.content, msg.buffers, self.bulk_dir))
+            loaded = True
+        except Exception as e:
+            ok = False
+            self.outbox.send(msg.reply(P.Msg.ERROR, _err("could not load the values sent with the cell", e)))
+        code = msg.content.get("code", "")
+        before = set(self.ns)
+        if ok and code.strip():
+            self.running = True
+            try:
+                ok = self.runner.run(code)
+            except KeyboardInterrupt:  # landed outside the user's code
+                ok = False
+            finally:
+                self.running = False
+        sys.stdout.flush()
+        # What the cell (re)bound: new keys, plus the names its code assigns. Cheaper than
+        # comparing the whole namespace, which IPython grows by two names per cell.
+        bound = (self.ns.keys() - before) | self.runner.assigned(code)
+        content["bound"] = sorted(k for k in bound if k in self.ns and not k.startswith("_"))
+        content["deleted"] = sorted(k for k in before - self.ns.keys() if not k.startswith("_"))
+        pull = msg.content.get("pull") or []
+        if ok and pull:
+            try:
+                extra, frames = self._values_out(pull, bool(msg.content.get("bulk_ok")))
+                content.update(extra)
+            except Exception as e:
+                ok = False
+                self.outbox.send(msg.reply(P.Msg.ERROR, _err("could not send back --pull values", e)))
+        content["ok"] = ok
+        content["loaded"] = loaded
+        content["seconds"] = time.monotonic() - t0
+        return msg.reply(P.Msg.DONE, content, frames)
+
+    def pull(self, msg: P.Message) -> P.Message:
+        try:
+            content, frames = self._values_out(msg.content.get("names", []), bool(msg.content.get("bulk_ok")))
+        except Exception as e:
+            self.outbox.send(msg.reply(P.Msg.ERROR, _err("pull failed", e)))
+            content, frames = {"values": []}, []
+        return msg.reply(P.Msg.VALUES, content, frames)
+
+
+def _err(what: str, e: BaseException) -> dict:
+    return {
+        "ename": type(e).__name__,
+        "evalue": f"{what}: {e}",
+        "traceback": traceback.format_exception(type(e), e, e.__traceback__),
+    }

@@ -1,0 +1,130 @@
+"""What a cell emits, in order: stream text batched per stream, every other message at
+once behind it, from the main thread, the flusher thread and the fd pumps alike."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from typing import Any
+
+from kernel_worker import protocol as P
+
+
+class Outbox:
+    """Ordered outgoing messages; consecutive writes to one stream merge into one message.
+
+    Stream text waits up to ``flush_s`` to be batched; any other message is sent at
+    once, behind the text that came before it.
+    """
+
+    def __init__(self, flush_s: float) -> None:
+        self.flush_s = flush_s
+        self._lock = threading.Lock()
+        self._items: list = []  # [stream_name, [texts]] or Message
+        self._since = 0.0  # when the oldest pending item was queued
+        self._urgent = False
+        self._text: list | None = None  # texts of the last item, if it is a stream's
+        self._text_name: str | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self.parent: P.Message | None = None  # the request whose output this is
+
+    def fileno(self) -> int:
+        return self._wake_r
+
+    def _queue(self, item: Any, urgent: bool) -> None:
+        with self._lock:
+            wake = urgent or not self._items
+            if not self._items:
+                self._since = time.monotonic()
+            self._items.append(item)
+            self._text = None if urgent else item[1]
+            self._text_name = None if urgent else item[0]
+            self._urgent |= urgent
+        if wake:
+            os.write(self._wake_w, b"x")
+
+    def stream(self, name: str, text: str) -> None:
+        if not text:
+            return
+        with self._lock:  # the hot path of print(): append to the pending text of this stream
+            if self._text_name == name:
+                self._text.append(text)
+                return
+        self._queue([name, [text]], False)
+
+    def send(self, msg: P.Message) -> None:
+        self._queue(msg, True)
+
+    def skip_wake(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+
+    def due_in(self, idle: float) -> float:
+        """Seconds until the outbox should be flushed (``idle`` when empty)."""
+        with self._lock:
+            if not self._items:
+                return idle
+            if self._urgent:
+                return 0.0
+            return max(0.0, self._since + self.flush_s - time.monotonic())
+
+    def drain(self) -> list[P.Message]:
+        self.skip_wake()
+        with self._lock:
+            items, self._items, self._urgent = self._items, [], False
+            self._text = self._text_name = None
+        parent = self.parent
+        out = []
+        for item in items:
+            if isinstance(item, list):
+                if parent is not None:
+                    out.append(parent.reply(P.Msg.STREAM, {"name": item[0], "text": "".join(item[1])}))
+            else:
+                out.append(item)
+        return out
+
+
+class StreamWriter(io.TextIOBase):
+    """sys.stdout / sys.stderr replacement feeding the outbox."""
+
+    def __init__(self, name: str, outbox: Outbox):
+        self.name = name
+        self._outbox = outbox
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self._outbox.stream(self.name, text)
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+
+def capture_fds(outbox: Outbox) -> None:
+    """Route file-descriptor level output (C libraries, ``os.system``) into the cell's streams."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        r, w = os.pipe()
+        os.dup2(w, fd)
+        os.close(w)
+
+        def pump(r: int = r, name: str = name) -> None:
+            while True:
+                data = os.read(r, 65536)
+                if not data:
+                    return
+                outbox.stream(name, data.decode("utf-8", "replace"))
+
+        threading.Thread(target=pump, name=f"jgpu-fd{fd}", daemon=True).start()

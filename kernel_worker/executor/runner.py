@@ -1,0 +1,117 @@
+"""Running a cell's code in the persistent namespace: through IPython's InteractiveShell
+when the image has it (magics, ``!cmd``, display, inline matplotlib), else plain exec."""
+
+from __future__ import annotations
+
+import ast
+import os
+import traceback
+from typing import Any
+
+from kernel_worker import protocol as P
+from kernel_worker.executor.outbox import Outbox
+
+
+class Runner:
+    """Runs code in the persistent namespace, reporting output through the outbox."""
+
+    def __init__(self, outbox: Outbox):
+        self.outbox = outbox
+        self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+        self.shell = None
+        try:
+            self.shell = make_shell(outbox, self.ns)
+        except ImportError:
+            pass
+
+    def assigned(self, code: str) -> set[str]:
+        """Names ``code`` binds anywhere (a superset of what it rebinds globally)."""
+        if not code.strip():
+            return set()
+        try:
+            tree = ast.parse(code)
+        except SyntaxError:  # IPython syntax (%magic, !cmd): transform it first
+            try:
+                tree = ast.parse(self.shell.transform_cell(code) if self.shell is not None else code)
+            except SyntaxError:
+                return set()
+        names: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+                names.add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, ast.Global):
+                names.update(node.names)
+        return names
+
+    def run(self, code: str) -> bool:
+        """Run ``code``; True when it raised nothing."""
+        if self.shell is not None:
+            result = self.shell.run_cell(code, store_history=True)
+            return result.success
+        try:
+            tree = ast.parse(code, "<cell>")
+            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            exec(compile(tree, "<cell>", "exec"), self.ns)
+            if last is not None:
+                value = eval(compile(ast.Expression(last.value), "<cell>", "eval"), self.ns)
+                if value is not None:
+                    self.ns["_"] = value
+                    self.outbox.send(
+                        self.outbox.parent.reply(P.Msg.RESULT, {"data": {"text/plain": repr(value)}, "metadata": {}})
+                    )
+            return True
+        except BaseException as e:  # the user's exception, KeyboardInterrupt included
+            tb = traceback.format_exception(type(e), e, e.__traceback__)
+            self.outbox.send(
+                self.outbox.parent.reply(P.Msg.ERROR, {"ename": type(e).__name__, "evalue": str(e), "traceback": tb})
+            )
+            return False
+
+
+def make_shell(outbox: Outbox, ns: dict) -> Any:
+    """An InteractiveShell whose displays, results and tracebacks go to the outbox."""
+    from IPython.core.displayhook import DisplayHook
+    from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets import Type
+
+    def reply(kind: str, content: dict) -> None:
+        outbox.send(outbox.parent.reply(kind, content))
+
+    class Publisher(DisplayPublisher):
+        def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kw):
+            kind = P.Msg.UPDATE_DISPLAY if update else P.Msg.DISPLAY
+            reply(kind, {"data": data, "metadata": metadata or {}, "transient": transient or {}})
+
+        def clear_output(self, wait=False):
+            reply(P.Msg.CLEAR, {"wait": bool(wait)})
+
+    class Hook(DisplayHook):
+        def write_output_prompt(self):
+            pass
+
+        def write_format_data(self, format_dict, md_dict=None):
+            reply(P.Msg.RESULT, {"data": format_dict, "metadata": md_dict or {}})
+
+    class WorkerShell(InteractiveShell):
+        display_pub_class = Type(Publisher)
+        displayhook_class = Type(Hook)
+
+        def _showtraceback(self, etype, evalue, stb):
+            reply(
+                P.Msg.ERROR, {"ename": getattr(etype, "__name__", str(etype)), "evalue": str(evalue), "traceback": stb}
+            )
+
+        def enable_gui(self, gui=None):
+            pass
+
+    from traitlets.config import Config
+
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # History lives in memory: the SQLite history thread would cost every cell a commit.
+    config = Config({"HistoryManager": {"hist_file": ":memory:"}})
+    return WorkerShell.instance(user_ns=ns, colors="Linux", config=config)

@@ -1,0 +1,7 @@
+"""Where things are: the repository's root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent

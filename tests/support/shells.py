@@ -1,0 +1,19 @@
+"""Running cells in a real IPython InteractiveShell and reading what they showed."""
+
+from __future__ import annotations
+
+import re
+
+
+def run(ip, cell: str):
+    """Run a cell and capture what it showed (stdout, stderr, rich outputs)."""
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap:
+        result = ip.run_cell(cell, store_history=True)
+    return result, cap
+
+
+def plain(text: str) -> str:
+    """``text`` without ANSI colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
