@@ -99,6 +99,28 @@ def bench_pyzmq(tmp: str, reps: int) -> dict:
 # ----------------------------------------------------------------------------- jupyter-gpu
 
 
+def bench_wire(d, reps: int) -> list[float]:
+    """Empty EXECUTEs through the daemon to a warm worker and back, without IPython or the
+    magic: the daemon's and executor's share of a cell, beside a raw pyzmq echo."""
+    from jupyter_gpu.client import DaemonClient
+    from kernel_worker import protocol as P
+
+    client = DaemonClient(d.url, d.key)
+
+    def one() -> float:
+        t = time.perf_counter()
+        client.request(P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": ""}, "bench-wire"), timeout=30)
+        return time.perf_counter() - t
+
+    try:
+        for _ in range(reps // 10):
+            one()
+        return [one() for _ in range(reps)]
+    finally:
+        client.request(P.Message(P.Msg.RELEASE, {}, "bench-wire"), timeout=30)
+        client.close()
+
+
 @contextlib.contextmanager
 def quiet():
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -293,6 +315,7 @@ def main() -> None:
         os.environ["JUPYTER_GPU_CONNECTION_FILE"] = d.connection_file
         try:
             zmq_r = bench_pyzmq(tmp, reps)  # before IPython replaces __main__ (spawn needs it)
+            wire = bench_wire(d, reps * 4)
             ip = InteractiveShell.instance()
             gpu = bench_gpu(ip, reps, cold_reps)
             ipp_r = None if args.no_ipp else bench_ipp(ip, reps)
@@ -313,6 +336,13 @@ def main() -> None:
             ms(pct(gpu["empty"], 99)),
             ms(pct(ipp_r["px"], 99)) + " (%%px)" if ipp_r else "-",
             ms(pct(zmq_r["rtt"], 99)),
+            "",
+        ),
+        (
+            "daemon round trip, empty execute, no IPython, p50",
+            ms(pct(wire, 50)),
+            "-",
+            ms(pct(zmq_r["rtt"], 50)),
             "",
         ),
         ("apply_sync(lambda: None), p50", "-", ms(pct(ipp_r["apply"], 50)) if ipp_r else "-", "-", ""),

@@ -8,8 +8,11 @@ in the daemon's state directory, so spend per notebook and per day survives rest
 from __future__ import annotations
 
 import datetime
+import io
 import json
+import os
 import time
+from typing import Any
 
 from kernel_worker.session import Session
 
@@ -38,15 +41,23 @@ class Ledger:
         self.path = path
         self.cells: dict[str, list[dict]] = {}
         self.history: list[dict] = _load(path) if path else []
+        self._file: Any = None  # kept open: an open and close per cell cost the hot path
 
     def _keep(self, s: Session, record: dict) -> dict:
         record.update(at=time.time(), user=s.user, notebook=s.notebook, session=s.id)
         self.cells.setdefault(s.id, []).append(record)
         self.history.append(record)
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if self._file is None:
+                self._file = _open_for_append(self.path)
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()  # one write(2) per record: a killed daemon loses nothing written
         return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def price(self, s: Session | None) -> float:
         """USD per hour for what ``s`` holds (device price times GPU count)."""
@@ -150,6 +161,17 @@ class Ledger:
             "notebooks": sorted(notebooks.values(), key=lambda n: -n["usd"]),
             "days": [{"day": d, "usd": u} for d, u in sorted(days.items())],
         }
+
+
+def _open_for_append(path: str) -> Any:
+    """The ledger file, positioned to append whole lines: a torn last line (a crash
+    mid-write) is ended first, so the next record is not glued onto it."""
+    f = open(path, "a+b")
+    if f.tell() > 0:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+    return io.TextIOWrapper(f, encoding="utf-8", write_through=True)
 
 
 def _load(path: str) -> list[dict]:

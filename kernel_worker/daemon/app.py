@@ -256,6 +256,7 @@ class WorkerDaemon(LoggingConfigurable):
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.ledger.close()
         self.pump.close()
         self.ctx.term()
         try:
