@@ -12,6 +12,7 @@ from traitlets import Bool
 
 from kernel_worker import __version__
 from kernel_worker.daemon.app import WorkerDaemon
+from kernel_worker.daemon.errors import StartRefused
 
 
 class DaemonApp(JupyterApp):
@@ -35,14 +36,17 @@ class DaemonApp(JupyterApp):
     }
 
     def start(self) -> None:
-        daemon = WorkerDaemon(parent=self, log=self.log)
-
         def ready(info: dict) -> None:
             if self.print_ready:
                 sys.stdout.write(json.dumps(info) + "\n")
                 sys.stdout.flush()
 
-        asyncio.run(daemon.run(ready))
+        try:
+            daemon = WorkerDaemon(parent=self, log=self.log)
+            asyncio.run(daemon.run(ready))
+        except StartRefused as e:
+            self.log.critical("%s", e)
+            self.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,17 +31,22 @@ DEFAULT_PRICES = {
 
 
 UNKNOWN_NOTEBOOK = "(unnamed notebook)"
+ROTATED = ".1"  # suffix of the ledger's previous file
 
 
 class Ledger:
     """Cost records per session id, kept after the session is released."""
 
-    def __init__(self, prices: dict[str, float], path: str = ""):
+    def __init__(self, prices: dict[str, float], path: str = "", max_bytes: int = 0):
         self.prices = prices
         self.path = path
+        self.max_bytes = max_bytes  # rotate the file past this size (0: never)
         self.cells: dict[str, list[dict]] = {}
-        self.history: list[dict] = _load(path) if path else []
+        current = _load(path) if path else []
+        self.history: list[dict] = (_load(path + ROTATED) if path else []) + current
+        self._in_current = len(current)  # records of history that are in the current file
         self._file: Any = None  # kept open: an open and close per cell cost the hot path
+        self._size = 0  # bytes in the current file
 
     def _keep(self, s: Session, record: dict) -> dict:
         record.update(at=time.time(), user=s.user, notebook=s.notebook, session=s.id)
@@ -50,9 +55,22 @@ class Ledger:
         if self.path:
             if self._file is None:
                 self._file = _open_for_append(self.path)
-            self._file.write(json.dumps(record) + "\n")
+                self._size = self._file.tell()
+            line = json.dumps(record) + "\n"  # ASCII: characters are bytes
+            self._file.write(line)
             self._file.flush()  # one write(2) per record: a killed daemon loses nothing written
+            self._in_current += 1
+            self._size += len(line)
+            if self.max_bytes and self._size > self.max_bytes:
+                self._rotate()
         return record
+
+    def _rotate(self) -> None:
+        """Keep one old file: spend reports reach back that far, and the disk stays bounded."""
+        self.close()
+        os.replace(self.path, self.path + ROTATED)
+        self.history = self.history[-self._in_current :]
+        self._in_current = 0
 
     def close(self) -> None:
         if self._file is not None:

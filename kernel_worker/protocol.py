@@ -166,6 +166,27 @@ class Limits:
 
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,128}$")
+# Session ids name directories, sockets and containers on the daemon's host: one plain
+# path component that starts alphanumeric (never "." or ".."), or "" for requests that
+# name no session.
+SESSION_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_-]{0,127})?$")
+MAX_HEADER_DEPTH = 32  # nesting of JSON arrays/objects in a header; real ones use 4
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests containers deeper than ``limit`` (iterative: no recursion
+    for a hostile header to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, list):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((item, depth + 1) for item in v if isinstance(item, (dict, list)))
+    return False
 
 
 @dataclass
@@ -273,6 +294,8 @@ def unpack(
         h = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError(Err.BAD_MESSAGE, "header is not valid UTF-8 JSON") from None
+    except RecursionError:
+        raise ProtocolError(Err.BAD_MESSAGE, f"header nests deeper than {MAX_HEADER_DEPTH} levels") from None
     # The id is read before the signature is checked only to say which request an error answers.
     msg_id = h.get("id") if isinstance(h, dict) and isinstance(h.get("id"), str) else None
     if msg_id is not None and not _ID_RE.match(msg_id):
@@ -285,6 +308,8 @@ def unpack(
     signer.check(raw, sig, msg_id)
     if not isinstance(h, dict):
         raise ProtocolError(Err.BAD_MESSAGE, "header must be a JSON object")
+    if _too_deep(h, MAX_HEADER_DEPTH):
+        raise ProtocolError(Err.BAD_MESSAGE, f"header nests deeper than {MAX_HEADER_DEPTH} levels", msg_id)
     if h.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
             Err.VERSION, f"protocol version {h.get('v')!r}; this side speaks {PROTOCOL_VERSION}", msg_id
@@ -299,9 +324,16 @@ def unpack(
     ):
         if not isinstance(h.get(name), typ):
             raise ProtocolError(Err.BAD_MESSAGE, f"header field {name!r} must be a {typ.__name__}", msg_id)
-    for name in ("id", "parent", "session"):
+    for name in ("id", "parent"):
         if not _ID_RE.match(h[name]):
             raise ProtocolError(Err.BAD_MESSAGE, f"header field {name!r} has characters or length not allowed", msg_id)
+    if not SESSION_RE.match(h["session"]):
+        raise ProtocolError(
+            Err.BAD_MESSAGE,
+            f"session id {h['session'][:40]!r} is not allowed: use 1-128 letters, digits, '_' or '-', "
+            "starting with a letter or digit",
+            msg_id,
+        )
     if h["frames"] != sizes[2:]:
         raise ProtocolError(Err.BAD_MESSAGE, "buffer frames do not match the sizes the header declares", msg_id)
     if allowed is not None and h["type"] not in allowed:

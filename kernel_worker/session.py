@@ -23,6 +23,7 @@ class Session:
     gpus: list[GPU] = field(default_factory=list)
     handle: Any = None
     state: str = "starting"  # starting | idle | busy
+    queued: bool = False  # waiting in the GPU queue
     ready: asyncio.Future | None = None
     current: P.Message | None = None  # the request being served
     cell_started: float = 0.0

@@ -3,36 +3,22 @@ work out of the daemon, and users cannot touch each other's sessions."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import zmq.auth
+from support.curve import cli, curve_users
 
 from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
 from kernel_worker import keys
 from kernel_worker import protocol as P
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", *args], capture_output=True, text=True, timeout=60)
-
-
 @pytest.fixture
 def curve_daemon(daemon_factory, tmp_path):
-    kd = tmp_path / "keys"
-    server_pub = cli("keys", "init", "--keys-dir", str(kd)).stdout.strip()
-    users = {}
-    for name in ("alice", "bob", "ops", "eve"):
-        pub, _ = zmq.auth.create_certificates(str(tmp_path), name)
-        public, secret = keys.load(str(tmp_path), name)
-        users[name] = (public, secret)
-        if name != "eve":
-            out = cli("keys", "authorize", f"--key={public.decode()}", "--user", name, "--keys-dir", str(kd))
-            assert out.returncode == 0, out.stderr
+    kd, server_pub, users = curve_users(tmp_path, ("alice", "bob", "ops"), strangers=("eve",))
     d = daemon_factory(
         "--url=tcp://127.0.0.1:0",
         "--WorkerDaemon.curve=True",
+        "--WorkerDaemon.single_tenant=True",  # identities and ownership on the process backend
         f"--WorkerDaemon.keys_dir={kd}",
         "--WorkerDaemon.operators=ops",
         "--WorkerDaemon.max_sessions_per_user=1",
@@ -41,9 +27,7 @@ def curve_daemon(daemon_factory, tmp_path):
 
     def client(name: str) -> DaemonClient:
         public, secret = users[name]
-        c = DaemonClient(
-            d.url, b"", heartbeat_interval=0.5, heartbeat_timeout=1.0, curve=(server_pub.encode(), public, secret)
-        )
+        c = DaemonClient(d.url, b"", heartbeat_interval=0.5, heartbeat_timeout=1.0, curve=(server_pub, public, secret))
         clients.append(c)
         return c
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kernel_worker import protocol as P
@@ -75,8 +75,24 @@ def test_daemon_survives_fuzzed_requests(daemon, fuzz_socket):
     assert first.content["ok"]
     sent = {"n": 0}
 
+    deep_content = json.dumps(
+        {
+            "v": 1,
+            "type": "status",
+            "id": "deep",
+            "parent": "",
+            "session": "",
+            "frames": [],
+            "content": {"x": json.loads("[" * 40 + "]" * 40)},
+        }
+    ).encode()
+    big_frame = b"\0" * (80 * 1024 * 1024)
+
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
     @given(messages())
+    @example((b"[" * 100_000 + b"]" * 100_000, [], "missing"))  # once a RecursionError in the pump
+    @example((deep_content, [], "good"))  # parses, but nests deeper than any real header
+    @example((json.dumps({"v": 1, "frames": [len(big_frame)]}).encode(), [big_frame], "bad"))  # a big unsigned frame
     def one(case):
         raw, buffers, sign = case
         sig = {"good": signer.sign(raw), "bad": b"0" * 64, "missing": b""}[sign]

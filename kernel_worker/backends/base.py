@@ -77,6 +77,11 @@ class Backend(LoggingConfigurable):
     def is_running(self, handle: Any) -> bool:
         return False
 
+    def assigned_gpus(self, handle: Any) -> list[str] | None:
+        """The GPU uuids a found worker was started with, as the backend (not the worker)
+        knows them; None when it cannot tell. Checked against records on adoption."""
+        return None
+
     # Volumes: only backends that can mount them implement these (blocking; run off the loop).
     def list_volumes(self, user: str | None) -> list[dict]:
         raise VolumeError(NO_VOLUMES)

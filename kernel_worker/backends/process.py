@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Any
 
-from traitlets import Float, Unicode
+from traitlets import Dict, Float, List, Unicode
 
 from kernel_worker.backends.base import Backend, WorkerExit, WorkerSpec, describe_exit
 
@@ -17,6 +17,28 @@ class ProcessBackend(Backend):
     python = Unicode(sys.executable, help="Python interpreter that runs the executor.").tag(config=True)
     cwd = Unicode("", help="Working directory of worker processes (default: the daemon's).").tag(config=True)
     stop_grace = Float(2.0, help="Seconds between SIGTERM and SIGKILL when stopping a worker.").tag(config=True)
+    env_keep = List(
+        Unicode(),
+        [
+            "PATH",
+            "HOME",
+            "USER",
+            "LOGNAME",
+            "SHELL",
+            "LANG",
+            "LANGUAGE",
+            "LC_ALL",
+            "LC_CTYPE",
+            "TZ",
+            "TERM",
+            "TMPDIR",
+            "LD_LIBRARY_PATH",
+            "CUDA_HOME",
+        ],
+        help="The daemon's environment variables a worker inherits; no other one reaches it (the daemon's "
+        "may hold secrets). Add names here, or set values with extra_env.",
+    ).tag(config=True)
+    extra_env = Dict(value_trait=Unicode(), help="Environment for every worker, on top of env_keep.").tag(config=True)
 
     async def start(self, spec: WorkerSpec) -> asyncio.subprocess.Process:
         unsupported = sorted(k for k, v in spec.options.items() if v)
@@ -26,7 +48,8 @@ class ProcessBackend(Backend):
                 "run the daemon with --backend docker for images and volumes"
             )
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k in self.env_keep},
+            **self.extra_env,
             **self.gpu_env(spec.gpus),
             **spec.executor_env(spec.socket_dir, spec.bulk_dir),
             "PYTHONUNBUFFERED": "1",

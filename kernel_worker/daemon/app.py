@@ -37,6 +37,7 @@ from kernel_worker import inventory, keys, scheduler
 from kernel_worker import protocol as P
 from kernel_worker.backends import Backend, backend_class
 from kernel_worker.daemon import paths
+from kernel_worker.daemon.errors import StartRefused
 from kernel_worker.daemon.front import Front
 from kernel_worker.daemon.pool import WarmPool
 from kernel_worker.daemon.pump import Pump
@@ -101,8 +102,21 @@ class WorkerDaemon(LoggingConfigurable):
         Unicode(),
         help="Users who may see everyone's sessions (`jupyter gpu status --all`). Default: the daemon's user.",
     ).tag(config=True)
-    max_sessions_per_user = Int(0, help="Most sessions one user may hold at once (0: no limit).").tag(config=True)
-    max_gpus_per_user = Int(0, help="Most GPUs one user may hold at once (0: no limit).").tag(config=True)
+    max_sessions_per_user = Int(
+        8, help="Most sessions (notebooks with a worker, starting or queued) one user may hold at once (0: no limit)."
+    ).tag(config=True)
+    max_gpus_per_user = Int(8, help="Most GPUs one user may hold at once (0: no limit).").tag(config=True)
+    max_queued_per_user = Int(
+        4, help="Most requests one user may have waiting in the GPU queue at once (0: no limit)."
+    ).tag(config=True)
+    peer_queue = Int(
+        32,
+        help="Requests the daemon takes from one connection before it reads the next (ZeroMQ's receive high-water "
+        "mark per peer): a flooding client waits on its own side, in its own memory.",
+    ).tag(config=True)
+    ledger_max_bytes = Int(
+        64 * 1024**2, help="Size at which ledger.jsonl is rotated to ledger.jsonl.1 (one old file is kept)."
+    ).tag(config=True)
     keep_warm = Dict(
         value_trait=Int(),
         help="Workers kept started ahead, per GPU model (e.g. {'H100': 1}); the next session asking for that "
@@ -114,7 +128,12 @@ class WorkerDaemon(LoggingConfigurable):
     prices = Dict(DEFAULT_PRICES, help="USD per device-hour by model name (H100, A100-80GB, ..., cpu).").tag(
         config=True
     )
-    max_message_bytes = Int(16 * 1024**3, help="Largest request (all frames) a client may send.").tag(config=True)
+    max_message_bytes = Int(
+        4 * 1024**3,
+        help="Largest request (all frames) a client may send. ZeroMQ cuts off a connection whose single frame is "
+        "larger still (by 64 MiB) before buffering it; the rest get a too_large reply. A value shipped with a cell "
+        "travels in one frame unless notebook and worker share a host.",
+    ).tag(config=True)
     max_header_bytes = Int(4 * 1024**2, help="Largest request header (cell code included).").tag(config=True)
     bulk_root = Unicode(
         help="Directory (ideally tmpfs) where same-host clients and workers exchange large buffers."
@@ -124,6 +143,13 @@ class WorkerDaemon(LoggingConfigurable):
         "a restarted daemon can adopt its workers."
     ).tag(config=True)
 
+    single_tenant = Bool(
+        False,
+        help="Let several CurveZMQ users share the process backend. It gives away all isolation between them: "
+        "every user's cells run as this daemon's OS user, so any of them can read the daemon's keys, records and "
+        "authorized_keys, authorise themselves as anyone, and run code in anyone's session. Only for a box whose "
+        "key holders all trust each other; otherwise use the docker backend.",
+    ).tag(config=True)
     user = Unicode(
         help="Who the sessions of this daemon's connection file belong to; volumes are namespaced by it. "
         "Set by the operator, never by a client. Default: the OS user running the daemon."
@@ -163,12 +189,18 @@ class WorkerDaemon(LoggingConfigurable):
 
     def __init__(self, **kw: Any):
         super().__init__(**kw)
+        if self.curve and self.backend == "process" and not self.single_tenant:
+            raise StartRefused(
+                "refusing to serve CurveZMQ users on the process backend: every user's cells would run as this "
+                "daemon's OS user and could read its keys and take over each other's sessions. Use "
+                "--backend docker, or --WorkerDaemon.single_tenant=True if every key holder may act as every other"
+            )
         gpus = inventory.parse_simulated(self.simulate_gpus) if self.simulate_gpus else inventory.discover()
         self.scheduler = scheduler.Scheduler(gpus)
         self.key = paths.load_or_make_key(self.state_dir)
         self.signer = P.Signer(self.key)
         self.limits = P.Limits(self.max_header_bytes, P.Limits.max_frames, self.max_message_bytes)
-        self.ledger = Ledger(self.prices, os.path.join(self.state_dir, "ledger.jsonl"))
+        self.ledger = Ledger(self.prices, os.path.join(self.state_dir, "ledger.jsonl"), self.ledger_max_bytes)
         self.daemon_id = hashlib.sha1(os.path.abspath(self.state_dir).encode()).hexdigest()[:12]
         if self.backend_instance is None:
             self.backend_instance = backend_class(self.backend)(parent=self, daemon_id=self.daemon_id)
@@ -222,13 +254,13 @@ class WorkerDaemon(LoggingConfigurable):
                 loop.add_signal_handler(sig, self._stopping.set)
             except (RuntimeError, ValueError):  # not the main thread
                 pass
-        self.ctx = zmq.Context()
-        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.state_dir, 0o700)
-        os.makedirs(self.bulk_root, mode=0o700, exist_ok=True)
+        for d in (self.state_dir, self.bulk_root, *self.workers.roots(), self.records.root):
+            paths.private_dir(d)
         self.bulk_probe = secrets.token_hex(16)
-        with open(os.path.join(self.bulk_root, ".probe"), "w") as f:
+        probe = paths.open_private(os.path.join(self.bulk_root, ".probe"), os.O_CREAT | os.O_WRONLY | os.O_TRUNC)
+        with os.fdopen(probe, "w") as f:
             f.write(self.bulk_probe)
+        self.ctx = zmq.Context()
         self.workers.open(self.ctx)
         self.url = self.front.open(self.ctx)
         self._write_connection_file()
@@ -275,7 +307,6 @@ class WorkerDaemon(LoggingConfigurable):
         info = {"url": self.url, "key": self.key.decode(), "pid": os.getpid(), "backend": self.backend}
         os.makedirs(os.path.dirname(self.connection_file) or ".", exist_ok=True)
         tmp = self.connection_file + f".{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(paths.open_private(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC), "w") as f:
             json.dump(info, f)
         os.replace(tmp, self.connection_file)

@@ -21,6 +21,8 @@ import zmq.utils.z85
 
 from kernel_worker import keys
 from kernel_worker import protocol as P
+from kernel_worker.daemon import paths
+from kernel_worker.daemon.errors import StartRefused
 
 if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
@@ -30,6 +32,7 @@ Handler = Callable[[bytes, P.Message, str], "Awaitable[None] | None"]
 # Requests about one session: only the user who made that session may send them.
 SESSION_REQUESTS = frozenset({P.Msg.EXECUTE, P.Msg.PULL, P.Msg.INTERRUPT, P.Msg.RELEASE, P.Msg.COST})
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+FRAME_SLACK = 64 * 1024**2  # a frame this far over max_message_bytes is cut off unread
 ZAP_DOMAIN = b"jupyter-gpu"
 
 
@@ -58,11 +61,18 @@ class Front:
         check_bindable(url, self.d.curve)
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
+        # Frames arrive whole before any check: one huge unsigned frame would be buffered
+        # first. ZeroMQ drops a connection whose frame exceeds this, as it reads the size.
+        self.sock.maxmsgsize = self.d.max_message_bytes + FRAME_SLACK
+        self.sock.rcvhwm = self.d.peer_queue
         if self.d.curve:
             self._setup_curve(ctx)
-        if url.startswith("ipc://"):
-            os.makedirs(os.path.dirname(url[6:]) or ".", exist_ok=True)
+        ipc = url[len("ipc://") :] if url.startswith("ipc://") else ""
+        if ipc and not os.path.isdir(os.path.dirname(ipc) or "."):
+            paths.private_dir(os.path.dirname(ipc))  # never 0755: the socket's directory is ours alone
         self.sock.bind(url)
+        if ipc:
+            os.chmod(ipc, 0o600)  # not the umask's 0775: only this user may connect
         self.d.pump.add(self.sock, self._on_message)
         if self.zap is not None:
             self.d.pump.add(self.zap, self._on_zap)
@@ -178,7 +188,7 @@ def check_bindable(url: str, curve: bool = False) -> None:
     m = re.match(r"^tcp://([^:]+):(\d+|\*)$", url)
     if url.startswith("ipc://") or (m and (curve or m.group(1) in ("127.0.0.1", "localhost", "[::1]"))):
         return
-    raise ValueError(
+    raise StartRefused(
         f"refusing to listen on {url}: only ipc:// and tcp://127.0.0.1 are allowed without CurveZMQ; "
         "use --WorkerDaemon.curve=True (after `jupyter gpu keys init`), or an SSH tunnel to a loopback port"
     )

@@ -1,6 +1,11 @@
 """What a restarted daemon needs: a record of each running worker on disk (who it
 serves, its key, its GPUs), and adopting the workers that outlived their daemon, or
-removing those it cannot vouch for."""
+removing those it cannot vouch for.
+
+Records live in the daemon's private state directory, never in anything mounted into a
+worker: a container that could rewrite its record could come back, after a restart, as
+another user's session. Adoption still checks each record against what the daemon
+itself knows: the worker's label, the inventory, and the GPUs the worker was given."""
 
 from __future__ import annotations
 
@@ -12,13 +17,21 @@ from typing import TYPE_CHECKING, Any
 
 from kernel_worker import protocol as P
 from kernel_worker import scheduler
+from kernel_worker.daemon import paths
+from kernel_worker.daemon.errors import UnsafePath
+from kernel_worker.daemon.pool import WARM_PREFIX
 from kernel_worker.inventory import GPU
 from kernel_worker.session import Session
+
+
+def _names(root: str) -> set[str]:
+    return set(os.listdir(root)) if os.path.isdir(root) else set()
+
 
 if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
 
-RECORD_NAME = "session.json"
+RECORD_SUFFIX = ".json"
 
 
 class Records:
@@ -26,8 +39,12 @@ class Records:
         self.d = daemon
         self.log = daemon.log
 
+    @property
+    def root(self) -> str:
+        return os.path.join(self.d.state_dir, "records")
+
     def path(self, wid: str) -> str:
-        return os.path.join(self.d.workers.session_dir(wid), RECORD_NAME)
+        return paths.child(self.root, wid + RECORD_SUFFIX)
 
     def save(self, s: Session) -> None:
         record = {
@@ -40,36 +57,70 @@ class Records:
             "held_since": time.time() - (time.monotonic() - s.started_at),
         }
         path = self.path(s.wid)
-        fd = os.open(path + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(paths.open_private(path + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC), "w") as f:
             json.dump(record, f)
         os.replace(path + ".tmp", path)
 
+    def remove(self, wid: str) -> None:
+        try:
+            os.unlink(self.path(wid))
+        except (FileNotFoundError, UnsafePath):
+            pass
+
     def _load(self, wid: str) -> dict | None:
         try:
-            with open(self.path(wid)) as f:
-                return json.load(f)
-        except (OSError, ValueError):
+            with os.fdopen(paths.open_private(self.path(wid), os.O_RDONLY)) as f:
+                record = json.load(f)
+        except (OSError, ValueError, UnsafePath):
             return None
+        return record if isinstance(record, dict) else None
+
+    def _vouch(self, wid: str, record: dict | None, handle: Any) -> list[GPU] | str:
+        """The GPUs to adopt ``wid`` with, or why it cannot be adopted."""
+        if record is None:
+            return "no record of it"
+        sid = record.get("session")
+        if not isinstance(sid, str) or not P.SESSION_RE.match(sid) or not sid:
+            return "its record names no valid session"
+        if sid != wid and not wid.startswith(WARM_PREFIX):
+            return f"its record names session {sid!r}, its worker is {wid!r}"
+        try:
+            scheduler.parse(str(record.get("request")))
+            str(record["key"]).encode()
+        except (scheduler.SpecError, KeyError):
+            return "its record is incomplete"
+        wanted = record.get("gpus")
+        gpus = [g for g in self.d.scheduler.gpus if isinstance(wanted, list) and g.uuid in wanted]
+        if not isinstance(wanted, list) or len(gpus) != len(wanted):
+            return "its record names GPUs this host does not have"
+        if any(g.uuid in self.d.scheduler.holder for g in gpus):
+            return "its GPUs are held by another session"
+        given = self.d.backend_instance.assigned_gpus(handle)
+        if given is not None and sorted(given) != sorted(wanted):
+            return f"it was given GPUs {sorted(given)}, its record says {sorted(wanted)}"
+        return gpus
 
     async def adopt_or_reap(self) -> None:
-        """After a restart: adopt the workers we have records for, remove the rest."""
+        """After a restart: adopt the workers we can vouch for, remove the rest."""
         backend = self.d.backend_instance
-        held = self.d.scheduler.holder
         found = dict(await backend.find())
-        root = self.d.workers.sessions_root
-        known = set(os.listdir(root)) if os.path.isdir(root) else set()
-        for wid in sorted(known | set(found)):
+        known = {n[: -len(RECORD_SUFFIX)] for n in _names(self.root) if n.endswith(RECORD_SUFFIX)}
+        for wid in sorted(known | _names(self.d.workers.sessions_root) | set(found)):
+            if not P.SESSION_RE.match(wid) or not wid:
+                self.log.warning("ignoring a worker or record named %r: not a name this daemon makes", wid[:40])
+                continue
             handle = found.get(wid)
             record = self._load(wid)
-            gpus = [g for g in self.d.scheduler.gpus if record and g.uuid in record.get("gpus", [])]
-            free = all(g.uuid not in held for g in gpus)
-            if handle is not None and record and backend.is_running(handle) and free:
-                self._adopt(record.get("session", wid), wid, record, handle, gpus)
-                continue
+            if handle is not None and backend.is_running(handle):
+                gpus = self._vouch(wid, record, handle)
+                if not isinstance(gpus, str):
+                    self._adopt(record["session"], wid, record, handle, gpus)
+                    continue
+                self.log.warning("not adopting the worker of session %s: %s", wid, gpus)
             if handle is not None:
                 self.log.info("removing leftover worker of session %s", wid)
                 await backend.stop(handle)
+            self.remove(wid)
             self.d.workers.remove_dirs(wid)
 
     def _adopt(self, sid: str, wid: str, record: dict, handle: Any, gpus: list[GPU]) -> None:

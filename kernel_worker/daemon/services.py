@@ -75,6 +75,13 @@ class Services:
             return
         self.d.front.reply(ident, msg, {"result": result})
 
+    def _queued(self, entry: dict, user: str, everyone: bool) -> dict:
+        """A place in the GPU queue: whose it is, and its session id only for its owner
+        (a session id is what a request names)."""
+        owner = self.d.sessions.owners.get(entry["session"])
+        mine = everyone or owner == user
+        return {**entry, "session": entry["session"] if mine else None, "user": owner}
+
     def host_status(self, user: str, everyone: bool) -> dict:
         """The host as ``user`` may see it: their own sessions (all, for operators); of a GPU
         someone else holds, who holds it but not their session id."""
@@ -129,7 +136,7 @@ class Services:
             "gpus": gpus,
             "sessions": sessions,
             "warm": warm,
-            "queue": d.scheduler.queue(),
+            "queue": [self._queued(q, user, everyone) for q in d.scheduler.queue()],
             "backend": d.backend,
             "volumes": d.backend_instance.has_volumes,
         }

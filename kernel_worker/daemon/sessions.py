@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
 
 
+NOTEBOOK_MAX_CHARS = 512
+
+
 class Refused(Exception):
     """A session start refused for a reason the client is told as it is."""
 
@@ -88,8 +91,7 @@ class Sessions:
             return
         old = s
         key = P.new_key()
-        notebook = str(msg.content.get("notebook") or "")
-        s = Session(msg.session, req, key, P.Signer(key), client=ident, current=msg, user=user, notebook=notebook)
+        s = Session(msg.session, req, key, P.Signer(key), client=ident, current=msg, user=user, notebook=_notebook(msg))
         self.add(s)  # registered now: a second request finds it starting
         self.d.spawn(self._start_then_begin(old, s, ident, msg))
 
@@ -150,7 +152,7 @@ class Sessions:
         s.cell_started = time.monotonic()
         s.cell_done.clear()
         s.telemetry = inventory.Sample()
-        s.notebook = str(msg.content.get("notebook") or s.notebook)
+        s.notebook = _notebook(msg) or s.notebook
         if s.wid != s.id and msg.content.get("bulk"):
             self.d.workers.move_bulk(msg.content["bulk"], s.id, s.wid)
         self.d.workers.send(s, msg)
@@ -248,11 +250,23 @@ class Sessions:
                 f"no {req.text} free right now (held by {len(holders)} other session(s)); "
                 "drop --no-wait to queue for it",
             )
+        waiting = sum(1 for o in self.live.values() if o.user == s.user and o.queued)
+        most = self.d.max_queued_per_user
+        if most and waiting >= most:
+            raise Refused(
+                P.Err.UNAVAILABLE,
+                f"you already have {waiting} request(s) waiting for GPUs, the most this host queues per user "
+                f"(max_queued_per_user={most}): wait for one, or interrupt it",
+            )
 
         def position(n: int) -> None:
             self.d.front.send(ident, msg.reply(P.Msg.QUEUED, {"position": n, "request": req.text}))
 
-        s.gpus = await self.d.spawn(sched.acquire(req, s.id, position, None), s.tasks)
+        s.queued = True
+        try:
+            s.gpus = await self.d.spawn(sched.acquire(req, s.id, position, None), s.tasks)
+        finally:
+            s.queued = False
 
     async def _start_failed(self, s: Session, ident: bytes, msg: P.Message, e: BaseException) -> None:
         self.forget(s)
@@ -294,6 +308,13 @@ class Sessions:
             self.d.front.fail(s.client, current, code, f"session {s.id} ended: {why}")
         self.log.info("session %s released: %s", s.id, why)
         self.d.pool.refill()  # its GPUs may refill the pool
+
+
+def _notebook(msg: P.Message) -> str:
+    """The notebook's path as its kernel says it: kept in every ledger record, so bounded
+    and printable."""
+    text = str(msg.content.get("notebook") or "")[:NOTEBOOK_MAX_CHARS]
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _valid_bulk(moved: Any, nframes: int) -> bool:

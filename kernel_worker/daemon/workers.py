@@ -21,6 +21,8 @@ from kernel_worker import bulk
 from kernel_worker import protocol as P
 from kernel_worker.backends import WorkerSpec
 from kernel_worker.backends.base import SOCKET_NAME
+from kernel_worker.daemon import paths
+from kernel_worker.daemon.errors import UnsafePath
 from kernel_worker.session import Session
 
 if TYPE_CHECKING:
@@ -46,25 +48,37 @@ class Workers:
     def sessions_root(self) -> str:
         return os.path.join(self.d.state_dir, "sessions")
 
+    @property
+    def logs_root(self) -> str:
+        return os.path.join(self.d.state_dir, "logs")
+
+    def roots(self) -> tuple[str, ...]:
+        """The private directories every worker's own one lives in."""
+        return self.sessions_root, self.logs_root
+
     def session_dir(self, wid: str) -> str:
-        """Private per-worker directory: its socket (mounted into its container, so a
-        worker sees its own socket and nothing else) and its record."""
-        return os.path.join(self.sessions_root, wid)
+        """Private per-worker directory holding its socket and nothing else (it is mounted
+        into the worker's container, so a worker sees its own socket only)."""
+        return paths.child(self.sessions_root, wid)
 
     def bulk_dir(self, wid: str) -> str:
-        return os.path.join(self.d.bulk_root, wid)
+        return paths.child(self.d.bulk_root, wid)
 
     def log_path(self, wid: str) -> str:
-        return os.path.join(self.d.state_dir, "logs", f"{wid}.log")
+        return paths.child(self.logs_root, f"{wid}.log")
 
     def bind(self, wid: str) -> None:
         self.sock.bind(f"ipc://{os.path.join(self.session_dir(wid), SOCKET_NAME)}")
 
     def remove_dirs(self, wid: str, session: str = "") -> None:
         """A worker's directories, and the bulk files of the session it served."""
-        for name in {wid, session or wid}:
-            shutil.rmtree(self.bulk_dir(name), ignore_errors=True)
-        shutil.rmtree(self.session_dir(wid), ignore_errors=True)
+        try:
+            dirs = {self.bulk_dir(wid), self.bulk_dir(session or wid), self.session_dir(wid)}
+        except UnsafePath as e:  # only names the daemon checked get here: a bug, never a reason to rmtree
+            self.log.error("not removing the directories of worker %r: %s", wid, e)
+            return
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     # ------------------------------------------------------------------ life
 
@@ -72,7 +86,7 @@ class Workers:
         """Start ``s``'s worker and wait until it says READY (or fails, or times out)."""
         s.ready = asyncio.get_running_loop().create_future()
         for d in (self.bulk_dir(s.wid), self.session_dir(s.wid)):
-            os.makedirs(d, mode=0o700, exist_ok=True)
+            paths.private_dir(d)
         self.bind(s.wid)
         self.by_wid[s.wid] = s
         env = {
@@ -83,7 +97,6 @@ class Workers:
             P.Env.ORPHAN_S: str(self.d.backend_instance.orphan_timeout),
         }
         options = {k: s.current.content.get(k) for k in ("image", "volumes")} if s.current else {}
-        os.makedirs(os.path.dirname(self.log_path(s.wid)), exist_ok=True)
         spec = WorkerSpec(
             s.wid, s.gpus, env, self.session_dir(s.wid), self.bulk_dir(s.wid), self.log_path(s.wid), s.user, options
         )
@@ -111,6 +124,7 @@ class Workers:
             pass  # never bound: the start failed before
         if self.by_wid.get(s.wid) is s:
             del self.by_wid[s.wid]
+        self.d.records.remove(s.wid)
         self.remove_dirs(s.wid, s.id)
 
     def exit_reason(self, log_path: str) -> str:
@@ -159,11 +173,11 @@ class Workers:
     def move_bulk(self, moved: dict, src: str, dst: str) -> None:
         """Bulk files travel between a session's and its (warm-started) worker's directory
         by rename: same tmpfs, no bytes copied, names already checked."""
-        os.makedirs(self.bulk_dir(dst), mode=0o700, exist_ok=True)
+        src_dir, dst_dir = self.bulk_dir(src), paths.private_dir(self.bulk_dir(dst))
         for ref in moved.values():
             name = ref.get("file") if isinstance(ref, dict) else None
             if bulk.valid_name(name):
                 try:
-                    os.replace(os.path.join(self.bulk_dir(src), name), os.path.join(self.bulk_dir(dst), name))
-                except FileNotFoundError:
+                    os.replace(paths.child(src_dir, name), paths.child(dst_dir, name))
+                except (FileNotFoundError, UnsafePath):
                     pass  # the reader reports the missing buffer
