@@ -4,7 +4,6 @@ while the daemon keeps serving another session."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess
@@ -12,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import zmq
 from support.daemons import start_daemon
+from support.wire import RawPeer, header
 
 from jupyter_gpu.client import DaemonClient, DaemonError
 from kernel_worker import protocol as P
@@ -29,25 +28,6 @@ def _out(client: DaemonClient, session: str, code: str) -> str:
     done = client.request(P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": code}, session), seen.append, timeout=60)
     assert done.content["ok"], seen
     return "".join(m.content["text"] for m in seen if m.type == P.Msg.STREAM)
-
-
-def _raw(daemon) -> tuple[zmq.Socket, P.Signer]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(daemon.url)
-    return sock, P.Signer(daemon.key)
-
-
-def _reply(sock: zmq.Socket, daemon) -> P.Message:
-    assert sock.poll(20_000), "the daemon did not answer"
-    _, rest = P.split_routing(sock.recv_multipart())
-    return P.unpack(rest, P.Signer(daemon.key))
-
-
-def _header(**over) -> bytes:
-    h = {"v": 1, "type": "execute", "id": "a1", "parent": "", "session": "", "frames": [], "content": {}}
-    h.update(over)
-    return json.dumps(h).encode()
 
 
 def _fails(call, code: str, *words: str) -> str:
@@ -197,29 +177,28 @@ def test_the_socket_directory_is_private_and_the_socket_is_the_users_alone(tmp_p
 
 @pytest.mark.parametrize("backend_args", [[]], indirect=False)
 def test_deeply_nested_headers_get_an_error_reply_and_never_stall_the_daemon(daemon):
-    sock, signer = _raw(daemon)
+    peer = RawPeer(daemon.url, daemon.key)
     keeper = daemon.client()
     try:
         assert _execute(keeper, "keeper", "kept = 1").content["ok"]
         deep = b"[" * 200_000 + b"]" * 200_000  # no key needed: refused before the signature
         for _ in range(50):
-            sock.send_multipart([P.DELIM, b"0" * 64, deep])
+            peer.sock.send_multipart([P.DELIM, b"0" * 64, deep])
         for _ in range(50):
-            reply = _reply(sock, daemon)
+            reply = peer.reply()
             assert reply.content["code"] == P.Err.BAD_MESSAGE
             assert reply.content["message"] == "header nests deeper than 32 levels"
         nested: object = 1
         for _ in range(40):  # signed, and within what json parses: still refused
             nested = [nested]
-        h = _header(id="deep", session="s", content={"code": "", "x": nested})
-        sock.send_multipart([P.DELIM, signer.sign(h), h])
-        reply = _reply(sock, daemon)
+        h = header(id="deep", type="execute", session="s", content={"code": "", "x": nested})
+        reply = peer.exchange([P.DELIM, peer.signer.sign(h), h])
         assert reply.parent == "deep" and reply.content["message"] == "header nests deeper than 32 levels"
         for _ in range(20):
             assert keeper.call(P.Msg.PING, timeout=5) == {}
         assert _out(keeper, "keeper", "print(kept)") == "1\n"
     finally:
-        sock.close(0)
+        peer.close()
 
 
 def _peak_rss(pid: int) -> int:
@@ -234,17 +213,17 @@ def test_one_huge_unsigned_frame_is_cut_off_before_it_is_buffered(daemon_factory
     keeper = d.client()
     assert _out(keeper, "keeper", "print('before')") == "before\n"
     before = _peak_rss(d.proc.pid)
-    sock, _ = _raw(d)
+    peer = RawPeer(d.url, d.key)
     try:
         huge = bytearray(256 * 1024**2)
-        sock.send_multipart([P.DELIM, b"0" * 64, _header(frames=[len(huge)]), huge], copy=False)
+        peer.sock.send_multipart([P.DELIM, b"0" * 64, header(frames=[len(huge)]), huge], copy=False)
         # A merely oversized request still gets its reply, on a connection of its own.
         big = P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": ""}, "s", buffers=[b"x" * (2 * 1024**2)])
         _fails(lambda: d.client().request(big, timeout=30), P.Err.TOO_LARGE, "this daemon accepts at most 1048576")
         assert _out(keeper, "keeper", "print('after')") == "after\n"
         assert _peak_rss(d.proc.pid) - before < 64 * 1024**2
     finally:
-        sock.close(0)
+        peer.close()
 
 
 # ----------------------------------------------------------------------------- 9. and 10. bounded, filtered

@@ -3,10 +3,9 @@ keeps working."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import zmq
+from support.wire import RawPeer, header
 
 from kernel_worker import protocol as P
 
@@ -14,25 +13,9 @@ from kernel_worker import protocol as P
 @pytest.fixture
 def raw(daemon):
     """A bare DEALER on the daemon's socket, plus helpers to send frames and read the reply."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(daemon.url)
-    signer = P.Signer(daemon.key)
-
-    def exchange(frames: list) -> P.Message:
-        sock.send_multipart(frames)
-        assert sock.poll(10_000), "the daemon did not answer"
-        _, rest = P.split_routing(sock.recv_multipart())
-        return P.unpack(rest, P.Signer(daemon.key))
-
-    def header(**over) -> bytes:
-        h = {"v": 1, "type": "status", "id": "m1", "parent": "", "session": "", "frames": [], "content": {}}
-        h.update(over)
-        return json.dumps(h).encode()
-
-    yield exchange, signer, header
-    sock.close(0)
+    peer = RawPeer(daemon.url, daemon.key)
+    yield peer.exchange, peer.signer, header
+    peer.close()
 
 
 def _run(client, session: str, code: str) -> P.Message:
