@@ -14,8 +14,8 @@ LABEXT_SRC := labextension/package.json labextension/package-lock.json labextens
 	$(wildcard labextension/src/*.ts labextension/src/*.tsx labextension/style/*)
 NODE_MODULES := labextension/node_modules/.package-lock.json
 
-# The labextension's node modules, as locked. `npm install`, not `npm ci`: the registry
-# mirror here lacks rspack's bindings for other platforms, which `npm ci` insists on.
+# The labextension's node modules, as locked. `npm install`, not `npm ci`: the package
+# registry here lacks rspack's bindings for other platforms, which `npm ci` insists on.
 $(NODE_MODULES): labextension/package.json labextension/package-lock.json | system-deps
 	cd labextension && npm install --no-audit --no-fund
 
@@ -53,11 +53,14 @@ system-deps:
 			$$(command -v npm >/dev/null || echo nodejs npm); \
 	fi
 
+# The archive comes from this machine's own apt sources (scripts/apt-source.sh): the
+# repository names no package host.
 $(ROOTFS): | system-deps
-	rm -rf .cache/rootfs && mkdir -p .cache
+	archive=$$(scripts/apt-source.sh bookworm main) && \
+	rm -rf .cache/rootfs && mkdir -p .cache && \
 	$(SUDO) /usr/sbin/debootstrap --variant=minbase \
 		--include=python3,python3-cffi-backend,python3-zmq,python3-cloudpickle \
-		bookworm .cache/rootfs http://deb.debian.org/debian
+		bookworm .cache/rootfs "$$archive"
 	$(SUDO) tar -C .cache/rootfs -cf $@.tmp . && mv $@.tmp $@ && $(SUDO) rm -rf .cache/rootfs
 
 test-image: $(ROOTFS)

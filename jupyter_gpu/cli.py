@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from kernel_worker import protocol as P
@@ -24,12 +25,13 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     print(f"backend: {st['backend']}")
     for g in st["gpus"]:
-        print(f"GPU {g['index']}  {g['model']:<10} {'simulated ' if g['simulated'] else ''}{g['session'] or g['user'] or 'free'}")
+        sim = "simulated " if g["simulated"] else ""
+        print(f"GPU {g['index']}  {g['model']:<10} {sim}{g['session'] or g['user'] or 'free'}")
     print("cpu        always available")
     for s in st["sessions"]:
         print(f"session {s['id']}  {s['device']:<10} {s['state']:<8} held {s['held_s']:.0f} s  ${s['usd']:.4f}")
     for q in st["queue"]:
-        print(f"queued  {q['session']}  wants {q['request']}")
+        print(f"queued  {q['session'] or q.get('user') or '?'}  wants {q['request']}")
     return 0
 
 
@@ -72,9 +74,52 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+IDENTIFY_TIMEOUT = 5.0  # seconds a live daemon has to answer `jupyter gpu stop`'s hello
+
+
+def _cmdline(pid: int) -> str:
+    """What ``pid`` runs, as ``ps`` would show it ("" when it cannot be read), for messages."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()[:200]
+    except OSError:
+        return ""
+
+
+def _daemon_pid(url: str, key: bytes, timeout: float) -> tuple[int | None, str]:
+    """(the pid the daemon at ``url`` says it runs as, "") or (None, why no daemon answered).
+
+    Only a daemon holding the connection file's key can answer with a signed WELCOME, so the
+    pid it names is the one process `jupyter gpu stop` may signal."""
+    import zmq
+
+    from jupyter_gpu.client import DaemonClient, DaemonError
+
+    if url.startswith("ipc://") and not os.path.exists(url[len("ipc://") :]):
+        return None, f"nothing listens at {url}"
+    try:
+        client = DaemonClient(url, key, heartbeat_interval=timeout, heartbeat_timeout=timeout)
+    except zmq.ZMQError as e:
+        return None, f"its url {url!r} is unusable ({e})"
+    try:
+        pid = client.call(P.Msg.HELLO, timeout=timeout).get("pid")
+    except DaemonError:
+        return None, f"no jupyter-gpu daemon answered at {url} within {timeout:g} s"
+    finally:
+        client.close()
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return None, f"the daemon at {url} did not say its pid"
+    return pid, ""
+
+
 def _stop(args: argparse.Namespace) -> int:
-    """Stop the daemon named by the connection file (the embedded one by default), by its pid."""
-    import os
+    """Stop the daemon named by the connection file (the embedded one by default).
+
+    The file's pid is signalled only once the daemon at the file's url, holding the file's
+    key, has answered with that very pid: a stale file whose pid now belongs to another
+    program must never get it killed. The signal goes through a pidfd opened before the
+    check, so a pid reused in between is not signalled either."""
+    import select
     import signal
 
     from kernel_worker.daemon.paths import default_connection_file
@@ -82,21 +127,51 @@ def _stop(args: argparse.Namespace) -> int:
     path = args.connection_file or default_connection_file()
     try:
         with open(path) as f:
-            pid = int(json.load(f)["pid"])
-    except (OSError, ValueError, KeyError):
+            info = json.load(f)
+        pid, url, key = info["pid"], str(info["url"]), str(info["key"]).encode()
+    except FileNotFoundError:
         print(f"no daemon to stop: no connection file at {path}")
         return 0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        print(f"cannot read the connection file {path} ({e}); nothing was signalled", file=sys.stderr)
+        return 1
+    remove = f"remove it with `rm {path}`"
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1 or pid == os.getpid():
+        print(
+            f"refusing to stop pid {pid!r}, which the connection file {path} names: that is no daemon's pid.\n"
+            f"Nothing was signalled. The file is damaged: {remove}.",
+            file=sys.stderr,
+        )
+        return 1
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        print(f"daemon {pid} is not running")
+        print(f"daemon {pid} is not running; its connection file {path} is left over: {remove}")
         return 0
-    os.kill(pid, signal.SIGTERM)
-    import select
-
-    if not select.select([pidfd], [], [], args.timeout)[0]:
-        print(f"daemon {pid} did not stop within {args.timeout:g} s", file=sys.stderr)
-        return 1
+    try:
+        answered, why = _daemon_pid(url, key, IDENTIFY_TIMEOUT)
+        if answered != pid:
+            running = _cmdline(pid)
+            said = f"the daemon at {url} answers as pid {answered}" if answered is not None else why
+            print(
+                f"refusing to stop pid {pid}, which the connection file {path} names: {said}, "
+                f"so pid {pid} is not the daemon that wrote the file"
+                + (f"; it runs `{running}`" if running else "")
+                + f".\nNothing was signalled. The file is stale: {remove}. "
+                f"If pid {pid} is a jupyter-gpu daemon that stopped answering, stop it yourself: `kill {pid}`.",
+                file=sys.stderr,
+            )
+            return 1
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        except ProcessLookupError:
+            print(f"daemon {pid} exited on its own")
+            return 0
+        if not select.select([pidfd], [], [], args.timeout)[0]:
+            print(f"daemon {pid} did not stop within {args.timeout:g} s", file=sys.stderr)
+            return 1
+    finally:
+        os.close(pidfd)
     print(f"stopped daemon {pid}")
     return 0
 

@@ -22,9 +22,8 @@ from jupyter_core.paths import jupyter_config_dir
 from traitlets import Bool, Float, List, Unicode
 from traitlets.config import Configurable
 
-from kernel_worker.daemon.paths import default_connection_file
-
 from jupyter_gpu.client import DaemonClient, DaemonError
+from kernel_worker.daemon.paths import default_connection_file
 
 ENV_CONNECTION_FILE = "JUPYTER_GPU_CONNECTION_FILE"
 ENV_URL = "JUPYTER_GPU_URL"

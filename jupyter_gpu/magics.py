@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import atexit
 import functools
-import platform
 import os
+import platform
 import uuid
 from typing import Any
 
@@ -15,14 +15,14 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 from traitlets import Bool, Enum, Unicode
 
-from kernel_worker import bulk, serialize
-from kernel_worker import protocol as P
-
 from jupyter_gpu import connect, notebook
 from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
 from jupyter_gpu.closure import RemoteNamespace, names_read
-from jupyter_gpu.output import Relay, format_volumes, show_cost, show_note
+from jupyter_gpu.notebook import IMAGE_FROM_METADATA, cell_image
+from jupyter_gpu.output import Relay, format_volumes, image_text, show_cost, show_note
 from jupyter_gpu.status_line import MODES, StatusLine
+from kernel_worker import bulk, serialize
+from kernel_worker import protocol as P
 
 
 class GPUCellError(Exception):
@@ -68,6 +68,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
         self._made_bulk_dir = ""
         self._had_worker = False  # a worker was started for this notebook before
         self._notebook = ""  # this kernel's notebook, for spend per notebook
+        self._worker_image: tuple[str, str] | None = None  # (image, origin) the current worker started with
         atexit.register(self._at_exit)
 
     # ------------------------------------------------------------------ plumbing
@@ -144,6 +145,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
                 raise GPUCellError(f"{e}. Nothing was run.") from None
             chosen = {}  # the cell names its GPU; unreadable metadata cannot matter
         spec = args.spec or chosen.get("gpu") or self.default_gpu
+        image, image_from = cell_image(args.image, args.spec, chosen)
         self._notebook = self._notebook or notebook.display_name(cell)
         pull = _names(args.pull)
         user_ns = self.shell.user_ns
@@ -158,7 +160,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
             "pull": pull,
             "timeout": args.timeout,
             "no_wait": args.no_wait,
-            "image": args.image or chosen.get("image"),
+            "image": image,
             "volumes": args.volume or chosen.get("volumes", []),
             "client_versions": CLIENT_VERSIONS,
             "notebook": self._notebook,
@@ -170,10 +172,11 @@ class GPUMagics(Magics, connect.DaemonTarget):
         msg = P.Message(P.Msg.EXECUTE, content, self.session_id, buffers=frames)
         relay = Relay()
         queue_note = None
+        started = False
         status = StatusLine(self.status_line)
 
         def on_message(m: P.Message) -> None:
-            nonlocal queue_note
+            nonlocal queue_note, started
             if m.type == P.Msg.PROGRESS:
                 status.update(m.content)
             elif m.type == P.Msg.QUEUED:
@@ -185,16 +188,20 @@ class GPUMagics(Magics, connect.DaemonTarget):
                 else:
                     queue_note.update({"text/plain": text}, raw=True)
             elif m.type == P.Msg.STARTED:
+                started = True
+                self._worker_image = (image, image_from) if image else None
                 self._started(m.content)
             else:
                 relay(m)
 
         try:
             reply = self._request(msg, on_message)
-        except BaseException:
+        except BaseException as e:
             status.finish(None, failed=True)
             if directory is not None:
                 bulk.discard(content.get("bulk") or {}, directory)
+            if isinstance(e, GPUCellError) and not started and image_from == IMAGE_FROM_METADATA and "image" in str(e):
+                raise GPUCellError(f"{e} (the image {image!r} came from {IMAGE_FROM_METADATA})") from None
             raise
         done = reply.content
         status.finish(done.get("cost"), failed=relay.error is not None)
@@ -206,8 +213,10 @@ class GPUMagics(Magics, connect.DaemonTarget):
             user_ns.update(values)
             for name in values:
                 self.remote.pulled(name, user_ns)
+        if not started and (self._worker_image or (None, ""))[0] != image:
+            self._kept_image_note(image)
         if self.show_cost and done.get("cost"):
-            show_cost(done["cost"])
+            show_cost(done["cost"], image_text(*self._worker_image) if self._worker_image else "")
         if relay.error is not None:
             raise relay.error
         return relay.result
@@ -222,8 +231,19 @@ class GPUMagics(Magics, connect.DaemonTarget):
         device = f"{info.get('device')} ×{len(gpus)}" if gpus else info.get("device", "cpu")
         waited = f", after {info['waited_s']:.1f} s in the queue" if info.get("waited_s", 0) >= 0.05 else ""
         start = "cold" if info.get("cold") else "warm"
-        show_note(f"{device} ready: {start} start in {info.get('start_s', 0):.2f} s{waited}")
+        image = f" · {image_text(*self._worker_image)}" if self._worker_image else ""
+        show_note(f"{device} ready: {start} start in {info.get('start_s', 0):.2f} s{waited}{image}")
         self._had_worker = True
+
+    def _kept_image_note(self, wanted: str | None) -> None:
+        """The cell asked for another image than the running worker's: the daemon keeps a
+        running worker (and its namespace) rather than restart it, so say which image ran it."""
+        ran = image_text(*self._worker_image) if self._worker_image else "the default image"
+        want = f"image {wanted}" if wanted else "the default image"
+        show_note(
+            f"this cell ran on this session's running worker, which keeps {ran}; "
+            f"`%gpu release` first to start one with {want}"
+        )
 
     # ------------------------------------------------------------------ %gpu
 
@@ -277,6 +297,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
         released = self._request(P.Message(P.Msg.RELEASE, {}, self.session_id)).content.get("released")
         self.remote.reset()
         self._had_worker = False  # released on purpose: the next start is no surprise
+        self._worker_image = None
         print("released: worker stopped, GPUs returned" if released else "nothing to release")
 
     def _pull(self, rest: str) -> None:
@@ -306,7 +327,14 @@ class GPUMagics(Magics, connect.DaemonTarget):
         # No "gpu": the session keeps what it has (or gets the default if it has no worker).
         msg = P.Message(P.Msg.EXECUTE, {"code": "", "values": specs}, self.session_id, buffers=frames)
         relay = Relay()
-        reply = self._request(msg, lambda m: None if m.type in (P.Msg.STARTED, P.Msg.QUEUED, P.Msg.PROGRESS) else relay(m))
+
+        def on_message(m: P.Message) -> None:
+            if m.type == P.Msg.STARTED:
+                self._worker_image = None  # a worker started for a push has the default image
+            elif m.type not in (P.Msg.QUEUED, P.Msg.PROGRESS):
+                relay(m)
+
+        reply = self._request(msg, on_message)
         if relay.error is not None:
             raise relay.error
         if reply.content.get("loaded"):
@@ -346,6 +374,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
         self._drop_client()
         self.remote.reset()
         self._had_worker = False
+        self._worker_image = None
         self.daemon_url = "" if args[0] == "local" else args[0]
         info = self.client.call(P.Msg.HELLO)
         gpus = ", ".join(sorted({g["model"] for g in info["gpus"]})) or "no GPUs"

@@ -2,9 +2,11 @@
 
 The Lab sidebar writes its choice into the notebook's metadata under ``jupyter_gpu``
 (``{"gpu": "H100", "volumes": ["data:/data"], "image": ...}``); a ``%%gpu`` cell that
-names no GPU uses it. The kernel reads it from the notebook file, so a headless
-``jupyter nbconvert --execute`` run of that notebook behaves as it did in Lab; the
-sidebar also pushes an unsaved choice straight into the kernel (``use``).
+names no GPU uses it. Its image applies only to such a cell (a cell naming its GPU takes an
+image only from its own ``--image``), and is always shown in the ready note and cost line.
+The kernel reads it from the notebook file, so a headless ``jupyter nbconvert --execute``
+run of that notebook behaves as it did in Lab; the sidebar also pushes an unsaved choice
+straight into the kernel (``use``).
 
 Finding the file: Jupyter Server tells its kernels their notebook (``JPY_SESSION_NAME``);
 nbclient/nbconvert start the kernel in the notebook's directory but do not name it, so
@@ -143,14 +145,34 @@ def _validated(meta: object, where: str) -> dict:
     gpu = meta.get("gpu")
     if gpu not in (None, ""):
         if not isinstance(gpu, str):
-            raise SettingsError(f"{METADATA_KEY}.gpu in {where} must be a string such as \"H100\", not {gpu!r}")
+            raise SettingsError(f'{METADATA_KEY}.gpu in {where} must be a string such as "H100", not {gpu!r}')
         out["gpu"] = gpu
     volumes = meta.get("volumes") or []
     if not isinstance(volumes, list) or not all(isinstance(v, str) for v in volumes):
-        raise SettingsError(f"{METADATA_KEY}.volumes in {where} must be a list of \"NAME:/path[:ro]\" strings")
+        raise SettingsError(f'{METADATA_KEY}.volumes in {where} must be a list of "NAME:/path[:ro]" strings')
     if volumes:
         out["volumes"] = volumes
     image = meta.get("image")
-    if isinstance(image, str) and image:
+    if image not in (None, ""):
+        if not isinstance(image, str):
+            raise SettingsError(f"{METADATA_KEY}.image in {where} must be an image name string, not {image!r}")
         out["image"] = image
     return out
+
+
+IMAGE_FROM_CELL = "this cell's --image"
+IMAGE_FROM_METADATA = f"this notebook's {METADATA_KEY} metadata"
+
+
+def cell_image(cell_image: str | None, cell_spec: str | None, chosen: dict) -> tuple[str | None, str]:
+    """(image, where it came from) for a ``%%gpu`` cell; (None, "") for the daemon's default.
+
+    The cell's ``--image`` wins. The notebook's metadata (the sidebar's choice, or whatever a
+    notebook file someone sent you carries) only applies to a cell that leaves the choice to
+    the notebook, i.e. names no GPU: a cell that names its GPU (``%%gpu H100``) says what it
+    wants, and an image nobody wrote in the cell must not slip in behind it."""
+    if cell_image:
+        return cell_image, IMAGE_FROM_CELL
+    if not cell_spec and chosen.get("image"):
+        return chosen["image"], IMAGE_FROM_METADATA
+    return None, ""

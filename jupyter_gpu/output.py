@@ -122,16 +122,22 @@ LINE_STYLE = (
 
 def line_bundle(text: str, kind: str) -> dict:
     """A quiet one-line display. The classes keep MathJax from typesetting "$1 · $2" as math."""
-    return {
-        "text/plain": text,
-        "text/html": f'<div class="{kind} mathjax_ignore tex2jax_ignore" style="{LINE_STYLE}">{html.escape(text)}</div>',
-    }
+    classes = f"{kind} mathjax_ignore tex2jax_ignore"
+    return {"text/plain": text, "text/html": f'<div class="{classes}" style="{LINE_STYLE}">{html.escape(text)}</div>'}
 
 
-def show_cost(cost: dict) -> None:
-    """The cost line, as a display (not stdout) so it never mixes with the cell's text."""
-    text = "⏱ " + " · ".join(cost_parts(cost))
-    display(line_bundle(text, "jupyter-gpu-cost"), raw=True, metadata={"jupyter_gpu": {"cost": cost}})
+def image_text(image: str, origin: str) -> str:
+    """``image NAME (from ORIGIN)``, as the ready note and the cost line show it."""
+    return f"image {image} (from {origin})"
+
+
+def show_cost(cost: dict, image: str = "") -> None:
+    """The cost line, as a display (not stdout) so it never mixes with the cell's text.
+    ``image`` (``image NAME (from ORIGIN)``) names the image chosen for the worker, by the
+    cell or by the notebook's metadata, so a notebook can never pick an image unseen."""
+    text = "⏱ " + " · ".join(cost_parts(cost) + ([image] if image else []))
+    meta: dict = {"cost": cost, **({"image": image} if image else {})}
+    display(line_bundle(text, "jupyter-gpu-cost"), raw=True, metadata={"jupyter_gpu": meta})
 
 
 def show_note(text: str) -> None:

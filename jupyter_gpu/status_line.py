@@ -86,7 +86,9 @@ class StatusLine:
                 final["util"] = cost["mean_util"]
             if cost.get("peak_memory_bytes") is not None:
                 final["memory_used_bytes"] = cost["peak_memory_bytes"]
-        display(_bundle(describe(final, "stopped" if failed else "finished")), raw=True, display_id=self._id, update=True)
+        display(
+            _bundle(describe(final, "stopped" if failed else "finished")), raw=True, display_id=self._id, update=True
+        )
         if self._widget is not None:
             self._widget.close()
             self._widget = None

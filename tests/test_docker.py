@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 
 from support import dockerd
 from support.daemons import docker_args
@@ -15,6 +13,7 @@ from support.shells import run
 
 from kernel_worker import protocol as P
 from kernel_worker.backends.docker import LABEL_SESSION
+from kernel_worker.daemon.paths import default_state_dir
 
 
 def containers(engine, session: str | None = None, all: bool = True) -> list:
@@ -122,8 +121,7 @@ def test_restart_reaps_containers_it_cannot_adopt(engine, daemon_factory, make_s
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(10)
     # Lose the daemon's record of the session: the container can only be removed.
-    (records,) = glob.glob(f"{tempfile.gettempdir()}/jupyter-gpu-{os.getuid()}-*/sessions/{sid}/session.json")
-    os.unlink(records)
+    os.unlink(os.path.join(default_state_dir(d.connection_file), "records", f"{sid}.json"))
     d2 = daemon_factory(*args)
     d2.log.wait_for(f"removing leftover worker of session {sid}", timeout=20)
     assert containers(engine, sid) == []

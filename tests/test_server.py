@@ -9,11 +9,14 @@ import time
 import uuid
 
 import pytest
+from jupyter_gpu_server import handlers
+from jupyter_gpu_server.handlers import AUTH_RESOURCE, ROUTES, VERBS, GPUHandler, unauthenticated, unauthorized
+from jupyter_server.auth import Authorizer
 from support.daemons import docker_args
 from support.shells import run
+from tornado import web
 from tornado.httpclient import HTTPClientError
 
-from jupyter_gpu_server.handlers import ROUTES, VERBS, GPUHandler, unauthenticated
 from kernel_worker import protocol as P
 
 WAIT_S = 15.0
@@ -210,3 +213,67 @@ async def test_with_nothing_configured_the_sidebar_and_the_magic_share_the_embed
         os.kill(pid, signal.SIGTERM)
         assert select.select([pidfd], [], [], WAIT_S)[0], "the embedded daemon did not stop"
         os.close(pidfd)
+
+
+class ReadOnlyGPU(Authorizer):
+    """A deployment's read-only role: may look at jupyter-gpu, may not act on it."""
+
+    def is_authorized(self, handler, user, action: str, resource: str) -> bool:
+        return not (resource == AUTH_RESOURCE and action in ("write", "execute"))
+
+
+READ_ONLY = {"ServerApp": {"jpserver_extensions": {"jupyter_gpu_server": True}, "authorizer_class": ReadOnlyGPU}}
+
+
+@pytest.mark.parametrize("jp_server_config", [READ_ONLY])
+async def test_a_restrictive_authorizer_forbids_release_and_volume_deletion(
+    jp_fetch, engine, daemon_factory, monkeypatch
+):
+    user = f"readonly-{uuid.uuid4().hex[:6]}"
+    d = daemon_factory(*docker_args(engine, "--simulate-gpus=H100:1", f"--WorkerDaemon.user={user}"))
+    monkeypatch.setenv("JUPYTER_GPU_CONNECTION_FILE", d.connection_file)
+    owner = d.client()
+    assert owner.call(P.Msg.VOLUMES, {"op": "create", "name": "data"}, timeout=120)["result"] == {"name": "data"}
+    sid = uuid.uuid4().hex
+    first = owner.request(P.Message(P.Msg.EXECUTE, {"gpu": "H100", "code": "x = 41"}, sid), timeout=120)
+    assert first.type == P.Msg.DONE
+
+    # The attack: a user the server's Authorizer lets only read tries to act.
+    denied = "User is not authorized to write on resource: jupyter_gpu."
+    assert await api_error(jp_fetch, f"sessions/{sid}", "DELETE") == (403, denied)
+    assert await api_error(jp_fetch, "volumes/data", "DELETE") == (403, denied)
+    assert await api_error(jp_fetch, "volumes", "POST", body={"name": "more"}) == (403, denied)
+
+    # Nothing happened, reading still works, and the owner's session is intact.
+    sessions = (await api(jp_fetch, "sessions"))["sessions"]
+    assert [(s["id"], s["state"], s["device"]) for s in sessions] == [(sid, "idle", "H100")]
+    assert [v["name"] for v in (await api(jp_fetch, "volumes"))["volumes"]] == ["data"]
+    assert [g["session"] for g in (await api(jp_fetch, "gpus"))["gpus"]] == [sid]
+    assert (await api(jp_fetch, "cost"))["notebooks"]
+    out: list[str] = []
+    again = owner.request(
+        P.Message(P.Msg.EXECUTE, {"gpu": "H100", "code": "print(x + 1)"}, sid),
+        on_message=lambda m: out.append(m.content.get("text", "")) if m.type == P.Msg.STREAM else None,
+        timeout=WAIT_S,
+    )
+    assert again.type == P.Msg.DONE and "".join(out) == "42\n"
+    assert owner.call(P.Msg.RELEASE, session=sid, timeout=WAIT_S) == {"released": True}
+    assert owner.call(P.Msg.VOLUMES, {"op": "rm", "name": "data"}, timeout=120)["result"] == {"removed": "data"}
+
+
+def test_a_handler_without_authorized_is_refused_at_load(monkeypatch):
+    class OnlyAuthenticated(GPUHandler):
+        @web.authenticated
+        async def delete(self) -> None:  # no @authorized: the Authorizer would never be asked
+            self.finish("{}")
+
+    assert unauthorized(ROUTES) == []
+    assert unauthenticated([("x", OnlyAuthenticated)]) == []
+    assert unauthorized([("x", OnlyAuthenticated)]) == ["OnlyAuthenticated.delete"]
+    monkeypatch.setattr(handlers, "ROUTES", [*ROUTES, ("x", OnlyAuthenticated)])
+    with pytest.raises(RuntimeError) as e:
+        handlers.setup_handlers(None)  # refused before the server is touched
+    assert str(e.value) == (
+        "jupyter-gpu handlers without @authorized inside @web.authenticated (and an auth_resource): "
+        "OnlyAuthenticated.delete"
+    )

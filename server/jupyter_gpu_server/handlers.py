@@ -1,4 +1,7 @@
-"""REST endpoints under ``{base_url}/jupyter-gpu/api/``, every verb authenticated.
+"""REST endpoints under ``{base_url}/jupyter-gpu/api/``, every verb authenticated and
+authorized: each goes through the server's Authorizer as an action on the resource
+``jupyter_gpu`` (GET "read"; POST, DELETE "write"), so a deployment that lets a user look
+but not act (JupyterHub roles, a custom ``ServerApp.authorizer_class``) is obeyed.
 
 The daemon client blocks (it is the kernel's client), so each call runs in a worker
 thread: the server never waits on the daemon. A daemon that cannot be reached is a 503
@@ -14,6 +17,7 @@ import os
 import threading
 from typing import Any
 
+from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
@@ -24,6 +28,7 @@ from jupyter_gpu.connect import DaemonTarget, TargetError
 from kernel_worker import protocol as P
 
 API_PATH = "jupyter-gpu/api"
+AUTH_RESOURCE = "jupyter_gpu"  # what the server's Authorizer is asked about
 VERBS = ("get", "post", "put", "patch", "delete")
 
 # A daemon's refusal, as the HTTP status the sidebar acts on.
@@ -81,7 +86,10 @@ class GPUError(web.HTTPError):
 
 
 class GPUHandler(APIHandler):
-    """Base: talks to the daemon through the server's DaemonLink."""
+    """Base: talks to the daemon through the server's DaemonLink. Every verb is wrapped in
+    ``@web.authenticated`` then ``@authorized`` (checked at load by ``setup_handlers``)."""
+
+    auth_resource = AUTH_RESOURCE
 
     @property
     def link(self) -> DaemonLink:
@@ -125,6 +133,7 @@ class GPUHandler(APIHandler):
 
 class GPUsHandler(GPUHandler):
     @web.authenticated
+    @authorized
     async def get(self) -> None:
         st = await self.daemon(P.Msg.STATUS)
         keep = ("backend", "gpus", "queue", "warm", "volumes")
@@ -133,6 +142,7 @@ class GPUsHandler(GPUHandler):
 
 class SessionsHandler(GPUHandler):
     @web.authenticated
+    @authorized
     async def get(self) -> None:
         st = await self.daemon(P.Msg.STATUS)
         self.reply({"sessions": st["sessions"]})
@@ -140,6 +150,7 @@ class SessionsHandler(GPUHandler):
 
 class SessionHandler(GPUHandler):
     @web.authenticated
+    @authorized
     async def delete(self, session_id: str) -> None:
         done = await self.daemon(P.Msg.RELEASE, session=session_id)
         if not done.get("released"):
@@ -149,11 +160,13 @@ class SessionHandler(GPUHandler):
 
 class VolumesHandler(GPUHandler):
     @web.authenticated
+    @authorized
     async def get(self) -> None:
         found = await self.daemon(P.Msg.VOLUMES, {"op": "ls"})
         self.reply({"volumes": found["result"]})
 
     @web.authenticated
+    @authorized
     async def post(self) -> None:
         name = self.body().get("name")
         if not isinstance(name, str) or not name.strip():
@@ -164,6 +177,7 @@ class VolumesHandler(GPUHandler):
 
 class VolumeHandler(GPUHandler):
     @web.authenticated
+    @authorized
     async def delete(self, name: str) -> None:
         gone = await self.daemon(P.Msg.VOLUMES, {"op": "rm", "name": name})
         self.reply(gone["result"])
@@ -171,6 +185,7 @@ class VolumeHandler(GPUHandler):
 
 class CostHandler(GPUHandler):
     @web.authenticated
+    @authorized
     async def get(self) -> None:
         raw = self.get_query_argument("since", "")
         try:
@@ -206,10 +221,35 @@ def unauthenticated(handlers: list[tuple[str, type]]) -> list[str]:
     return missing
 
 
+def unauthorized(handlers: list[tuple[str, type]]) -> list[str]:
+    """``Class.verb`` for every HTTP verb whose ``@web.authenticated`` does not directly wrap
+    jupyter_server's ``@authorized``, or whose class names no ``auth_resource``: without both,
+    a restrictive Authorizer would never be asked, and a read-only user could release
+    anyone's session or delete volumes."""
+    marker = authorized(lambda self: None).__code__
+    missing = []
+    for _, cls in handlers:
+        for verb in VERBS:
+            method = cls.__dict__.get(verb)
+            if method is None:
+                continue
+            inner = getattr(method, "__wrapped__", None)
+            if getattr(inner, "__code__", None) is not marker or not getattr(cls, "auth_resource", None):
+                missing.append(f"{cls.__name__}.{verb}")
+    return missing
+
+
 def setup_handlers(serverapp: Any) -> None:
+    """Serve the API, refusing to load if any verb could skip authentication or authorization."""
     missing = unauthenticated(ROUTES)
     if missing:  # never serve an endpoint anyone on the network could call
         raise RuntimeError(f"jupyter-gpu handlers without @web.authenticated: {', '.join(missing)}")
+    missing = unauthorized(ROUTES)
+    if missing:  # nor one the server's Authorizer is never asked about
+        raise RuntimeError(
+            f"jupyter-gpu handlers without @authorized inside @web.authenticated (and an auth_resource): "
+            f"{', '.join(missing)}"
+        )
     web_app = serverapp.web_app
     web_app.settings["jupyter_gpu_link"] = DaemonLink(parent=serverapp)
     base = url_path_join(web_app.settings["base_url"], API_PATH)
