@@ -7,6 +7,7 @@ key through its environment, and everything else travels over the socket.
 
 from __future__ import annotations
 
+import re
 import signal
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,11 +19,36 @@ from kernel_worker import protocol as P
 from kernel_worker.inventory import GPU
 
 SOCKET_NAME = "worker.sock"
+GPU_DEVICES_ENV = "JUPYTER_GPU_DEVICES"  # MODEL:UUID,... of the GPUs a worker was given, or "cpu"
 NO_VOLUMES = "volumes need the docker backend: run the daemon with `jupyter gpu daemon --backend docker`"
 
 
 class VolumeError(ValueError):
     """A volume request that cannot be honoured; the message says why and what to do."""
+
+
+# THE rule for a volume name, wherever one arrives (create, rm, du, --volume): checked before
+# it reaches Docker or any other store. No '-': it separates the user from the name in the
+# stored name, so ("alice", "bob-data") and ("alice-bob", "data") cannot meet. No '/' or '.':
+# nothing path-like can reach an API URL or a file name (`x/../../volumes/...`). No ':': it
+# separates NAME:/path:ro. Lowercase only: one spelling per name. 63 characters: a DNS label.
+VOLUME_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,62}")
+VOLUME_NAME_RULE = "1-63 lowercase letters, digits and '_', starting with a letter or digit (e.g. data, imagenet_2012)"
+
+
+def shown(value: object, most: int = 40) -> str:
+    """``value`` for an error message: its repr, cut short, so a hostile value stays small."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text[:most]) + ("..." if len(text) > most else "")
+
+
+def check_volume_name(name: object, action: str = "use") -> str:
+    """``name`` if it follows VOLUME_NAME_RULE, else a VolumeError naming it and what was
+    asked (``action``: create, remove, mount). Every volume operation calls this first: a
+    name is client-chosen and hostile."""
+    if not isinstance(name, str) or not VOLUME_NAME_RE.fullmatch(name):
+        raise VolumeError(f"cannot {action} volume {shown(name)}: a volume name is {VOLUME_NAME_RULE}")
+    return name
 
 
 @dataclass
@@ -77,9 +103,10 @@ class Backend(LoggingConfigurable):
     def is_running(self, handle: Any) -> bool:
         return False
 
-    def assigned_gpus(self, handle: Any) -> list[str] | None:
-        """The GPU uuids a found worker was started with, as the backend (not the worker)
-        knows them; None when it cannot tell. Checked against records on adoption."""
+    def started_with(self, handle: Any) -> dict | None:
+        """What a found worker was started with, as the backend (not the worker) knows it:
+        ``{"gpus": [uuid, ...], "user": name}``; None when it cannot tell. A restarted
+        daemon checks its records against this before adopting."""
         return None
 
     # Volumes: only backends that can mount them implement these (blocking; run off the loop).
@@ -115,5 +142,5 @@ class Backend(LoggingConfigurable):
         real = [g.uuid for g in gpus if not g.simulated]
         return {
             "CUDA_VISIBLE_DEVICES": ",".join(real),
-            "JUPYTER_GPU_DEVICES": ",".join(f"{g.model}:{g.uuid}" for g in gpus) or "cpu",
+            GPU_DEVICES_ENV: ",".join(f"{g.model}:{g.uuid}" for g in gpus) or "cpu",
         }

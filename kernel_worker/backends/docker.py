@@ -5,6 +5,12 @@ with the image's own Python, so any image with python3, pyzmq and cloudpickle wo
 session's socket directory and bulk directory are the only host paths it sees; it talks
 to the daemon over ipc, with no network needed (``network_mode`` is a trait).
 
+A container gets no capabilities (``cap_drop=ALL``, ``cap_add`` gives some back),
+``no-new-privileges``, and a numeric user (``user``; by default the daemon's own uid, the
+owner of the directories it shares with the worker). Volume names, mount paths and image
+names come from clients: each is checked against one rule before it reaches Docker, and a
+volume is used only if its labels say it is the asking user's.
+
 Every container carries labels naming its daemon, session and user, so a restarted
 daemon finds its own. Blocking Docker SDK calls run off the event loop.
 """
@@ -13,40 +19,39 @@ from __future__ import annotations
 
 import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from traitlets import Bool, Dict, Float, Int, List, Unicode
+from traitlets import Dict, Float, Int, List, TraitError, Unicode, validate
 
-from kernel_worker.backends.base import Backend, VolumeError, WorkerExit, WorkerSpec, describe_exit
+from kernel_worker.backends.base import (
+    GPU_DEVICES_ENV,
+    SOCKET_NAME,
+    Backend,
+    VolumeError,
+    WorkerExit,
+    WorkerSpec,
+    describe_exit,
+    shown,
+)
+from kernel_worker.backends.docker_rules import (
+    BULK_TARGET,
+    CAPABILITY_GIVES,
+    IMAGE_RE,
+    LINUX_CAPABILITIES,
+    NO_NEW_PRIVILEGES,
+    PKG_TARGET,
+    SOCKET_TARGET,
+    UID_GID_RE,
+    VolumeSpec,
+)
+from kernel_worker.backends.docker_volumes import LABEL_DAEMON, LABEL_SESSION, LABEL_USER, DockerVolumes
 
-LABEL_DAEMON = "jupyter-gpu.daemon"
-LABEL_SESSION = "jupyter-gpu.session"
-LABEL_USER = "jupyter-gpu.user"
-LABEL_VOLUME = "jupyter-gpu.volume"
-PKG_TARGET = "/opt/jupyter-gpu/kernel_worker"
-SOCKET_TARGET = "/run/jupyter-gpu"
-BULK_TARGET = "/run/jupyter-gpu-bulk"
-_VOLUME_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,62}):(/[^:]*)(?::(ro|rw))?$")
+__all__ = ["DockerBackend", "LABEL_DAEMON", "LABEL_SESSION", "LABEL_USER"]
 
-
-@dataclass(frozen=True)
-class VolumeSpec:
-    name: str
-    path: str
-    read_only: bool
-
-    @classmethod
-    def parse(cls, text: str) -> "VolumeSpec":
-        m = _VOLUME_RE.match(text.strip())
-        if not m:
-            raise VolumeError(
-                f"cannot read --volume {text!r}: write NAME:/path or NAME:/path:ro "
-                "(NAME: letters, digits, '_', '.', '-')"
-            )
-        return cls(m.group(1), m.group(2), m.group(3) == "ro")
+MOST_VOLUMES = 32  # per session
 
 
 @dataclass
@@ -58,7 +63,7 @@ class Container:
     mem_limit: str
 
 
-class DockerBackend(Backend):
+class DockerBackend(DockerVolumes, Backend):
     has_volumes = True
 
     image = Unicode("jupyter-gpu-worker:latest", help="Image for sessions that name none with --image.").tag(
@@ -81,9 +86,31 @@ class DockerBackend(Backend):
         config=True
     )
     stop_grace = Float(2.0, help="Seconds between SIGTERM and SIGKILL when stopping a container.").tag(config=True)
-    run_as_daemon_user = Bool(True, help="Run containers as the daemon's uid:gid, so shared files keep one owner.").tag(
-        config=True
-    )
+    user = Unicode(
+        "",
+        help="UID:GID (numbers) that cells run as in worker containers. Empty: the daemon's own uid:gid, which owns "
+        "the socket and bulk directories the worker shares (0700) and the bulk files same-host notebooks write "
+        "(0600), so everything works; under a root daemon that is uid 0, though with no capabilities and "
+        "no-new-privileges: run the daemon as a non-root user in the docker group to have cells run as that user. "
+        "Another uid (e.g. 65534:65534) needs a root daemon, which hands it the session's directories at start; "
+        "then values of 1 MiB or more sent by notebooks running as root on this host cannot be loaded, and "
+        "workers are not adopted after a daemon restart (the daemon does not yet hand over bulk files and "
+        "re-bound sockets).",
+    ).tag(config=True)
+    cap_add = List(
+        Unicode(),
+        help="Linux capabilities given back to worker containers, which start with none (cap_drop=ALL). Each "
+        "one added gives cells: "
+        + "; ".join(f"{k}: {v}" for k, v in CAPABILITY_GIVES.items())
+        + ". They take effect for cells running as uid 0 (see DockerBackend.user); a non-root user gets none "
+        "(Docker grants no ambient capabilities, and no-new-privileges ignores file capabilities).",
+    ).tag(config=True)
+    allowed_images = List(
+        Unicode(),
+        help="Images a cell may name with --image, as written there (e.g. pytorch-cuda:2.4); DockerBackend.image "
+        "is always allowed. Empty: any image present on this host, which lets every user run any image the "
+        "engine has, e.g. one with tools or data the operator did not mean for them.",
+    ).tag(config=True)
     extra_mounts = List(
         Unicode(), help="Host paths every worker gets, as HOST:CONTAINER[:ro] (shared datasets, a package dir)."
     ).tag(config=True)
@@ -94,97 +121,95 @@ class DockerBackend(Backend):
         600.0, help="Seconds a container waits for a restarted daemon to adopt it before exiting."
     ).tag(config=True)
 
+    @validate("user")
+    def _valid_user(self, proposal: Any) -> str:
+        value = proposal["value"].strip()
+        if value and not UID_GID_RE.fullmatch(value):
+            raise TraitError(f"DockerBackend.user must be UID:GID in numbers, e.g. 65534:65534, not {shown(value)}")
+        return value
+
+    @validate("cap_add")
+    def _valid_caps(self, proposal: Any) -> list[str]:
+        caps = [c.strip().upper().removeprefix("CAP_") for c in proposal["value"]]
+        unknown = [c for c in caps if c not in LINUX_CAPABILITIES]
+        if unknown:
+            raise TraitError(
+                f"DockerBackend.cap_add: {', '.join(map(shown, unknown))} is not a Linux capability name "
+                "(e.g. SYS_PTRACE, SYS_NICE, IPC_LOCK)"
+            )
+        return caps
+
     def __init__(self, **kw: Any):
         super().__init__(**kw)
         import docker
 
+        from kernel_worker.daemon.errors import StartRefused
+
+        uid, _ = self.ids()
+        if uid != os.getuid() and os.getuid() != 0:
+            raise StartRefused(
+                f"DockerBackend.user={self.user} is not this daemon's uid ({os.getuid()}): only a daemon running as "
+                "root can give another uid its workers' socket and bulk directories. Leave DockerBackend.user empty "
+                "(cells then run as the daemon's own uid)"
+            )
+        if uid == 0:
+            self.log.warning(
+                "worker containers run as uid 0 (%s), without capabilities and with no-new-privileges; run the "
+                "daemon as a non-root user in the docker group so that cells run as that user",
+                "DockerBackend.user" if self.user else "this daemon's own uid",
+            )
         self._docker = docker
         self.client = docker.DockerClient(base_url=self.docker_url) if self.docker_url else docker.from_env()
         self._waiters = ThreadPoolExecutor(max_workers=256, thread_name_prefix="jgpu-docker-wait")
 
-    # ------------------------------------------------------------------ volumes
+    def ids(self) -> tuple[int, int]:
+        """The uid and gid cells run as: DockerBackend.user, else the daemon's own."""
+        m = UID_GID_RE.fullmatch(self.user)
+        return (int(m.group(1)), int(m.group(2))) if m else (os.getuid(), os.getgid())
 
-    def volume_name(self, user: str, name: str) -> str:
-        return f"{self.volume_prefix}-{user}-{name}"
-
-    def _volume(self, user: str, name: str, create: bool) -> Any:
-        full = self.volume_name(user, name)
-        try:
-            return self.client.volumes.get(full)
-        except self._docker.errors.NotFound:
-            if not create:
-                raise VolumeError(f"you have no volume {name!r} (`jupyter gpu volumes ls` lists yours)") from None
-        labels = {LABEL_DAEMON: self.daemon_id, LABEL_USER: user, LABEL_VOLUME: name}
-        vol = self.client.volumes.create(full, labels=labels)
-        if self.run_as_daemon_user and os.getuid() != 0:
-            # New volumes belong to root; hand this one to the user who will write to it.
-            self.client.containers.run(
-                self.image,
-                ["chown", f"{os.getuid()}:{os.getgid()}", "/v"],
-                remove=True,
-                user="0",
-                network_mode="none",
-                mounts=[self._docker.types.Mount("/v", full, type="volume")],
-            )
-        return vol
-
-    def list_volumes(self, user: str | None) -> list[dict]:
-        filters = {"label": [f"{LABEL_USER}={user}"] if user else [LABEL_USER]}
-        in_use = self._volumes_in_use()
-        out = []
-        for v in self.client.volumes.list(filters=filters):
-            labels = v.attrs.get("Labels") or {}
-            out.append(
-                {
-                    "name": labels.get(LABEL_VOLUME, v.name),
-                    "user": labels.get(LABEL_USER, ""),
-                    "docker_name": v.name,
-                    "created": v.attrs.get("CreatedAt", ""),
-                    "in_use_by": in_use.get(v.name, []),
-                }
-            )
-        return sorted(out, key=lambda v: (v["user"], v["name"]))
-
-    def _volumes_in_use(self) -> dict[str, list[str]]:
-        used: dict[str, list[str]] = {}
-        for c in self.client.containers.list(filters={"label": LABEL_SESSION}):
-            for m in c.attrs.get("Mounts", []):
-                if m.get("Type") == "volume":
-                    used.setdefault(m["Name"], []).append(c.labels.get(LABEL_SESSION, "?"))
-        return used
-
-    def create_volume(self, user: str, name: str) -> dict:
-        if not _VOLUME_RE.match(f"{name}:/x"):
-            raise VolumeError(
-                f"cannot create volume {name[:80]!r}: a volume name is 1-63 letters, digits, '_', '.', '-' "
-                "and starts with a letter or digit"
-            )
-        self._volume(user, name, create=True)
-        return {"name": name}
-
-    def remove_volume(self, user: str, name: str) -> dict:
-        vol = self._volume(user, name, create=False)
-        users = self._volumes_in_use().get(vol.name)
-        if users:
-            raise VolumeError(
-                f"volume {name!r} is mounted by running session(s) {', '.join(u[:8] for u in users)}: "
-                "release them first (`%gpu release`), then remove it"
-            )
-        vol.remove()
-        return {"removed": name}
-
-    def volume_usage(self, user: str) -> list[dict]:
-        sizes = {v["Name"]: (v.get("UsageData") or {}).get("Size", -1) for v in self.client.df().get("Volumes") or []}
-        return [{**v, "bytes": sizes.get(v["docker_name"], -1)} for v in self.list_volumes(user)]
+    def _reserved_paths(self) -> list[str]:
+        """Container paths of the operator's extra_mounts: no volume goes on, above or under them."""
+        return [extra.partition(":")[2].partition(":")[0] for extra in self.extra_mounts]
 
     # ------------------------------------------------------------------ workers
+
+    def check_image(self, requested: object) -> str:
+        """The image a session asks for, if it may have it: a well-formed reference (it
+        reaches the Engine API's URLs), and in allowed_images when the operator set one."""
+        if requested is None or requested == "":
+            return self.image
+        if not isinstance(requested, str) or not IMAGE_RE.fullmatch(requested):
+            raise RuntimeError(
+                f"bad image name {shown(requested)}: write a Docker image reference such as "
+                "pytorch-cuda:2.4 or registry.example:5000/team/image:tag"
+            )
+        if self.allowed_images and requested not in self.allowed_images and requested != self.image:
+            allowed = list(dict.fromkeys([self.image, *self.allowed_images]))
+            raise RuntimeError(
+                f"image {requested!r} is not allowed on this GPU host: use one of {', '.join(map(repr, allowed))} "
+                "(the operator's DockerBackend.allowed_images)"
+            )
+        return requested
+
+    def check_volumes(self, requested: object) -> list[VolumeSpec]:
+        """The --volume options a session asks for, each name and path checked, no two on one path."""
+        if requested is None:
+            return []
+        if not isinstance(requested, list) or len(requested) > MOST_VOLUMES:
+            raise VolumeError(f"volumes must be a list of at most {MOST_VOLUMES} NAME:/path entries")
+        volumes = [VolumeSpec.parse(v, self._reserved_paths()) for v in requested]
+        paths = [v.path for v in volumes]
+        if len(set(paths)) != len(paths):
+            raise VolumeError(f"two volumes on one path: {', '.join(paths)}")
+        return volumes
 
     async def start(self, spec: WorkerSpec) -> Container:
         return await asyncio.to_thread(self._start, spec)
 
     def _start(self, spec: WorkerSpec) -> Container:
         d = self._docker
-        image = spec.options.get("image") or self.image
+        image = self.check_image(spec.options.get("image"))
+        volumes = self.check_volumes(spec.options.get("volumes"))
         try:
             self.client.images.get(image)
         except d.errors.ImageNotFound:
@@ -192,17 +217,16 @@ class DockerBackend(Backend):
                 f"image {image!r} is not on this GPU host: build or load it there first (`docker images` lists "
                 "what it has); the daemon does not pull images"
             ) from None
-        volumes = [VolumeSpec.parse(v) for v in spec.options.get("volumes") or []]
-        paths = [v.path for v in volumes]
-        if len(set(paths)) != len(paths):
-            raise VolumeError(f"two volumes on one path: {', '.join(paths)}")
+        uid, gid = self.ids()
+        if uid != os.getuid():
+            self._hand_dirs_to(spec, uid, gid)
         mounts = [
             d.types.Mount(PKG_TARGET, _package_dir(), type="bind", read_only=True),
             d.types.Mount(SOCKET_TARGET, spec.socket_dir, type="bind"),
             d.types.Mount(BULK_TARGET, spec.bulk_dir, type="bind"),
         ]
         for v in volumes:
-            vol = self._volume(spec.user, v.name, create=True)
+            vol = self._volume(spec.user, v.name, create=True, action="mount")
             mounts.append(d.types.Mount(v.path, vol.name, type="volume", read_only=v.read_only))
         for extra in self.extra_mounts:
             host, _, rest = extra.partition(":")
@@ -225,8 +249,6 @@ class DockerBackend(Backend):
             kw["memswap_limit"] = self.mem_limit  # no swap: over the limit is an OOM kill, not a crawl
         if self.cpu_limit:
             kw["nano_cpus"] = int(self.cpu_limit * 1e9)
-        if self.run_as_daemon_user:
-            kw["user"] = f"{os.getuid()}:{os.getgid()}"
         try:
             obj = self.client.containers.run(
                 image,
@@ -242,6 +264,10 @@ class DockerBackend(Backend):
                 shm_size=self.shm_size,
                 working_dir="/tmp",
                 init=True,  # a real PID 1: reaps `!cmd` children, forwards signals, lets a crash be a crash
+                user=f"{uid}:{gid}",
+                cap_drop=["ALL"],
+                cap_add=self.cap_add or None,
+                security_opt=[NO_NEW_PRIVILEGES],
                 **kw,
             )
         except d.errors.APIError as e:
@@ -253,6 +279,17 @@ class DockerBackend(Backend):
                 ) from None
             raise RuntimeError(f"docker could not start the worker container: {explanation}") from None
         return Container(obj, spec.log_path, self.mem_limit)
+
+    @staticmethod
+    def _hand_dirs_to(spec: WorkerSpec, uid: int, gid: int) -> None:
+        """Give a worker that runs as another uid than the daemon (a root daemon with
+        DockerBackend.user set) its socket and bulk directories: they are 0700 and the
+        socket is the umask's, so without this it could not even connect."""
+        for path in (spec.socket_dir, os.path.join(spec.socket_dir, SOCKET_NAME), spec.bulk_dir):
+            try:
+                os.chown(path, uid, gid, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
 
     async def signal(self, handle: Container, signum: int) -> None:
         try:
@@ -316,6 +353,14 @@ class DockerBackend(Backend):
 
     def is_running(self, handle: Container) -> bool:
         return handle.obj.status == "running"
+
+    def started_with(self, handle: Container) -> dict:
+        """From the container's configuration, which the daemon set and the container cannot
+        change: the GPUs announced to it, and the user label."""
+        env = dict(e.partition("=")[::2] for e in handle.obj.attrs.get("Config", {}).get("Env") or [])
+        devices = env.get(GPU_DEVICES_ENV, "")
+        gpus = [d.partition(":")[2] for d in devices.split(",")] if devices not in ("", "cpu") else []
+        return {"gpus": gpus, "user": handle.obj.labels.get(LABEL_USER, "")}
 
 
 def _package_dir() -> str:

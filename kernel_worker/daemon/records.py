@@ -95,9 +95,11 @@ class Records:
             return "its record names GPUs this host does not have"
         if any(g.uuid in self.d.scheduler.holder for g in gpus):
             return "its GPUs are held by another session"
-        given = self.d.backend_instance.assigned_gpus(handle)
-        if given is not None and sorted(given) != sorted(wanted):
-            return f"it was given GPUs {sorted(given)}, its record says {sorted(wanted)}"
+        given = self.d.backend_instance.started_with(handle)
+        if given is not None and sorted(given["gpus"]) != sorted(wanted):
+            return f"it was given GPUs {sorted(given['gpus'])}, its record says {sorted(wanted)}"
+        if given is not None and given["user"] != record.get("user"):
+            return f"it was started for user {given['user']!r}, its record says {record.get('user')!r}"
         return gpus
 
     async def adopt_or_reap(self) -> None:
