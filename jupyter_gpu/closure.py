@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import xxhash
 
+from kernel_worker import protocol as P
 from kernel_worker import serialize
 
 # IPython's own bookkeeping names never travel.
@@ -102,18 +103,30 @@ class RemoteNamespace:
 
     remote: set[str] = field(default_factory=set)  # names that exist on the worker
     shipped: dict[str, bytes] = field(default_factory=dict)  # name -> fingerprint of the local value shipped
+    made: set[str] = field(default_factory=set)  # remote names whose value the worker made (not shipped)
+    gone: set[str] = field(default_factory=set)  # names a worker made that went with it
 
     def reset(self) -> None:
         """A fresh worker: nothing is there any more."""
+        self.gone |= self.made
         self.remote.clear()
         self.shipped.clear()
+        self.made.clear()
 
-    def to_ship(self, names: list[str], user_ns: dict, force: bool = False) -> tuple[list[dict], list, dict]:
-        """Serialise what must travel. Raises ``serialize.SerializationError`` naming the
-        first variable that cannot, before anything is sent."""
-        specs, frames, prints = [], [], {}
+    def lost(self, names: list[str], user_ns: dict) -> list[str]:
+        """Names a cell reads that existed only on a worker that is gone."""
+        return [n for n in names if n in self.gone and n not in user_ns and n not in self.remote]
+
+    def to_ship(self, names: list[str], user_ns: dict, force: bool = False) -> tuple[list[dict], list, dict, dict]:
+        """Serialise what must travel, and name what the worker is assumed to hold already
+        (with the fingerprint shipped, or ``WORKER_MADE``), so that the worker, which knows,
+        can ask for what it lacks. Raises ``serialize.SerializationError`` naming the first
+        variable that cannot travel, before anything is sent."""
+        specs, frames, prints, assumed = [], [], {}, {}
         for name in names:
             if name not in user_ns:
+                if name in self.remote:  # the worker's own, with no local value to send
+                    assumed[name] = P.WORKER_MADE
                 continue
             value = user_ns[name]
             try:
@@ -122,15 +135,31 @@ class RemoteNamespace:
                 raise serialize.SerializationError(name, value, e) from None
             fp = fingerprint(parts)
             if not force and name in self.remote and self.shipped.get(name) == fp:
+                assumed[name] = P.WORKER_MADE if name in self.made else fp.hex()
                 continue
-            specs.append({"name": name, "nframes": len(parts)})
+            specs.append({"name": name, "nframes": len(parts), "fp": fp.hex()})
             frames.extend(parts)
             prints[name] = fp
-        return specs, frames, prints
+        return specs, frames, prints, assumed
 
     def shipped_ok(self, prints: dict[str, bytes]) -> None:
         self.shipped.update(prints)
         self.remote.update(prints)
+        self.made.difference_update(prints)
+
+    def lacking(self, names: list[str], user_ns: dict) -> tuple[list[str], list[str]]:
+        """The worker lacks ``names`` (it was replaced, released, restarted...): forget
+        them, so the next ``to_ship`` sends the notebook's values. Returns the names only
+        the worker ever had (lost), and those whose worker-made value is replaced by the
+        notebook's own."""
+        lost = [n for n in names if n not in user_ns]
+        replaced = [n for n in names if n in user_ns and n in self.made]
+        for n in names:
+            self.remote.discard(n)
+            self.shipped.pop(n, None)
+            self.made.discard(n)
+        self.gone.update(lost)
+        return lost, replaced
 
     def after_cell(self, bound: list[str], deleted: list[str], user_ns: dict) -> None:
         """The worker (re)bound ``bound``: its values win over the local ones of the same
@@ -140,9 +169,12 @@ class RemoteNamespace:
         for n in deleted:
             self.remote.discard(n)
             self.shipped.pop(n, None)
+            self.made.discard(n)
 
     def _remember(self, name: str, user_ns: dict) -> None:
         self.remote.add(name)
+        self.made.add(name)
+        self.gone.discard(name)
         self.shipped.pop(name, None)
         if name in user_ns:
             try:

@@ -19,7 +19,7 @@ from jupyter_gpu import connect, notebook
 from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
 from jupyter_gpu.closure import RemoteNamespace, names_read
 from jupyter_gpu.notebook import IMAGE_FROM_METADATA, cell_image
-from jupyter_gpu.output import Relay, format_volumes, image_text, show_cost, show_note
+from jupyter_gpu.output import Relay, format_cost, format_status, format_volumes, image_text, show_cost, show_note
 from jupyter_gpu.status_line import MODES, StatusLine
 from kernel_worker import bulk, serialize
 from kernel_worker import protocol as P
@@ -65,7 +65,6 @@ class GPUMagics(Magics, connect.DaemonTarget):
         connect.DaemonTarget.__init__(self, config=shell.config if shell is not None else None, **kw)
         self.session_id = uuid.uuid4().hex
         self.remote = RemoteNamespace()
-        self._made_bulk_dir = ""
         self._had_worker = False  # a worker was started for this notebook before
         self._notebook = ""  # this kernel's notebook, for spend per notebook
         self._worker_image: tuple[str, str] | None = None  # (image, origin) the current worker started with
@@ -89,9 +88,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
         if root is None:
             return None
         path = os.path.join(root, self.session_id)
-        if path != self._made_bulk_dir:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            self._made_bulk_dir = path
+        os.makedirs(path, mode=0o700, exist_ok=True)  # every time: the daemon removes it on each release
         return path
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 -- one instance per kernel; the same lines recur
@@ -149,14 +146,11 @@ class GPUMagics(Magics, connect.DaemonTarget):
         self._notebook = self._notebook or notebook.display_name(cell)
         pull = _names(args.pull)
         user_ns = self.shell.user_ns
-        try:
-            specs, frames, prints = self.remote.to_ship(names_read(cell, self.shell.transform_cell), user_ns)
-        except serialize.SerializationError as e:
-            raise GPUCellError(f"{e} Nothing was run.") from None
+        reads = names_read(cell, self.shell.transform_cell)
+        self._refuse_lost(self.remote.lost(reads, user_ns))
         content: dict = {
             "gpu": spec,
             "code": cell,
-            "values": specs,
             "pull": pull,
             "timeout": args.timeout,
             "no_wait": args.no_wait,
@@ -167,9 +161,6 @@ class GPUMagics(Magics, connect.DaemonTarget):
         }
         directory = self._bulk_dir()
         content["bulk_ok"] = directory is not None
-        if directory is not None:
-            frames, content["bulk"] = bulk.offload(frames, directory)
-        msg = P.Message(P.Msg.EXECUTE, content, self.session_id, buffers=frames)
         relay = Relay()
         queue_note = None
         started = False
@@ -194,15 +185,31 @@ class GPUMagics(Magics, connect.DaemonTarget):
             else:
                 relay(m)
 
-        try:
-            reply = self._request(msg, on_message)
-        except BaseException as e:
-            status.finish(None, failed=True)
+        for _ in range(2):  # once more if the worker lacks what this notebook thought it held
+            try:
+                specs, frames, prints, content["assumed"] = self.remote.to_ship(reads, user_ns)
+            except serialize.SerializationError as e:
+                raise GPUCellError(f"{e} Nothing was run.") from None
+            content["values"] = specs
             if directory is not None:
-                bulk.discard(content.get("bulk") or {}, directory)
-            if isinstance(e, GPUCellError) and not started and image_from == IMAGE_FROM_METADATA and "image" in str(e):
-                raise GPUCellError(f"{e} (the image {image!r} came from {IMAGE_FROM_METADATA})") from None
-            raise
+                frames, content["bulk"] = bulk.offload(frames, directory)
+            try:
+                reply = self._request(P.Message(P.Msg.EXECUTE, content, self.session_id, buffers=frames), on_message)
+            except BaseException as e:
+                status.finish(None, failed=True)
+                if directory is not None:
+                    bulk.discard(content.get("bulk") or {}, directory)
+                if isinstance(e, GPUCellError) and not started and image_from == IMAGE_FROM_METADATA:
+                    if "image" in str(e):
+                        raise GPUCellError(f"{e} (the image {image!r} came from {IMAGE_FROM_METADATA})") from None
+                raise
+            if reply.type != P.Msg.NEED:
+                break
+            self.remote.shipped_ok(prints)
+            self._lacking(reply.content.get("names") or [], user_ns, status)
+        else:
+            status.finish(None, failed=True)
+            raise GPUCellError("the worker lost this notebook's values again while they were being sent; nothing ran")
         done = reply.content
         status.finish(done.get("cost"), failed=relay.error is not None)
         if done.get("loaded"):
@@ -234,6 +241,28 @@ class GPUMagics(Magics, connect.DaemonTarget):
         image = f" · {image_text(*self._worker_image)}" if self._worker_image else ""
         show_note(f"{device} ready: {start} start in {info.get('start_s', 0):.2f} s{waited}{image}")
         self._had_worker = True
+
+    def _lacking(self, names: list[str], user_ns: dict, status: StatusLine) -> None:
+        """The worker does not hold values this notebook thought it did (it was released,
+        replaced or restarted since): send the notebook's own, or say which are gone."""
+        lost, replaced = self.remote.lacking(names, user_ns)
+        if lost:
+            status.finish(None, failed=True)
+        self._refuse_lost(lost)
+        if replaced:
+            show_note(
+                f"the worker's own {', '.join(replaced)} went with its previous worker; this cell gets the "
+                "notebook's value"
+            )
+
+    @staticmethod
+    def _refuse_lost(lost: list[str]) -> None:
+        if lost:
+            raise GPUCellError(
+                f"{', '.join(lost)} existed only on the remote worker, which is gone (it was released, replaced "
+                "or stopped since): nothing ran. Run the cells that define them again; `%gpu pull NAME` keeps a "
+                "copy in the notebook."
+            )
 
     def _kept_image_note(self, wanted: str | None) -> None:
         """The cell asked for another image than the running worker's: the daemon keeps a
@@ -276,22 +305,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
         return handlers[cmd](rest.strip())
 
     def _status(self, _: str) -> None:
-        st = self._request(P.Message(P.Msg.STATUS, {}, self.session_id)).content
-        print(f"backend: {st['backend']}")
-        for g in st["gpus"]:
-            holder = g["session"] or ("warm pool" if g.get("warm") else f"held by {g['user']}" if g["user"] else "free")
-            mine = " (this notebook)" if g["session"] == self.session_id else ""
-            sim = " simulated" if g["simulated"] else ""
-            print(f"  GPU {g['index']}: {g['model']}{sim}  {g['memory_bytes'] / 1024**3:.0f} GiB  {holder}{mine}")
-        for s in st["sessions"]:
-            mine = " (this notebook)" if s["id"] == self.session_id else ""
-            print(
-                f"  session {s['id'][:8]}{mine}: {s['device']} {s['state']}, held {s['held_s']:.0f} s, ${s['usd']:.4f}"
-            )
-        for w in st.get("warm", []):
-            print(f"  warm pool: {w['device']} {w['state']}, waiting {w['idle_s']:.0f} s, ${w['usd']:.4f} of idle time")
-        for i, q in enumerate(st["queue"], 1):
-            print(f"  queued {i}: {q['session'][:8]} wants {q['request']}")
+        print(format_status(self._request(P.Message(P.Msg.STATUS, {}, self.session_id)).content, self.session_id))
 
     def _release(self, _: str) -> None:
         released = self._request(P.Message(P.Msg.RELEASE, {}, self.session_id)).content.get("released")
@@ -321,7 +335,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
         if not names or missing:
             raise GPUCellError(f"usage: %gpu push NAME[,NAME...]; not defined here: {', '.join(missing)}")
         try:
-            specs, frames, prints = self.remote.to_ship(names, self.shell.user_ns, force=True)
+            specs, frames, prints, _ = self.remote.to_ship(names, self.shell.user_ns, force=True)
         except serialize.SerializationError as e:
             raise GPUCellError(str(e)) from None
         # No "gpu": the session keeps what it has (or gets the default if it has no worker).
@@ -341,17 +355,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
             self.remote.shipped_ok(prints)
 
     def _cost(self, _: str) -> None:
-        c = self._request(P.Message(P.Msg.COST, {}, self.session_id)).content
-        from jupyter_gpu.output import cost_parts
-
-        cells = [x for x in c["cells"] if x.get("kind") == "cell"]
-        for i, cell in enumerate(cells, 1):
-            print(f"  cell {i}: " + " · ".join(cost_parts(cell, session=False)))
-        total = c["cells_usd"]
-        print(
-            f"cells: {len(cells)}, ${total:.4f} of GPU time; "
-            f"session total (warm idle included): ${c['live_usd'] + c['released_usd']:.4f}"
-        )
+        print(format_cost(self._request(P.Message(P.Msg.COST, {}, self.session_id)).content))
 
     def _connect(self, rest: str) -> None:
         parts = rest.split()

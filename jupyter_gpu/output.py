@@ -159,3 +159,37 @@ def format_volumes(op: str, result: object) -> str:
         used = f"  mounted by {', '.join(u[:8] for u in v['in_use_by'])}" if v["in_use_by"] else ""
         lines.append(f"{v['name']}{size}{used}")
     return "\n".join(lines)
+
+
+def format_status(st: dict, mine: str) -> str:
+    """``%gpu status``: the host's GPUs, this user's sessions, the warm pool and the queue;
+    ``mine`` is this notebook's session id."""
+    lines = [f"backend: {st['backend']}"]
+    for g in st["gpus"]:
+        holder = g["session"] or ("warm pool" if g.get("warm") else f"held by {g['user']}" if g["user"] else "free")
+        this = " (this notebook)" if g["session"] == mine else ""
+        sim = " simulated" if g["simulated"] else ""
+        lines.append(f"  GPU {g['index']}: {g['model']}{sim}  {g['memory_bytes'] / 1024**3:.0f} GiB  {holder}{this}")
+    for s in st["sessions"]:
+        this = " (this notebook)" if s["id"] == mine else ""
+        lines.append(
+            f"  session {s['id'][:8]}{this}: {s['device']} {s['state']}, held {s['held_s']:.0f} s, ${s['usd']:.4f}"
+        )
+    for w in st.get("warm", []):
+        waiting = f"waiting {w['idle_s']:.0f} s, ${w['usd']:.4f} of idle time"
+        lines.append(f"  warm pool: {w['device']} {w['state']}, {waiting}")
+    for i, q in enumerate(st["queue"], 1):
+        whose = q["session"][:8] if q["session"] else f"{q.get('user') or 'another user'}'s"  # others' ids are hidden
+        lines.append(f"  queued {i}: {whose} wants {q['request']}")
+    return "\n".join(lines)
+
+
+def format_cost(c: dict) -> str:
+    """``%gpu cost``: each cell's cost line, then the session's total."""
+    cells = [x for x in c["cells"] if x.get("kind") == "cell"]
+    lines = [f"  cell {i}: " + " · ".join(cost_parts(cell, session=False)) for i, cell in enumerate(cells, 1)]
+    lines.append(
+        f"cells: {len(cells)}, ${c['cells_usd']:.4f} of GPU time; "
+        f"session total (warm idle included): ${c['live_usd'] + c['released_usd']:.4f}"
+    )
+    return "\n".join(lines)

@@ -68,6 +68,7 @@ class Msg:
     ERROR = "error"
     DONE = "done"
     VALUES = "values"
+    NEED = "need"  # the worker lacks values the request assumed it holds: nothing ran
     # executor <-> daemon only
     READY = "ready"
     HEARTBEAT = "heartbeat"
@@ -102,11 +103,14 @@ EXECUTOR_REPLIES = frozenset(
         Msg.ERROR,
         Msg.DONE,
         Msg.VALUES,
+        Msg.NEED,
         Msg.PONG,
     }
 )
 # Replies that end a request: the client stops waiting after one of these.
-FINAL_REPLIES = frozenset({Msg.DONE, Msg.VALUES, Msg.REPLY, Msg.FAIL, Msg.WELCOME, Msg.PONG})
+FINAL_REPLIES = frozenset({Msg.DONE, Msg.VALUES, Msg.NEED, Msg.REPLY, Msg.FAIL, Msg.WELCOME, Msg.PONG})
+# In an EXECUTE's "assumed" map: the name's value was made on the worker, not shipped.
+WORKER_MADE = ""
 
 
 class Err:

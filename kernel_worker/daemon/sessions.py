@@ -172,7 +172,7 @@ class Sessions:
             self.d.workers.move_bulk(msg.content["bulk"], s.wid, s.id)
         if msg.type == P.Msg.DONE:
             msg.content["cost"] = self.d.ledger.cell(s)
-        if msg.type in (P.Msg.DONE, P.Msg.VALUES):
+        if msg.type in (P.Msg.DONE, P.Msg.VALUES, P.Msg.NEED):
             s.state = "idle"
             s.current = None
             s.last_active = time.monotonic()

@@ -57,6 +57,7 @@ class Executor:
         # first included, is answered with READY.
         self.sock.connect(os.environ[P.Env.ENDPOINT])
         self.running = False
+        self.received: dict[str, str] = {}  # name -> fingerprint of the value the notebook shipped
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         # Only a running cell is interrupted; between cells SIGINT is ignored.
@@ -100,6 +101,19 @@ class Executor:
             content["bulk"] = moved
         return content, frames
 
+    def _missing(self, assumed: Any) -> list[str]:
+        """Names a request assumes we hold that we do not: absent, or (for a value the
+        notebook shipped) not the value it shipped. Whatever happened to this worker (a
+        fresh start after a release, a restart, a second notebook on the session), the
+        worker is the one that knows."""
+        if not isinstance(assumed, dict):
+            return []
+        return sorted(
+            name
+            for name, fp in assumed.items()
+            if name not in self.ns or (fp != P.WORKER_MADE and self.received.get(name) != fp)
+        )
+
     @property
     def ns(self) -> dict:
         return self.runner.ns
@@ -115,6 +129,12 @@ class Executor:
         except Exception as e:
             ok = False
             self.outbox.send(msg.reply(P.Msg.ERROR, _err("could not load the values sent with the cell", e)))
+        if loaded:
+            for spec in msg.content.get("values") or []:
+                self.received[spec["name"]] = str(spec.get("fp", ""))
+            need = self._missing(msg.content.get("assumed"))
+            if need:  # the notebook believes we hold these, and we do not: nothing runs
+                return msg.reply(P.Msg.NEED, {"names": need})
         code = msg.content.get("code", "")
         before = set(self.ns)
         if ok and code.strip():
@@ -131,6 +151,8 @@ class Executor:
         bound = (self.ns.keys() - before) | self.runner.assigned(code)
         content["bound"] = sorted(k for k in bound if k in self.ns and not k.startswith("_"))
         content["deleted"] = sorted(k for k in before - self.ns.keys() if not k.startswith("_"))
+        for name in bound | (before - self.ns.keys()):
+            self.received.pop(name, None)  # the worker's own value now, or none
         pull = msg.content.get("pull") or []
         if ok and pull:
             try:
