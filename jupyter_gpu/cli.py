@@ -43,11 +43,11 @@ def _volumes(args: argparse.Namespace) -> int:
         print(f"jupyter gpu volumes {args.op} needs a NAME", file=sys.stderr)
         return 2
     try:
-        result = _client(args).call(P.Msg.VOLUMES, {"op": args.op, "name": args.name}, timeout=120)["result"]
+        answer = _client(args).call(P.Msg.VOLUMES, {"op": args.op, "name": args.name}, timeout=120)
     except DaemonError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(format_volumes(args.op, result))
+    print(answer.get("note") or format_volumes(args.op, answer["result"]))
     return 0
 
 

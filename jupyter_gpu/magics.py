@@ -161,6 +161,8 @@ class GPUMagics(Magics, connect.DaemonTarget):
         }
         directory = self._bulk_dir()
         content["bulk_ok"] = directory is not None
+        if directory is not None:  # the worker shares this host and user: it works where the notebook does
+            content["cwd"] = os.getcwd()
         relay = Relay()
         queue_note = None
         started = False
@@ -388,8 +390,8 @@ class GPUMagics(Magics, connect.DaemonTarget):
     def _volumes(self, rest: str) -> None:
         op, _, name = (rest or "ls").partition(" ")
         content = {"op": op, "name": name.strip()}
-        result = self._request(P.Message(P.Msg.VOLUMES, content, self.session_id)).content["result"]
-        print(format_volumes(op, result))
+        answer = self._request(P.Message(P.Msg.VOLUMES, content, self.session_id)).content
+        print(answer.get("note") or format_volumes(op, answer["result"]))
 
     def _at_exit(self) -> None:
         if self._client is None or not self.release_on_exit:

@@ -88,3 +88,33 @@ def test_a_value_only_the_lost_worker_had_is_named_and_nothing_runs(daemon, make
     assert "`%gpu pull NAME` keeps a copy" in error
     result, cap = run(ip, "%%gpu any\nprint('ran' in globals())")
     assert cap.stdout.endswith("False\n")  # the refused cell did not run at all
+
+
+def test_a_cell_reads_the_notebooks_files_where_the_notebook_is(daemon_factory, make_shell, tmp_path, monkeypatch):
+    nb = tmp_path / "project"
+    (nb / "data").mkdir(parents=True)
+    (nb / "data" / "iris.csv").write_text("sepal,petal\n5.1,1.4\n4.9,1.4\n4.7,1.3\n")
+    (nb / "helper.py").write_text("VALUE = 'from beside the notebook'\n")
+    monkeypatch.chdir(nb)  # a kernel starts in its notebook's directory
+    ip = make_shell(daemon_factory())
+    out = _ok(
+        ip,
+        "%%gpu any\n!head -2 data/iris.csv\nimport pandas as pd, helper\n"
+        "print(len(pd.read_csv('data/iris.csv')), helper.VALUE)",
+    )
+    assert out.replace("\r\n", "\n").endswith("sepal,petal\n5.1,1.4\n3 from beside the notebook\n"), out  # !cmd: a pty
+    (nb / "other").mkdir()
+    _ok(ip, "%cd other")  # the notebook moves: the worker follows
+    assert _ok(ip, "%%gpu any\nimport os\nprint(os.getcwd())").endswith(f"{nb / 'other'}\n")
+
+
+def test_bytes_and_split_characters_come_out_whole(daemon_factory, make_shell):
+    ip = make_shell(daemon_factory())
+    cell = (
+        "%%gpu any\nimport sys, os\n"
+        "sys.stdout.buffer.write('é'.encode()[:1]); sys.stdout.buffer.write('é'.encode()[1:] + b' bytes\\n')\n"
+        "sys.stdout.flush()\n"
+        "os.write(1, '€'.encode()[:2]); os.write(1, '€'.encode()[2:] + b' fd\\n')"
+    )
+    out = _ok(ip, cell)
+    assert "é bytes\n" in out and "€ fd\n" in out and "\ufffd" not in out, out

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from kernel_worker import inventory
 from kernel_worker import protocol as P
-from kernel_worker.backends.base import VolumeError
+from kernel_worker.backends.base import NO_VOLUMES, VolumeError
 from kernel_worker.daemon.pool import WARM_PREFIX
 
 if TYPE_CHECKING:
@@ -64,6 +64,9 @@ class Services:
             "create": lambda: b.create_volume(user, name),
             "rm": lambda: b.remove_volume(user, name),
         }
+        if op == "ls" and not b.has_volumes:  # a listing is not an error: none here, and why
+            self.d.front.reply(ident, msg, {"result": [], "note": NO_VOLUMES})
+            return
         if op not in ops:
             text = f"unknown volumes operation {str(op)[:20]!r}; use {', '.join(VOLUME_OPS)}"
             self.d.front.fail(ident, msg, P.Err.BAD_MESSAGE, text)

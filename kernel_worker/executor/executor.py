@@ -58,6 +58,7 @@ class Executor:
         self.sock.connect(os.environ[P.Env.ENDPOINT])
         self.running = False
         self.received: dict[str, str] = {}  # name -> fingerprint of the value the notebook shipped
+        self.cwd = ""  # the notebook's directory, once followed
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         # Only a running cell is interrupted; between cells SIGINT is ignored.
@@ -101,6 +102,19 @@ class Executor:
             content["bulk"] = moved
         return content, frames
 
+    def _follow(self, cwd: Any) -> None:
+        """Work in the notebook's directory, as a local cell would (relative paths, `!cmd`,
+        `import helper` from beside the notebook), when the notebook says where it is (it
+        shares this host) and the directory exists here. Only a change of the notebook's
+        directory moves the worker, so a cell's own chdir lasts as it would locally."""
+        if not isinstance(cwd, str) or cwd == self.cwd or not os.path.isabs(cwd) or not os.path.isdir(cwd):
+            return
+        if self.cwd in sys.path:
+            sys.path.remove(self.cwd)
+        os.chdir(cwd)
+        sys.path.insert(0, cwd)
+        self.cwd = cwd
+
     def _missing(self, assumed: Any) -> list[str]:
         """Names a request assumes we hold that we do not: absent, or (for a value the
         notebook shipped) not the value it shipped. Whatever happened to this worker (a
@@ -135,6 +149,7 @@ class Executor:
             need = self._missing(msg.content.get("assumed"))
             if need:  # the notebook believes we hold these, and we do not: nothing runs
                 return msg.reply(P.Msg.NEED, {"names": need})
+        self._follow(msg.content.get("cwd"))
         code = msg.content.get("code", "")
         before = set(self.ns)
         if ok and code.strip():

@@ -3,6 +3,7 @@ once behind it, from the main thread, the flusher thread and the fd pumps alike.
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import threading
@@ -95,6 +96,7 @@ class StreamWriter(io.TextIOBase):
     def __init__(self, name: str, outbox: Outbox):
         self.name = name
         self._outbox = outbox
+        self.buffer = ByteWriter(name, outbox)  # code that writes bytes (sys.stdout.buffer.write)
 
     def writable(self) -> bool:
         return True
@@ -105,12 +107,36 @@ class StreamWriter(io.TextIOBase):
         self._outbox.stream(self.name, text)
         return len(text)
 
+    def fileno(self) -> int:
+        return 1 if self.name == "stdout" else 2  # the captured descriptor: faulthandler, subprocess
+
     def isatty(self) -> bool:
         return False
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
         return "utf-8"
+
+
+class ByteWriter(io.RawIOBase):
+    """``sys.stdout.buffer``: bytes decoded as UTF-8 as they come, so a character split
+    across two writes arrives whole."""
+
+    def __init__(self, name: str, outbox: Outbox):
+        self.name = name
+        self._outbox = outbox
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        with self._lock:
+            text = self._decoder.decode(bytes(view))
+        self._outbox.stream(self.name, text)
+        return view.nbytes
 
 
 def capture_fds(outbox: Outbox) -> None:
@@ -121,10 +147,11 @@ def capture_fds(outbox: Outbox) -> None:
         os.close(w)
 
         def pump(r: int = r, name: str = name) -> None:
+            sink = ByteWriter(name, outbox)  # a read may end inside a character
             while True:
                 data = os.read(r, 65536)
                 if not data:
                     return
-                outbox.stream(name, data.decode("utf-8", "replace"))
+                sink.write(data)
 
         threading.Thread(target=pump, name=f"jgpu-fd{fd}", daemon=True).start()

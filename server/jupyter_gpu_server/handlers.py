@@ -163,7 +163,7 @@ class VolumesHandler(GPUHandler):
     @authorized
     async def get(self) -> None:
         found = await self.daemon(P.Msg.VOLUMES, {"op": "ls"})
-        self.reply({"volumes": found["result"]})
+        self.reply({"volumes": found["result"], **({"note": found["note"]} if found.get("note") else {})})
 
     @web.authenticated
     @authorized
