@@ -214,6 +214,12 @@ class GPUMagics(Magics, connect.DaemonTarget):
             raise GPUCellError("the worker lost this notebook's values again while they were being sent; nothing ran")
         done = reply.content
         status.finish(done.get("cost"), failed=relay.error is not None)
+        if done.get("exit"):
+            self.remote.reset()
+            show_note(
+                "the cell called exit() or raised SystemExit: its worker ended and the session was released, as "
+                "a kernel restart would; the next %%gpu cell starts a fresh worker"
+            )
         if done.get("loaded"):
             self.remote.shipped_ok(prints)
         self.remote.after_cell(done.get("bound", []), done.get("deleted", []), user_ns)

@@ -118,3 +118,17 @@ def test_bytes_and_split_characters_come_out_whole(daemon_factory, make_shell):
     )
     out = _ok(ip, cell)
     assert "é bytes\n" in out and "€ fd\n" in out and "\ufffd" not in out, out
+
+
+@pytest.mark.parametrize("ending, ok", [("exit()", True), ("import sys; sys.exit(3)", False)])
+def test_exit_in_a_cell_ends_the_worker_like_a_kernel_and_the_next_cell_starts_fresh(daemon, make_shell, ending, ok):
+    ip = make_shell(daemon)
+    result, cap = run(ip, f"%%gpu any\nx = 1\n{ending}\nprint('rest of the cell')")
+    assert result.success is ok
+    assert cap.stdout.startswith("rest of the cell\n") if ok else "SystemExit" in plain(cap.stdout)
+    assert "[jupyter-gpu] the cell called exit() or raised SystemExit: its worker ended and the session was " in (
+        cap.stderr
+    )
+    assert daemon.client().call(P.Msg.STATUS)["sessions"] == []  # released: no GPU or worker held
+    result, cap = run(ip, "%%gpu any\nprint('x' in globals())")
+    assert result.success and cap.stdout == "False\n"

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 
 NOTEBOOK_MAX_CHARS = 512
+EXITED = "the cell called exit() (or raised SystemExit), which ends the worker as it would end a kernel"
 
 
 class Refused(Exception):
@@ -40,6 +41,7 @@ class Sessions:
         self.live: dict[str, Session] = {}  # by session id (the notebook's)
         self.owners: dict[str, str] = {}  # session id -> the user who made it, kept after release
         self.ended: dict[str, str] = {}  # session id -> why its worker went away
+        self._stopping: dict[str, asyncio.Task] = {}  # session id -> its released worker's removal
 
     def add(self, s: Session) -> None:
         self.live[s.id] = s
@@ -178,12 +180,17 @@ class Sessions:
             s.last_active = time.monotonic()
             s.cell_done.set()
         self.d.front.send(s.client, msg)
+        if msg.type == P.Msg.DONE and msg.content.get("exit"):
+            self.release_now(s, EXITED)
 
     # ------------------------------------------------------------------ start
 
     async def _start_then_begin(self, old: Session | None, s: Session, ident: bytes, msg: P.Message) -> None:
         if old is not None:
             await self.release(old, f"moved from {old.request.text} to {s.request.text}")
+        stopping = self._stopping.get(s.id)
+        if stopping is not None:  # the session's previous worker is still being removed
+            await asyncio.shield(stopping)
         if await self._start(s, ident, msg):
             self.begin(s, ident, msg)
 
@@ -294,8 +301,19 @@ class Sessions:
 
     async def release(self, s: Session, why: str, code: str = P.Err.RELEASED) -> None:
         """Stop the worker and return its GPUs; a request in flight gets a FAIL saying why."""
-        if s.releasing:
-            return
+        if not s.releasing:
+            await self._stop(s, self._retire(s, why), why, code)
+
+    def release_now(self, s: Session, why: str) -> None:
+        """``release``, with the session out of every table before this returns: the
+        notebook's next request, however soon, starts a new one (once this one's worker
+        and directories are gone: they have the same names)."""
+        if not s.releasing:
+            task = self.d.spawn(self._stop(s, self._retire(s, why), why, P.Err.RELEASED))
+            self._stopping[s.id] = task
+            task.add_done_callback(lambda t: self._stopping.pop(s.id, None) if self._stopping.get(s.id) is t else None)
+
+    def _retire(self, s: Session, why: str) -> P.Message | None:
         current = s.current if s.state == "busy" else None
         self.d.ledger.release(s)
         self.forget(s)
@@ -303,6 +321,9 @@ class Sessions:
             if t is not asyncio.current_task():
                 t.cancel()
         self.ended[s.id] = why
+        return current
+
+    async def _stop(self, s: Session, current: P.Message | None, why: str, code: str) -> None:
         await self.d.workers.stop(s)
         if current is not None:
             self.d.front.fail(s.client, current, code, f"session {s.id} ended: {why}")

@@ -21,6 +21,8 @@ from kernel_worker.executor.channel import Channel
 from kernel_worker.executor.outbox import Outbox, StreamWriter, capture_fds
 from kernel_worker.executor.runner import Runner
 
+EXIT_LINGER_MS = 5000  # how long an exiting worker waits for its last reply to leave
+
 
 def _versions() -> dict:
     import cloudpickle
@@ -90,6 +92,9 @@ class Executor:
             with self.channel.lock:  # output first, then the reply, from this thread: no hand-off
                 self.channel.flush()
                 self.channel.send(reply)
+            if reply.content.get("exit"):
+                self.ctx.destroy(linger=EXIT_LINGER_MS)  # blocks until the reply has left
+                os._exit(0)
 
     def _values_out(self, names: list, bulk_ok: bool) -> tuple[dict, list]:
         missing = [n for n in names if n not in self.ns]
@@ -178,6 +183,8 @@ class Executor:
                 self.outbox.send(msg.reply(P.Msg.ERROR, _err("could not send back --pull values", e)))
         content["ok"] = ok
         content["loaded"] = loaded
+        if self.runner.exit_requested:
+            content["exit"] = True
         content["seconds"] = time.monotonic() - t0
         return msg.reply(P.Msg.DONE, content, frames)
 

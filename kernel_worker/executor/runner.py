@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import traceback
+import warnings
 from typing import Any
 
 from kernel_worker import protocol as P
@@ -19,6 +20,7 @@ class Runner:
         self.outbox = outbox
         self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
         self.shell = None
+        self.exit_requested = False
         try:
             self.shell = make_shell(outbox, self.ns)
         except ImportError:
@@ -48,9 +50,13 @@ class Runner:
         return names
 
     def run(self, code: str) -> bool:
-        """Run ``code``; True when it raised nothing."""
+        """Run ``code``; True when it raised nothing. ``exit_requested`` says whether it
+        called ``exit()`` or raised SystemExit (the worker then ends, as a kernel would)."""
+        self.exit_requested = False
         if self.shell is not None:
+            self.shell.exit_now = False
             result = self.shell.run_cell(code, store_history=True)
+            self.exit_requested = bool(self.shell.exit_now) or isinstance(result.error_in_exec, SystemExit)
             return result.success
         try:
             tree = ast.parse(code, "<cell>")
@@ -65,6 +71,7 @@ class Runner:
                     )
             return True
         except BaseException as e:  # the user's exception, KeyboardInterrupt included
+            self.exit_requested = isinstance(e, SystemExit)
             tb = traceback.format_exception(type(e), e, e.__traceback__)
             self.outbox.send(
                 self.outbox.parent.reply(P.Msg.ERROR, {"ename": type(e).__name__, "evalue": str(e), "traceback": tb})
@@ -109,7 +116,12 @@ def make_shell(outbox: Outbox, ns: dict) -> Any:
         def enable_gui(self, gui=None):
             pass
 
+        def ask_exit(self):  # exit() / quit(): the executor ends the worker after this cell
+            self.exit_now = True
+
     from traitlets.config import Config
+
+    warnings.filterwarnings("ignore", message="To exit: use 'exit', 'quit', or Ctrl-D.")
 
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     # History lives in memory: the SQLite history thread would cost every cell a commit.
