@@ -132,3 +132,13 @@ def test_exit_in_a_cell_ends_the_worker_like_a_kernel_and_the_next_cell_starts_f
     assert daemon.client().call(P.Msg.STATUS)["sessions"] == []  # released: no GPU or worker held
     result, cap = run(ip, "%%gpu any\nprint('x' in globals())")
     assert result.success and cap.stdout == "False\n"
+
+
+def test_a_cell_sent_while_its_session_is_being_released_gets_a_new_worker(daemon_factory, make_shell, backend_args):
+    d = daemon_factory("--idle-timeout=1", "--WorkerDaemon.reap_interval=0.2", *backend_args)
+    ip = make_shell(d)
+    _ok(ip, "a = 41")
+    assert _ok(ip, READ_A) == "41\n"
+    d.log.wait_for(rf"session {_magics(ip).session_id} ending: it was idle", timeout=30)
+    # The old worker, its socket and its directories are still being removed: same names.
+    assert _ok(ip, READ_A).endswith("41\n")

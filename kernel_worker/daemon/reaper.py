@@ -28,11 +28,10 @@ class Reaper:
             now = time.monotonic()
             for s in list(d.sessions.live.values()):
                 if s.state == "idle" and now - s.last_active > d.idle_timeout:
-                    why = f"it was idle for more than {d.idle_timeout:g} s (idle_timeout)"
-                    d.spawn(d.sessions.release(s, why))
+                    d.sessions.release_now(s, f"it was idle for more than {d.idle_timeout:g} s (idle_timeout)")
                 elif s.state != "starting" and now - s.last_heard > d.worker_heartbeat_timeout:
                     why = f"its worker sent no heartbeat for {d.worker_heartbeat_timeout:g} s and was stopped"
-                    d.spawn(d.sessions.release(s, why, code=P.Err.WORKER_DIED))
+                    d.sessions.release_now(s, why, code=P.Err.WORKER_DIED)
             quiet = now - d.front.last_request
             if d.exit_when_idle and not d.sessions.live and quiet > d.exit_when_idle:
                 self.log.info("no sessions and no requests for %.0f s: exiting", quiet)

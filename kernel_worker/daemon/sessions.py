@@ -301,19 +301,24 @@ class Sessions:
 
     async def release(self, s: Session, why: str, code: str = P.Err.RELEASED) -> None:
         """Stop the worker and return its GPUs; a request in flight gets a FAIL saying why."""
-        if not s.releasing:
-            await self._stop(s, self._retire(s, why), why, code)
+        task = self.release_now(s, why, code)
+        if task is not None:
+            await task
 
-    def release_now(self, s: Session, why: str) -> None:
-        """``release``, with the session out of every table before this returns: the
-        notebook's next request, however soon, starts a new one (once this one's worker
-        and directories are gone: they have the same names)."""
-        if not s.releasing:
-            task = self.d.spawn(self._stop(s, self._retire(s, why), why, P.Err.RELEASED))
-            self._stopping[s.id] = task
-            task.add_done_callback(lambda t: self._stopping.pop(s.id, None) if self._stopping.get(s.id) is t else None)
+    def release_now(self, s: Session, why: str, code: str = P.Err.RELEASED) -> asyncio.Task | None:
+        """``release``, with the session out of every table before this returns (the
+        notebook's next request, however soon, starts a new one) and its worker removed by
+        the task returned. A new session of the same id waits for that removal: the
+        worker's socket and directories have the same names."""
+        if s.releasing:
+            return None
+        task = self.d.spawn(self._stop(s, self._retire(s, why), why, code))
+        self._stopping[s.id] = task
+        task.add_done_callback(lambda t: self._stopping.pop(s.id, None) if self._stopping.get(s.id) is t else None)
+        return task
 
     def _retire(self, s: Session, why: str) -> P.Message | None:
+        self.log.info("session %s ending: %s", s.id, why)
         current = s.current if s.state == "busy" else None
         self.d.ledger.release(s)
         self.forget(s)

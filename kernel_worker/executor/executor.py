@@ -22,6 +22,7 @@ from kernel_worker.executor.outbox import Outbox, StreamWriter, capture_fds
 from kernel_worker.executor.runner import Runner
 
 EXIT_LINGER_MS = 5000  # how long an exiting worker waits for its last reply to leave
+FD_DRAIN_TIMEOUT_S = 2.0  # how long a reply waits for fd output written before it
 
 
 def _versions() -> dict:
@@ -59,6 +60,7 @@ class Executor:
         # first included, is answered with READY.
         self.sock.connect(os.environ[P.Env.ENDPOINT])
         self.running = False
+        self.fd_pumps: list = []  # started by main(), which captures fds 1 and 2
         self.received: dict[str, str] = {}  # name -> fingerprint of the value the notebook shipped
         self.cwd = ""  # the notebook's directory, once followed
 
@@ -70,7 +72,7 @@ class Executor:
     def main(self) -> None:
         # Keep real stderr for our own diagnostics (it goes to the worker log).
         sys.__stderr__ = os.fdopen(os.dup(2), "w", buffering=1)
-        capture_fds(self.outbox)
+        self.fd_pumps = capture_fds(self.outbox)
         sys.stdout = StreamWriter("stdout", self.outbox)
         sys.stderr = StreamWriter("stderr", self.outbox)
         self.runner = Runner(self.outbox)
@@ -166,6 +168,8 @@ class Executor:
             finally:
                 self.running = False
         sys.stdout.flush()
+        for pump in self.fd_pumps:  # what C code and subprocesses wrote goes out before the reply
+            pump.drain(FD_DRAIN_TIMEOUT_S)
         # What the cell (re)bound: new keys, plus the names its code assigns. Cheaper than
         # comparing the whole namespace, which IPython grows by two names per cell.
         bound = (self.ns.keys() - before) | self.runner.assigned(code)

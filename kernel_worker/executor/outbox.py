@@ -4,8 +4,12 @@ once behind it, from the main thread, the flusher thread and the fd pumps alike.
 from __future__ import annotations
 
 import codecs
+import fcntl
 import io
 import os
+import select
+import sys
+import termios
 import threading
 import time
 from typing import Any
@@ -139,19 +143,66 @@ class ByteWriter(io.RawIOBase):
         return view.nbytes
 
 
-def capture_fds(outbox: Outbox) -> None:
-    """Route file-descriptor level output (C libraries, ``os.system``) into the cell's streams."""
-    for fd, name in ((1, "stdout"), (2, "stderr")):
-        r, w = os.pipe()
+class FdPump(threading.Thread):
+    """Reads what C code and subprocesses write to one file descriptor into the cell's
+    stream. ``drain`` returns once everything written before it is in the outbox, so a
+    cell's reply never overtakes its own output."""
+
+    def __init__(self, fd: int, name: str, outbox: Outbox):
+        super().__init__(name=f"jgpu-fd{fd}", daemon=True)
+        self.fd = fd
+        self._r, w = os.pipe()
         os.dup2(w, fd)
         os.close(w)
+        self._sink = ByteWriter(name, outbox)  # a read may end inside a character
+        self._lock = threading.Lock()  # held from read to queue: drain sees all or nothing
+        self._token = b"\0jgpu-drain-" + os.urandom(8).hex().encode() + b"\0"
+        self._carry = b""  # the start of a token a read cut off
+        self._drained = threading.Event()
 
-        def pump(r: int = r, name: str = name) -> None:
-            sink = ByteWriter(name, outbox)  # a read may end inside a character
-            while True:
-                data = os.read(r, 65536)
+    def run(self) -> None:
+        while True:
+            select.select([self._r], [], [])
+            with self._lock:
+                data = os.read(self._r, 65536)
                 if not data:
                     return
-                sink.write(data)
+                self._take(data)
 
-        threading.Thread(target=pump, name=f"jgpu-fd{fd}", daemon=True).start()
+    def _take(self, data: bytes) -> None:
+        data, self._carry = self._carry + data, b""
+        found = data.find(self._token)
+        while found >= 0:
+            self._sink.write(data[:found])
+            data = data[found + len(self._token) :]
+            self._drained.set()
+            found = data.find(self._token)
+        for k in range(min(len(self._token) - 1, len(data)), 0, -1):
+            if self._token.startswith(data[-k:]):
+                data, self._carry = data[:-k], data[-k:]
+                break
+        self._sink.write(data)
+
+    def drain(self, timeout: float) -> None:
+        with self._lock:
+            if not self._carry and not _pending(self._r):
+                return  # nothing written since the last read: the usual case, two syscalls
+            self._drained.clear()
+        os.write(self.fd, self._token)  # under PIPE_BUF: one atomic write, after what came before
+        if not self._drained.wait(timeout):
+            print(f"jupyter-gpu executor: fd {self.fd} not drained within {timeout} s", file=sys.__stderr__)
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting in a pipe."""
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def capture_fds(outbox: Outbox) -> list[FdPump]:
+    """Route file-descriptor level output (C libraries, ``os.system``) into the cell's streams."""
+    pumps = [FdPump(fd, name, outbox) for fd, name in ((1, "stdout"), (2, "stderr"))]
+    for p in pumps:
+        p.start()
+    return pumps
