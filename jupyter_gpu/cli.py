@@ -36,17 +36,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _volumes(args: argparse.Namespace) -> int:
-    from jupyter_gpu.client import DaemonError
     from jupyter_gpu.output import format_volumes
 
     if args.op in ("create", "rm") and not args.name:
         print(f"jupyter gpu volumes {args.op} needs a NAME", file=sys.stderr)
         return 2
-    try:
-        answer = _client(args).call(P.Msg.VOLUMES, {"op": args.op, "name": args.name}, timeout=120)
-    except DaemonError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    answer = _client(args).call(P.Msg.VOLUMES, {"op": args.op, "name": args.name}, timeout=120)
     print(answer.get("note") or format_volumes(args.op, answer["result"]))
     return 0
 
@@ -213,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     stop = sub.add_parser("stop", help="stop the daemon (the embedded local one unless --connection-file)")
     stop.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
     args = parser.parse_args(argv)
-    return {"status": _status, "stop": _stop, "volumes": _volumes, "keys": _keys}[args.command](args)
+    from jupyter_gpu.client import DaemonError
+
+    try:
+        return {"status": _status, "stop": _stop, "volumes": _volumes, "keys": _keys}[args.command](args)
+    except DaemonError as e:  # one actionable line, never a traceback
+        print(f"jupyter gpu {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

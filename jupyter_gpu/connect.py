@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from traitlets import Bool, Float, List, Unicode
 from traitlets.config import Configurable
 
 from jupyter_gpu.client import DaemonClient, DaemonError
+from kernel_worker import protocol as P
 from kernel_worker.daemon.paths import default_connection_file
 
 ENV_CONNECTION_FILE = "JUPYTER_GPU_CONNECTION_FILE"
@@ -215,11 +217,39 @@ def start_embedded(
         return read_connection_file(path)
 
 
+def _not_running(path: str) -> str:
+    """Why the daemon a connection file names is plainly not there, or "". Only for a
+    daemon on this host (an ipc socket, a loopback port): its socket file and its pid say
+    so at once, where a request would wait a whole heartbeat timeout."""
+    with open(path) as f:
+        info = json.load(f)
+    url, pid = str(info.get("url", "")), info.get("pid")
+    if not (url.startswith("ipc://") or re.match(r"^tcp://(127\.0\.0\.1|localhost|\[::1\]):", url)):
+        return ""
+    if url.startswith("ipc://") and not os.path.exists(url[len("ipc://") :]):
+        return f"nothing listens at {url}"
+    if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"its process {pid} is gone"
+        except PermissionError:
+            pass  # alive, as another user
+    return ""
+
+
 def resolve(connection_file: str = "", **embedded: object) -> tuple[str, bytes]:
     """(url, key) of the daemon to use: configured, from the environment, or embedded."""
     path = connection_file or os.environ.get(ENV_CONNECTION_FILE, "")
     if path:
         try:
+            gone = _not_running(path)
+            if gone:
+                raise DaemonError(
+                    P.Err.UNAVAILABLE,
+                    f"the jupyter-gpu daemon of {path} is not running ({gone}): start it again "
+                    "(`jupyter gpu daemon ...` on its host), or point to another with --connection-file",
+                )
             return read_connection_file(path)
         except FileNotFoundError:
             raise DaemonError(

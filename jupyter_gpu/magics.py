@@ -76,7 +76,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
     def client(self) -> DaemonClient:
         try:
             return self.connected()
-        except connect.TargetError as e:
+        except (connect.TargetError, DaemonError) as e:
             raise GPUCellError(str(e)) from None
 
     def _drop_client(self) -> None:
