@@ -18,21 +18,15 @@ from traitlets import Bool, Enum, Unicode
 from jupyter_gpu import connect, notebook
 from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
 from jupyter_gpu.closure import RemoteNamespace, names_read
+from jupyter_gpu.commands import Commands, GPUCellError, names_in
 from jupyter_gpu.notebook import IMAGE_FROM_METADATA, cell_image
-from jupyter_gpu.output import Relay, format_cost, format_status, format_volumes, image_text, show_cost, show_note
+from jupyter_gpu.output import Relay, image_text, show_cost, show_note, show_notes
 from jupyter_gpu.status_line import MODES, StatusLine
 from kernel_worker import bulk, serialize
 from kernel_worker import protocol as P
 
-
-class GPUCellError(Exception):
-    """The cell could not be sent or served; shown as a short message, not a traceback."""
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
-
-
 CLIENT_VERSIONS = {"python": platform.python_version(), "cloudpickle": cloudpickle.__version__}
+MIN_WAIT_SHOWN_S = 0.05  # a shorter wait in the GPU queue is not worth a note
 
 
 def _ordinal(n: int) -> str:
@@ -40,12 +34,8 @@ def _ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-def _names(text: str) -> list[str]:
-    return [n for n in (p.strip() for p in text.replace(",", " ").split()) if n]
-
-
 @magics_class
-class GPUMagics(Magics, connect.DaemonTarget):
+class GPUMagics(Commands, Magics, connect.DaemonTarget):
     default_gpu = Unicode("any", help="GPU request used when a %%gpu cell names none (H100, A100:2, any, cpu...).").tag(
         config=True
     )
@@ -68,6 +58,8 @@ class GPUMagics(Magics, connect.DaemonTarget):
         self._had_worker = False  # a worker was started for this notebook before
         self._notebook = ""  # this kernel's notebook, for spend per notebook
         self._worker_image: tuple[str, str] | None = None  # (image, origin) the current worker started with
+        self._notes: list[str] | None = None  # while a %%gpu cell runs: what to say in its cost line
+        self._queue_note: Any = None  # while a %%gpu cell waits for GPUs: its queue line
         atexit.register(self._at_exit)
 
     # ------------------------------------------------------------------ plumbing
@@ -134,7 +126,23 @@ class GPUMagics(Magics, connect.DaemonTarget):
         (``--pull`` or ``%gpu pull`` brings them back). Output streams back as it happens,
         and the cell ends with its cost.
         """
-        args = self._args(line)
+        self._notes = []  # what jupyter-gpu says about this cell: shown once, at its end
+        self._queue_note = None  # the cell's "waiting in the queue" line, which becomes that one line
+        try:
+            return self._cell(self._args(line), cell)
+        finally:
+            notes, self._notes = self._notes, None
+            if notes:  # the cell ended without a cost line to carry them
+                show_notes(notes, self._queue_note)
+
+    def _note(self, text: str) -> None:
+        """Say ``text`` in this cell's cost line (a note of its own outside a cell)."""
+        if self._notes is None:
+            show_note(text)
+        else:
+            self._notes.append(text)
+
+    def _cell(self, args: Any, cell: str) -> Any:
         try:
             chosen = notebook.settings(cell)  # the notebook's jupyter_gpu metadata (the Lab sidebar's choice)
         except notebook.SettingsError as e:
@@ -144,7 +152,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
         spec = args.spec or chosen.get("gpu") or self.default_gpu
         image, image_from = cell_image(args.image, args.spec, chosen)
         self._notebook = self._notebook or notebook.display_name(cell)
-        pull = _names(args.pull)
+        pull = names_in(args.pull)
         user_ns = self.shell.user_ns
         reads = names_read(cell, self.shell.transform_cell)
         self._refuse_lost(self.remote.lost(reads, user_ns))
@@ -164,22 +172,21 @@ class GPUMagics(Magics, connect.DaemonTarget):
         if directory is not None:  # the worker shares this host and user: it works where the notebook does
             content["cwd"] = os.getcwd()
         relay = Relay()
-        queue_note = None
         started = False
         status = StatusLine(self.status_line)
 
         def on_message(m: P.Message) -> None:
-            nonlocal queue_note, started
+            nonlocal started
             if m.type == P.Msg.PROGRESS:
                 status.update(m.content)
             elif m.type == P.Msg.QUEUED:
                 text = (
                     f"[jupyter-gpu] waiting for {m.content.get('request')}: {_ordinal(m.content['position'])} in queue"
                 )
-                if queue_note is None:
-                    queue_note = display({"text/plain": text}, raw=True, display_id=True)
+                if self._queue_note is None:
+                    self._queue_note = display({"text/plain": text}, raw=True, display_id=True)
                 else:
-                    queue_note.update({"text/plain": text}, raw=True)
+                    self._queue_note.update({"text/plain": text}, raw=True)
             elif m.type == P.Msg.STARTED:
                 started = True
                 self._worker_image = (image, image_from) if image else None
@@ -216,7 +223,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
         status.finish(done.get("cost"), failed=relay.error is not None)
         if done.get("exit"):
             self.remote.reset()
-            show_note(
+            self._note(
                 "the cell called exit() or raised SystemExit: its worker ended and the session was released, as "
                 "a kernel restart would; the next %%gpu cell starts a fresh worker"
             )
@@ -231,7 +238,9 @@ class GPUMagics(Magics, connect.DaemonTarget):
         if not started and (self._worker_image or (None, ""))[0] != image:
             self._kept_image_note(image)
         if self.show_cost and done.get("cost"):
-            show_cost(done["cost"], image_text(*self._worker_image) if self._worker_image else "")
+            notes, self._notes = self._notes or [], []
+            shown = image_text(*self._worker_image) if self._worker_image else ""
+            show_cost(done["cost"], shown, notes, self._queue_note)
         if relay.error is not None:
             raise relay.error
         return relay.result
@@ -241,13 +250,10 @@ class GPUMagics(Magics, connect.DaemonTarget):
         self.remote.reset()
         if info.get("previous") or self._had_worker:
             why = info.get("previous") or "the daemon no longer knows it"
-            show_note(f"the previous worker is gone ({why}); its variables are lost. Starting a fresh one.")
-        gpus = info.get("gpus") or []
-        device = f"{info.get('device')} ×{len(gpus)}" if gpus else info.get("device", "cpu")
-        waited = f", after {info['waited_s']:.1f} s in the queue" if info.get("waited_s", 0) >= 0.05 else ""
-        start = "cold" if info.get("cold") else "warm"
-        image = f" · {image_text(*self._worker_image)}" if self._worker_image else ""
-        show_note(f"{device} ready: {start} start in {info.get('start_s', 0):.2f} s{waited}{image}")
+            self._note(f"the previous worker is gone ({why}); its variables are lost")
+        if info.get("waited_s", 0) >= MIN_WAIT_SHOWN_S:
+            self._note(f"waited {info['waited_s']:.1f} s in the queue")
+        self._note(f"{'cold' if info.get('cold') else 'warm'} start {info.get('start_s', 0):.2f} s")
         self._had_worker = True
 
     def _lacking(self, names: list[str], user_ns: dict, status: StatusLine) -> None:
@@ -258,7 +264,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
             status.finish(None, failed=True)
         self._refuse_lost(lost)
         if replaced:
-            show_note(
+            self._note(
                 f"the worker's own {', '.join(replaced)} went with its previous worker; this cell gets the "
                 "notebook's value"
             )
@@ -277,7 +283,7 @@ class GPUMagics(Magics, connect.DaemonTarget):
         running worker (and its namespace) rather than restart it, so say which image ran it."""
         ran = image_text(*self._worker_image) if self._worker_image else "the default image"
         want = f"image {wanted}" if wanted else "the default image"
-        show_note(
+        self._note(
             f"this cell ran on this session's running worker, which keeps {ran}; "
             f"`%gpu release` first to start one with {want}"
         )
@@ -311,93 +317,6 @@ class GPUMagics(Magics, connect.DaemonTarget):
         if cmd not in handlers:
             raise GPUCellError(f"unknown %gpu command {cmd!r}; use one of: {', '.join(handlers)}")
         return handlers[cmd](rest.strip())
-
-    def _status(self, _: str) -> None:
-        print(format_status(self._request(P.Message(P.Msg.STATUS, {}, self.session_id)).content, self.session_id))
-
-    def _release(self, _: str) -> None:
-        released = self._request(P.Message(P.Msg.RELEASE, {}, self.session_id)).content.get("released")
-        self.remote.reset()
-        self._had_worker = False  # released on purpose: the next start is no surprise
-        self._worker_image = None
-        print("released: worker stopped, GPUs returned" if released else "nothing to release")
-
-    def _pull(self, rest: str) -> None:
-        names = _names(rest)
-        if not names:
-            raise GPUCellError("usage: %gpu pull NAME[,NAME...]")
-        directory = self._bulk_dir()
-        msg = P.Message(P.Msg.PULL, {"names": names, "bulk_ok": directory is not None}, self.session_id)
-        relay = Relay()
-        reply = self._request(msg, relay)
-        if relay.error is not None:
-            raise relay.error
-        values = serialize.receive_values(reply.content, reply.buffers, directory or "")
-        self.shell.user_ns.update(values)
-        for name in values:
-            self.remote.pulled(name, self.shell.user_ns)
-
-    def _push(self, rest: str) -> None:
-        names = _names(rest)
-        missing = [n for n in names if n not in self.shell.user_ns]
-        if not names or missing:
-            raise GPUCellError(f"usage: %gpu push NAME[,NAME...]; not defined here: {', '.join(missing)}")
-        try:
-            specs, frames, prints, _ = self.remote.to_ship(names, self.shell.user_ns, force=True)
-        except serialize.SerializationError as e:
-            raise GPUCellError(str(e)) from None
-        # No "gpu": the session keeps what it has (or gets the default if it has no worker).
-        msg = P.Message(P.Msg.EXECUTE, {"code": "", "values": specs}, self.session_id, buffers=frames)
-        relay = Relay()
-
-        def on_message(m: P.Message) -> None:
-            if m.type == P.Msg.STARTED:
-                self._worker_image = None  # a worker started for a push has the default image
-            elif m.type not in (P.Msg.QUEUED, P.Msg.PROGRESS):
-                relay(m)
-
-        reply = self._request(msg, on_message)
-        if relay.error is not None:
-            raise relay.error
-        if reply.content.get("loaded"):
-            self.remote.shipped_ok(prints)
-
-    def _cost(self, _: str) -> None:
-        print(format_cost(self._request(P.Message(P.Msg.COST, {}, self.session_id)).content))
-
-    def _connect(self, rest: str) -> None:
-        parts = rest.split()
-        if not parts:
-            raise GPUCellError("usage: %gpu connect ssh://user@host[:port] | local")
-        opts = {
-            "--key": "ssh_key_file",
-            "--known-hosts": "ssh_known_hosts",
-            "--connection-file": "ssh_remote_connection_file",
-            "--server-key": "server_key",
-            "--client-key": "client_key",
-        }
-        self.ssh_accept_new_host = "--accept-new-host" in parts
-        args = [p for p in parts if p != "--accept-new-host"]
-        for flag, trait in opts.items():
-            if flag in args:
-                i = args.index(flag)
-                setattr(self, trait, os.path.expanduser(args[i + 1]))
-                del args[i : i + 2]
-        self._drop_client()
-        self.remote.reset()
-        self._had_worker = False
-        self._worker_image = None
-        self.daemon_url = "" if args[0] == "local" else args[0]
-        info = self.client.call(P.Msg.HELLO)
-        gpus = ", ".join(sorted({g["model"] for g in info["gpus"]})) or "no GPUs"
-        where = self.daemon_url or "the local daemon"
-        print(f"connected to {where}: {info['backend']} backend, {gpus}, cpu")
-
-    def _volumes(self, rest: str) -> None:
-        op, _, name = (rest or "ls").partition(" ")
-        content = {"op": op, "name": name.strip()}
-        answer = self._request(P.Message(P.Msg.VOLUMES, content, self.session_id)).content
-        print(answer.get("note") or format_volumes(op, answer["result"]))
 
     def _at_exit(self) -> None:
         if self._client is None or not self.release_on_exit:

@@ -131,13 +131,29 @@ def image_text(image: str, origin: str) -> str:
     return f"image {image} (from {origin})"
 
 
-def show_cost(cost: dict, image: str = "") -> None:
-    """The cost line, as a display (not stdout) so it never mixes with the cell's text.
+def _show_line(bundle: dict, meta: dict, handle: Any = None) -> None:
+    """A line of jupyter-gpu's own: in place of ``handle`` (the cell's queue note) if any."""
+    if handle is not None:
+        handle.update(bundle, raw=True, metadata={"jupyter_gpu": meta})
+    else:
+        display(bundle, raw=True, metadata={"jupyter_gpu": meta})
+
+
+def show_cost(cost: dict, image: str = "", notes: list[str] = (), handle: Any = None) -> None:  # type: ignore[assignment]
+    """The cost line, as a display (not stdout) so it never mixes with the cell's text. It
+    also carries what jupyter-gpu itself has to say about the cell (``notes``: a cold
+    start, a replaced worker...), so a cell shows its own outputs plus this one line.
     ``image`` (``image NAME (from ORIGIN)``) names the image chosen for the worker, by the
     cell or by the notebook's metadata, so a notebook can never pick an image unseen."""
-    text = "⏱ " + " · ".join(cost_parts(cost) + ([image] if image else []))
-    meta: dict = {"cost": cost, **({"image": image} if image else {})}
-    display(line_bundle(text, "jupyter-gpu-cost"), raw=True, metadata={"jupyter_gpu": meta})
+    text = "⏱ " + " · ".join([*cost_parts(cost), *notes, *([image] if image else [])])
+    meta: dict = {"cost": cost, **({"image": image} if image else {}), **({"notes": list(notes)} if notes else {})}
+    _show_line(line_bundle(text, "jupyter-gpu-cost"), meta, handle)
+
+
+def show_notes(notes: list[str], handle: Any = None) -> None:
+    """jupyter-gpu's notes on a cell that ended without a cost line, as one display line."""
+    text = "[jupyter-gpu] " + " · ".join(notes)
+    _show_line(line_bundle(text, "jupyter-gpu-note"), {"notes": list(notes)}, handle)
 
 
 def show_note(text: str) -> None:

@@ -195,7 +195,7 @@ def test_embedded_daemon_starts_is_shared_and_exits_when_quiet(runtime_dir, tmp_
     pid = json.loads(cf.read_text())["pid"]
     pidfd = os.pidfd_open(pid)
     try:
-        assert any("cpu ready: cold start" in plain(v) for _, v in outputs(first.cells[2]))
+        assert any("⏱ cpu · " in v and " · cold start " in v for _, v in outputs(first.cells[2]))  # one line
         # A second kernel finds the same daemon and does not start another.
         second = execute(["%load_ext jupyter_gpu", quiet, "%%gpu cpu\nprint('second ran')"], tmp_path)
         assert json.loads(cf.read_text())["pid"] == pid

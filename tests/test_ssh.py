@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from support.logs import LogWatcher
 from support.procs import stop_process
 from support.shells import plain, run

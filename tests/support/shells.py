@@ -17,3 +17,8 @@ def run(ip, cell: str):
 def plain(text: str) -> str:
     """``text`` without ANSI colour codes."""
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def notes(cap) -> list[str]:
+    """What jupyter-gpu said about the cell, from its cost line (or its one notes line)."""
+    return [n for o in cap.outputs for n in ((o.metadata or {}).get("jupyter_gpu") or {}).get("notes", [])]

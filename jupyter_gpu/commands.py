@@ -1,0 +1,128 @@
+"""``%gpu SUBCOMMAND``: this notebook's remote session from a line magic: status,
+release, pull, push, cost, volumes, connect. A mixin of ``GPUMagics``, whose client,
+session and remote namespace these use."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from jupyter_gpu import output
+from jupyter_gpu.output import Relay
+from kernel_worker import protocol as P
+from kernel_worker import serialize
+
+
+class GPUCellError(Exception):
+    """The cell could not be sent or served; shown as a short message, not a traceback."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
+
+def names_in(text: str) -> list[str]:
+    return [n for n in (p.strip() for p in text.replace(",", " ").split()) if n]
+
+
+class Commands:
+    """The ``%gpu`` subcommands (see ``GPUMagics.gpu_line``)."""
+
+    session_id: str
+    shell: Any
+    remote: Any
+    client: Any
+
+    def _request(self, msg: P.Message, on_message: Any = None) -> P.Message:
+        raise NotImplementedError
+
+    def _bulk_dir(self) -> str | None:
+        raise NotImplementedError
+
+    def _status(self, _: str) -> None:
+        print(
+            output.format_status(self._request(P.Message(P.Msg.STATUS, {}, self.session_id)).content, self.session_id)
+        )
+
+    def _release(self, _: str) -> None:
+        released = self._request(P.Message(P.Msg.RELEASE, {}, self.session_id)).content.get("released")
+        self.remote.reset()
+        self._had_worker = False  # released on purpose: the next start is no surprise
+        self._worker_image = None
+        print("released: worker stopped, GPUs returned" if released else "nothing to release")
+
+    def _pull(self, rest: str) -> None:
+        names = names_in(rest)
+        if not names:
+            raise GPUCellError("usage: %gpu pull NAME[,NAME...]")
+        directory = self._bulk_dir()
+        msg = P.Message(P.Msg.PULL, {"names": names, "bulk_ok": directory is not None}, self.session_id)
+        relay = Relay()
+        reply = self._request(msg, relay)
+        if relay.error is not None:
+            raise relay.error
+        values = serialize.receive_values(reply.content, reply.buffers, directory or "")
+        self.shell.user_ns.update(values)
+        for name in values:
+            self.remote.pulled(name, self.shell.user_ns)
+
+    def _push(self, rest: str) -> None:
+        names = names_in(rest)
+        missing = [n for n in names if n not in self.shell.user_ns]
+        if not names or missing:
+            raise GPUCellError(f"usage: %gpu push NAME[,NAME...]; not defined here: {', '.join(missing)}")
+        try:
+            specs, frames, prints, _ = self.remote.to_ship(names, self.shell.user_ns, force=True)
+        except serialize.SerializationError as e:
+            raise GPUCellError(str(e)) from None
+        # No "gpu": the session keeps what it has (or gets the default if it has no worker).
+        msg = P.Message(P.Msg.EXECUTE, {"code": "", "values": specs}, self.session_id, buffers=frames)
+        relay = Relay()
+
+        def on_message(m: P.Message) -> None:
+            if m.type == P.Msg.STARTED:
+                self._worker_image = None  # a worker started for a push has the default image
+            elif m.type not in (P.Msg.QUEUED, P.Msg.PROGRESS):
+                relay(m)
+
+        reply = self._request(msg, on_message)
+        if relay.error is not None:
+            raise relay.error
+        if reply.content.get("loaded"):
+            self.remote.shipped_ok(prints)
+
+    def _cost(self, _: str) -> None:
+        print(output.format_cost(self._request(P.Message(P.Msg.COST, {}, self.session_id)).content))
+
+    def _connect(self, rest: str) -> None:
+        parts = rest.split()
+        if not parts:
+            raise GPUCellError("usage: %gpu connect ssh://user@host[:port] | local")
+        opts = {
+            "--key": "ssh_key_file",
+            "--known-hosts": "ssh_known_hosts",
+            "--connection-file": "ssh_remote_connection_file",
+            "--server-key": "server_key",
+            "--client-key": "client_key",
+        }
+        self.ssh_accept_new_host = "--accept-new-host" in parts
+        args = [p for p in parts if p != "--accept-new-host"]
+        for flag, trait in opts.items():
+            if flag in args:
+                i = args.index(flag)
+                setattr(self, trait, os.path.expanduser(args[i + 1]))
+                del args[i : i + 2]
+        self._drop_client()
+        self.remote.reset()
+        self._had_worker = False
+        self._worker_image = None
+        self.daemon_url = "" if args[0] == "local" else args[0]
+        info = self.client.call(P.Msg.HELLO)
+        gpus = ", ".join(sorted({g["model"] for g in info["gpus"]})) or "no GPUs"
+        where = self.daemon_url or "the local daemon"
+        print(f"connected to {where}: {info['backend']} backend, {gpus}, cpu")
+
+    def _volumes(self, rest: str) -> None:
+        op, _, name = (rest or "ls").partition(" ")
+        content = {"op": op, "name": name.strip()}
+        answer = self._request(P.Message(P.Msg.VOLUMES, content, self.session_id)).content
+        print(answer.get("note") or output.format_volumes(op, answer["result"]))
