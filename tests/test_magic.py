@@ -275,4 +275,8 @@ def test_a_queued_cells_waiting_line_becomes_its_cost_line(daemon_factory, make_
     waiting, last = cap.outputs[0], cap.outputs[-1]
     assert waiting.data["text/plain"] == "[jupyter-gpu] waiting for H100: 1st in queue"
     assert last.update and last.data["text/plain"].startswith("⏱ H100 ×1 (simulated) · ")  # the same line, updated
-    assert re.fullmatch(r"waited \d+\.\d s in the queue", notes(cap)[0]) and len(cap.outputs) == 2
+    assert len(cap.outputs) == 2  # nothing else from the extension
+    said = notes(cap)  # a wait of under 0.05 s is not worth a note, so it may be absent
+    assert re.fullmatch(r"cold start \d+\.\d\d s", said[-1]) and all(
+        re.fullmatch(r"waited \d+\.\d s in the queue", n) for n in said[:-1]
+    ), said
