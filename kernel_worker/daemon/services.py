@@ -96,12 +96,14 @@ class Services:
             holder = d.scheduler.holder.get(g.uuid)
             warm = holder is not None and holder.startswith(WARM_PREFIX)
             s = live.get(holder or "")
+            leaving = holder is not None and s is None and not warm  # its worker is being stopped
             util, used = inventory.read(g, busy=s is not None and s.state == "busy")
             gpus.append(
                 {
                     **g.to_json(),
-                    "session": None if warm or (s and not everyone and s.user != user) else holder,
-                    "user": s.user if s else None,
+                    "session": None if warm or leaving or (s and not everyone and s.user != user) else holder,
+                    "user": s.user if s else d.sessions.owners.get(holder) if leaving else None,
+                    "releasing": leaving,
                     "warm": warm,
                     "util": util,
                     "memory_used_bytes": used,

@@ -277,7 +277,7 @@ class Sessions:
 
     async def _start_failed(self, s: Session, ident: bytes, msg: P.Message, e: BaseException) -> None:
         self.forget(s)
-        await self.d.workers.stop(s)
+        await self.stop(s)
         if isinstance(e, Refused):
             code, text = e.code, e.text
         elif isinstance(e, asyncio.CancelledError):
@@ -291,13 +291,20 @@ class Sessions:
     # ------------------------------------------------------------------ end
 
     def forget(self, s: Session) -> None:
-        """Take ``s`` out of every table and give its GPUs back to the scheduler."""
+        """Take ``s`` out of every table. Its GPUs stay held until its worker has exited
+        (``stop``): the next session must not get a GPU a live process still uses."""
         if self.live.get(s.id) is s:
             del self.live[s.id]
         self.d.pool.discard(s)
         s.releasing = True
-        self.d.scheduler.release(s.gpus)
-        s.gpus = []
+
+    async def stop(self, s: Session) -> None:
+        """Stop a forgotten session's worker, then give its GPUs to whoever waits for them."""
+        try:
+            await self.d.workers.stop(s)
+        finally:
+            self.d.scheduler.release(s.gpus)
+            s.gpus = []
 
     async def release(self, s: Session, why: str, code: str = P.Err.RELEASED) -> None:
         """Stop the worker and return its GPUs; a request in flight gets a FAIL saying why."""
@@ -329,7 +336,7 @@ class Sessions:
         return current
 
     async def _stop(self, s: Session, current: P.Message | None, why: str, code: str) -> None:
-        await self.d.workers.stop(s)
+        await self.stop(s)
         if current is not None:
             self.d.front.fail(s.client, current, code, f"session {s.id} ended: {why}")
         self.log.info("session %s released: %s", s.id, why)
