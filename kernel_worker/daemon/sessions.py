@@ -41,7 +41,7 @@ class Sessions:
         self.live: dict[str, Session] = {}  # by session id (the notebook's)
         self.owners: dict[str, str] = {}  # session id -> the user who made it, kept after release
         self.ended: dict[str, str] = {}  # session id -> why its worker went away
-        self._stopping: dict[str, asyncio.Task] = {}  # session id -> its released worker's removal
+        self._removing: dict[str, asyncio.Future] = {}  # session id -> done once its old worker is gone
 
     def add(self, s: Session) -> None:
         self.live[s.id] = s
@@ -188,9 +188,12 @@ class Sessions:
     async def _start_then_begin(self, old: Session | None, s: Session, ident: bytes, msg: P.Message) -> None:
         if old is not None:
             await self.release(old, f"moved from {old.request.text} to {s.request.text}")
-        stopping = self._stopping.get(s.id)
-        if stopping is not None:  # the session's previous worker is still being removed
-            await asyncio.shield(stopping)
+        removing = self._removing.get(s.id)
+        if removing is not None:  # the previous worker of this id (same socket, same directories) is going
+            try:
+                await asyncio.wait_for(asyncio.shield(removing), self.d.worker_start_timeout)
+            except asyncio.TimeoutError:
+                self.log.warning("the previous worker of session %s is still being removed; starting anyway", s.id)
         if await self._start(s, ident, msg):
             self.begin(s, ident, msg)
 
@@ -291,20 +294,27 @@ class Sessions:
     # ------------------------------------------------------------------ end
 
     def forget(self, s: Session) -> None:
-        """Take ``s`` out of every table. Its GPUs stay held until its worker has exited
-        (``stop``): the next session must not get a GPU a live process still uses."""
+        """Take ``s`` out of every table; ``stop`` follows. Until it is done, a new session of
+        this id waits (its worker's socket and directories have the same names) and the GPUs
+        stay held (the next session must not get a GPU a live process still uses)."""
+        if s.releasing:
+            return  # a release and a failed start may both get here
         if self.live.get(s.id) is s:
             del self.live[s.id]
         self.d.pool.discard(s)
         s.releasing = True
+        self._removing[s.id] = asyncio.get_running_loop().create_future()
 
     async def stop(self, s: Session) -> None:
-        """Stop a forgotten session's worker, then give its GPUs to whoever waits for them."""
+        """Stop a forgotten session's worker, then give its GPUs and its id back."""
         try:
             await self.d.workers.stop(s)
         finally:
             self.d.scheduler.release(s.gpus)
             s.gpus = []
+            gone = self._removing.pop(s.id, None)
+            if gone is not None and not gone.done():
+                gone.set_result(None)
 
     async def release(self, s: Session, why: str, code: str = P.Err.RELEASED) -> None:
         """Stop the worker and return its GPUs; a request in flight gets a FAIL saying why."""
@@ -315,14 +325,10 @@ class Sessions:
     def release_now(self, s: Session, why: str, code: str = P.Err.RELEASED) -> asyncio.Task | None:
         """``release``, with the session out of every table before this returns (the
         notebook's next request, however soon, starts a new one) and its worker removed by
-        the task returned. A new session of the same id waits for that removal: the
-        worker's socket and directories have the same names."""
+        the task returned."""
         if s.releasing:
             return None
-        task = self.d.spawn(self._stop(s, self._retire(s, why), why, code))
-        self._stopping[s.id] = task
-        task.add_done_callback(lambda t: self._stopping.pop(s.id, None) if self._stopping.get(s.id) is t else None)
-        return task
+        return self.d.spawn(self._stop(s, self._retire(s, why), why, code))
 
     def _retire(self, s: Session, why: str) -> P.Message | None:
         self.log.info("session %s ending: %s", s.id, why)
