@@ -221,12 +221,6 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
             raise GPUCellError("the worker lost this notebook's values again while they were being sent; nothing ran")
         done = reply.content
         status.finish(done.get("cost"), failed=relay.error is not None)
-        if done.get("exit"):
-            self.remote.reset()
-            self._note(
-                "the cell called exit() or raised SystemExit: its worker ended and the session was released, as "
-                "a kernel restart would; the next %%gpu cell starts a fresh worker"
-            )
         if done.get("loaded"):
             self.remote.shipped_ok(prints)
         self.remote.after_cell(done.get("bound", []), done.get("deleted", []), user_ns)
@@ -235,6 +229,12 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
             user_ns.update(values)
             for name in values:
                 self.remote.pulled(name, user_ns)
+        if done.get("exit"):  # after the bookkeeping above: what the worker held, it no longer does
+            self.remote.reset()
+            self._note(
+                "the cell called exit() or raised SystemExit: its worker ended and the session was released, as "
+                "a kernel restart would; the next %%gpu cell starts a fresh worker"
+            )
         if not started and (self._worker_image or (None, ""))[0] != image:
             self._kept_image_note(image)
         if self.show_cost and done.get("cost"):
