@@ -89,8 +89,9 @@ def _daemon_pid(url: str, key: bytes, timeout: float) -> tuple[int | None, str]:
     import zmq
 
     from jupyter_gpu.client import DaemonClient, DaemonError
+    from jupyter_gpu.connect import nothing_listens
 
-    if url.startswith("ipc://") and not os.path.exists(url[len("ipc://") :]):
+    if nothing_listens(url):
         return None, f"nothing listens at {url}"
     try:
         client = DaemonClient(url, key, heartbeat_interval=timeout, heartbeat_timeout=timeout)

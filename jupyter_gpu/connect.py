@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import select
 import subprocess
 import sys
@@ -217,6 +216,11 @@ def start_embedded(
         return read_connection_file(path)
 
 
+def nothing_listens(url: str) -> bool:
+    """An ipc url whose socket file is gone: nothing can answer there, so say so at once."""
+    return url.startswith("ipc://") and not os.path.exists(url[len("ipc://") :])
+
+
 def _not_running(path: str) -> str:
     """Why the daemon a connection file names is plainly not there, or "". Only for a
     daemon on this host (an ipc socket, a loopback port): its socket file and its pid say
@@ -224,9 +228,9 @@ def _not_running(path: str) -> str:
     with open(path) as f:
         info = json.load(f)
     url, pid = str(info.get("url", "")), info.get("pid")
-    if not (url.startswith("ipc://") or re.match(r"^tcp://(127\.0\.0\.1|localhost|\[::1\]):", url)):
+    if not P.on_this_host(url):
         return ""
-    if url.startswith("ipc://") and not os.path.exists(url[len("ipc://") :]):
+    if nothing_listens(url):
         return f"nothing listens at {url}"
     if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
         try:

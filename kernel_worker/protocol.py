@@ -135,6 +135,21 @@ class Err:
     VOLUME = "volume"
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+_TCP_RE = re.compile(r"^tcp://(\[[^\]]+\]|[^:/\[\]]+):(\d+|\*)$")
+
+
+def tcp_host(url: str) -> str:
+    """The host of a ``tcp://HOST:PORT`` url ("" for anything else)."""
+    m = _TCP_RE.match(url)
+    return m.group(1) if m else ""
+
+
+def on_this_host(url: str) -> bool:
+    """An ipc socket or a loopback port: reachable from this machine alone."""
+    return url.startswith("ipc://") or tcp_host(url) in LOOPBACK_HOSTS
+
+
 class Env:
     """Environment variables through which a backend tells an executor who it is and where
     its daemon listens: the daemon-to-executor half of the protocol, before any message."""

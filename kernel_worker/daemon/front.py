@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -185,8 +184,7 @@ class Front:
 def check_bindable(url: str, curve: bool = False) -> None:
     """Only ipc and loopback tcp: anything reachable from other machines needs CurveZMQ
     encryption and per-user keys."""
-    m = re.match(r"^tcp://([^:]+):(\d+|\*)$", url)
-    if url.startswith("ipc://") or (m and (curve or m.group(1) in ("127.0.0.1", "localhost", "[::1]"))):
+    if P.on_this_host(url) or (curve and P.tcp_host(url)):
         return
     raise StartRefused(
         f"refusing to listen on {url}: only ipc:// and tcp://127.0.0.1 are allowed without CurveZMQ; "
