@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.daemons import start_daemon
+from support.daemons import printed, start_daemon
 from support.wire import RawPeer, header
 
 from jupyter_gpu.client import DaemonClient, DaemonError
@@ -21,13 +21,6 @@ from kernel_worker.daemon.paths import default_state_dir
 
 def _execute(client: DaemonClient, session: str, code: str, **content) -> P.Message:
     return client.request(P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": code, **content}, session), timeout=60)
-
-
-def _out(client: DaemonClient, session: str, code: str) -> str:
-    seen: list[P.Message] = []
-    done = client.request(P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": code}, session), seen.append, timeout=60)
-    assert done.content["ok"], seen
-    return "".join(m.content["text"] for m in seen if m.type == P.Msg.STREAM)
 
 
 def _fails(call, code: str, *words: str) -> str:
@@ -52,7 +45,7 @@ def test_a_session_id_that_is_not_a_plain_name_is_refused_and_nothing_is_removed
         text = _fails(lambda: keeper.request(msg, timeout=30), P.Err.BAD_MESSAGE, "is not allowed")
         assert "letters, digits, '_' or '-', starting with a letter or digit" in text
     assert (state / "daemon.key").is_file() and (state / "ledger.jsonl").is_file()
-    assert _out(keeper, "keeper", "print(kept + 1)") == "2\n"
+    assert printed(keeper, "keeper", "print(kept + 1)") == "2\n"
 
 
 @pytest.mark.parametrize("backend_args", [[]], indirect=False)
@@ -66,7 +59,7 @@ def test_a_symlink_where_a_session_directory_goes_is_never_followed(daemon, tmp_
     _fails(lambda: _execute(client, "planted", "1"), P.Err.WORKER_START, "leads outside")
     client.request(P.Message(P.Msg.RELEASE, {}, "planted"), timeout=30)
     assert (victim / "precious").read_text() == "keep me"
-    assert _out(client, "other", "print('fine')") == "fine\n"
+    assert printed(client, "other", "print('fine')") == "fine\n"
 
 
 # ----------------------------------------------------------------------------- 2. process backend, several users
@@ -106,7 +99,7 @@ def test_a_worker_never_sees_the_daemons_environment(daemon_factory, monkeypatch
     d = daemon_factory()
     client = d.client()
     code = "import os\nprint(os.environ.get('JGPU_TEST_SECRET'), 'PATH' in os.environ)"
-    assert _out(client, "env", code) == "None True\n"
+    assert printed(client, "env", code) == "None True\n"
 
 
 def test_a_worker_sees_its_own_socket_and_no_record_key_or_ledger(daemon):
@@ -119,8 +112,8 @@ def test_a_worker_sees_its_own_socket_and_no_record_key_or_ledger(daemon):
     )
     # The record lives outside anything a worker is given; a container never has the state dir.
     docker = client.call(P.Msg.HELLO)["backend"] == "docker"
-    assert _out(client, "nosy", code) == f"['worker.sock'] {not docker}\n"
-    assert _out(client, "other", "print('fine')") == "fine\n"
+    assert printed(client, "nosy", code) == f"['worker.sock'] {not docker}\n"
+    assert printed(client, "other", "print('fine')") == "fine\n"
 
 
 # ----------------------------------------------------------------------------- 3. and 11. directories
@@ -167,7 +160,7 @@ def test_the_socket_directory_is_private_and_the_socket_is_the_users_alone(tmp_p
     try:
         assert stat.S_IMODE(where.stat().st_mode) == 0o700
         assert stat.S_IMODE((where / "daemon.sock").stat().st_mode) == 0o600
-        assert _out(d.client(), "ok", "print('ok')") == "ok\n"
+        assert printed(d.client(), "ok", "print('ok')") == "ok\n"
     finally:
         d.stop()
 
@@ -196,7 +189,7 @@ def test_deeply_nested_headers_get_an_error_reply_and_never_stall_the_daemon(dae
         assert reply.parent == "deep" and reply.content["message"] == "header nests deeper than 32 levels"
         for _ in range(20):
             assert keeper.call(P.Msg.PING, timeout=5) == {}
-        assert _out(keeper, "keeper", "print(kept)") == "1\n"
+        assert printed(keeper, "keeper", "print(kept)") == "1\n"
     finally:
         peer.close()
 
@@ -211,7 +204,7 @@ def _peak_rss(pid: int) -> int:
 def test_one_huge_unsigned_frame_is_cut_off_before_it_is_buffered(daemon_factory):
     d = daemon_factory(f"--WorkerDaemon.max_message_bytes={1024**2}")
     keeper = d.client()
-    assert _out(keeper, "keeper", "print('before')") == "before\n"
+    assert printed(keeper, "keeper", "print('before')") == "before\n"
     before = _peak_rss(d.proc.pid)
     peer = RawPeer(d.url, d.key)
     try:
@@ -220,7 +213,7 @@ def test_one_huge_unsigned_frame_is_cut_off_before_it_is_buffered(daemon_factory
         # A merely oversized request still gets its reply, on a connection of its own.
         big = P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": ""}, "s", buffers=[b"x" * (2 * 1024**2)])
         _fails(lambda: d.client().request(big, timeout=30), P.Err.TOO_LARGE, "this daemon accepts at most 1048576")
-        assert _out(keeper, "keeper", "print('after')") == "after\n"
+        assert printed(keeper, "keeper", "print('after')") == "after\n"
         assert _peak_rss(d.proc.pid) - before < 64 * 1024**2
     finally:
         peer.close()
@@ -256,7 +249,7 @@ def test_sessions_and_queue_places_per_user_are_bounded_by_default(daemon_factor
         assert _execute(client, f"cpu{i}", "1").content["ok"]
     # holder + 4 queued + 3 cpu = 8 sessions: the default limit
     _fails(lambda: _execute(client, "one-too-many", "1"), P.Err.UNAVAILABLE, "max_sessions_per_user=8")
-    assert _out(client, "cpu0", "print('still served')") == "still served\n"
+    assert printed(client, "cpu0", "print('still served')") == "still served\n"
 
 
 def test_the_notebook_name_is_bounded_in_status_and_ledger(daemon_factory):
@@ -293,4 +286,4 @@ def test_others_queue_places_show_whose_but_not_their_session_ids(daemon_factory
     assert _next(bob).type == P.Msg.QUEUED
     assert alice.call(P.Msg.STATUS)["queue"] == [{"session": None, "request": "H100", "user": "bob"}]
     assert bob.call(P.Msg.STATUS)["queue"] == [{"session": "bob-secret-session", "request": "H100", "user": "bob"}]
-    assert _out(alice, "alice-nb", "print('served')") == "served\n"
+    assert printed(alice, "alice-nb", "print('served')") == "served\n"

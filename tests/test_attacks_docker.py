@@ -10,7 +10,7 @@ import docker
 import pytest
 from support import dockerd
 from support.curve import curve_users
-from support.daemons import Daemon, docker_args
+from support.daemons import Daemon, docker_args, printed
 
 from jupyter_gpu.client import DaemonClient, DaemonError
 from kernel_worker import protocol as P
@@ -45,15 +45,6 @@ def curve_daemon(engine, daemon_factory, tmp_path, names: tuple[str, ...], *extr
         )
     )
     return d, {name: d.client(curve=(server_pub, *users[name])) for name in names}
-
-
-def execute(client: DaemonClient, session: str, code: str, **content) -> str:
-    """Run ``code`` in ``session``; what it printed. Fails the test if the cell failed."""
-    seen: list[P.Message] = []
-    msg = P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": code, **content}, session)
-    done = client.request(msg, seen.append, timeout=TIMEOUT)
-    assert done.content["ok"], seen
-    return "".join(m.content["text"] for m in seen if m.type == P.Msg.STREAM)
 
 
 def refused(call, code: str) -> str:
@@ -128,7 +119,7 @@ def test_volume_names_of_two_users_never_meet_and_labels_say_whose_a_volume_is(
         legacy.name,
         "planted",
     ]
-    assert execute(alice, "a0", "print('alice is served')") == "alice is served\n"
+    assert printed(alice, "a0", "print('alice is served')") == "alice is served\n"
     # Alice cannot reach it either under a name with '-' in it: no name has one any more.
     assert start_refused(alice, "a1", volumes=["bob-data:/data"]) == "could not start a worker: " + bad_name(
         "mount", "'bob-data'"
@@ -138,12 +129,12 @@ def test_volume_names_of_two_users_never_meet_and_labels_say_whose_a_volume_is(
 
     # Once the operator has dealt with the old volume, the names are alice-bob's and alice's own.
     legacy.remove()
-    assert execute(ab, "ab1", "open('/data/f', 'w').write('ab'); print('saved')", volumes=["data:/data"]) == "saved\n"
-    out = execute(alice, "a1", "import os; print(os.listdir('/data'))", volumes=["data:/data"])
+    assert printed(ab, "ab1", "open('/data/f', 'w').write('ab'); print('saved')", volumes=["data:/data"]) == "saved\n"
+    out = printed(alice, "a1", "import os; print(os.listdir('/data'))", volumes=["data:/data"])
     assert out == "[]\n"  # alice's own, empty "data"
     assert [(v["name"], v["docker_name"]) for v in volumes(ab, "ls")] == [("data", "jupyter-gpu-alice-bob-data")]
     assert [(v["name"], v["docker_name"]) for v in volumes(alice, "ls")] == [("data", "jupyter-gpu-alice-data")]
-    assert execute(ab, "ab1", "print(open('/data/f').read())") == "ab\n"  # the daemon kept serving
+    assert printed(ab, "ab1", "print(open('/data/f').read())") == "ab\n"  # the daemon kept serving
 
 
 # ----------------------------------------------------------------------------- 5. names and paths that walk
@@ -167,7 +158,7 @@ def test_a_volume_name_with_a_path_in_it_never_reaches_another_users_volume(
 ):
     d, c = curve_daemon(engine, daemon_factory, tmp_path, ("alice", "bob"))
     alice, bob = c["alice"], c["bob"]
-    assert execute(bob, "b1", "open('/data/f', 'w').write('bobs'); print('saved')", volumes=["data:/data"]) == "saved\n"
+    assert printed(bob, "b1", "open('/data/f', 'w').write('bobs'); print('saved')", volumes=["data:/data"]) == "saved\n"
     release(bob, "b1")
     for name, shown in BAD_NAMES:
         for op, action in (("rm", "remove"), ("create", "create")):
@@ -181,7 +172,7 @@ def test_a_volume_name_with_a_path_in_it_never_reaches_another_users_volume(
     assert [v.name for v in engine.client.volumes.list() if v.name == "jupyter-gpu-bob-data"] == [
         "jupyter-gpu-bob-data"
     ]
-    assert execute(bob, "b2", "print(open('/data/f').read())", volumes=["data:/data:ro"]) == "bobs\n"
+    assert printed(bob, "b2", "print(open('/data/f').read())", volumes=["data:/data:ro"]) == "bobs\n"
 
 
 BAD_TARGETS = [
@@ -241,7 +232,7 @@ def test_a_mount_target_over_the_workers_own_mounts_or_outside_the_rules_is_refu
     # Nothing was made or started for any of them; the same volume at a plain path works.
     assert {v.name for v in engine.client.volumes.list()} == before
     assert session_containers(engine) == []
-    assert execute(client, "fine", "print(open('/mnt/data/x', 'w').write('ok'))", volumes=["data:/mnt/data/"]) == "2\n"
+    assert printed(client, "fine", "print(open('/mnt/data/x', 'w').write('ok'))", volumes=["data:/mnt/data/"]) == "2\n"
 
 
 # ----------------------------------------------------------------------------- 13. privileges and images
@@ -252,7 +243,7 @@ STATUS = "print(open('/proc/self/status').read()); import os; print('ids', os.ge
 def test_cells_run_without_capabilities_or_new_privileges_and_only_allowed_images(volumes_made, engine, daemon_factory):
     d = daemon_factory(*docker_args(engine, f"--DockerBackend.allowed_images={dockerd.IMAGE_OLDPICKLE}"))
     client = d.client()
-    out = execute(client, "s1", STATUS)
+    out = printed(client, "s1", STATUS)
     assert "CapEff:\t0000000000000000\n" in out and "CapBnd:\t0000000000000000\n" in out
     assert "NoNewPrivs:\t1\n" in out
     assert f"ids {os.getuid()} {os.getgid()}\n" in out  # the daemon's own uid: it owns the shared directories
@@ -268,8 +259,8 @@ def test_cells_run_without_capabilities_or_new_privileges_and_only_allowed_image
         "pytorch-cuda:2.4 or registry.example:5000/team/image:tag"
     )
     # The default image needs no listing; the daemon kept serving the first session.
-    assert "ok\n" == execute(client, "s3", "print('ok')", image=dockerd.IMAGE)
-    assert execute(client, "s1", "print('still here')") == "still here\n"
+    assert "ok\n" == printed(client, "s3", "print('ok')", image=dockerd.IMAGE)
+    assert printed(client, "s1", "print('still here')") == "still here\n"
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="a daemon can give its workers' directories to another uid only as root")
@@ -278,13 +269,13 @@ def test_cells_as_another_uid_get_their_directories_and_volumes_but_no_capabilit
 ):
     d = daemon_factory(*docker_args(engine, "--DockerBackend.user=65534:65534", "--DockerBackend.cap_add=SYS_PTRACE"))
     client = d.client()
-    out = execute(client, "nobody", STATUS + "\nopen('/data/f', 'w').write('x')", volumes=["data:/data"])
+    out = printed(client, "nobody", STATUS + "\nopen('/data/f', 'w').write('x')", volumes=["data:/data"])
     assert "ids 65534 65534\n" in out
     # SYS_PTRACE is in the bounding set, yet a non-root cell holds no capability at all.
     assert "CapEff:\t0000000000000000\n" in out and "CapBnd:\t0000000000080000\n" in out
     assert "NoNewPrivs:\t1\n" in out
-    assert execute(client, "nobody", "import os; print(os.stat('/data/f').st_uid)") == "65534\n"
-    assert execute(client, "other", "print('fine')") == "fine\n"
+    assert printed(client, "nobody", "import os; print(os.stat('/data/f').st_uid)") == "65534\n"
+    assert printed(client, "other", "print('fine')") == "fine\n"
 
 
 @pytest.mark.parametrize(
@@ -296,15 +287,13 @@ def test_cells_as_another_uid_get_their_directories_and_volumes_but_no_capabilit
 )
 def test_a_tampered_record_is_not_adopted(engine, daemon_factory, tamper, why):
     import json
-    import signal
 
     args = docker_args(engine, "--simulate-gpus=H100:1,A100-80GB:2")
     d = daemon_factory(*args)
     client = d.client()
-    assert execute(client, "held", "print('x')", gpu="A100-80GB") == "x\n"
+    assert printed(client, "held", "print('x')", gpu="A100-80GB") == "x\n"
     every_gpu = [g["uuid"] for g in client.call(P.Msg.STATUS)["gpus"]]
-    d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait(10)
+    d.kill()
     record = os.path.join(default_state_dir(d.connection_file), "records", "held.json")
     with open(record) as f:
         tampered = tamper(json.load(f), every_gpu)
@@ -317,4 +306,4 @@ def test_a_tampered_record_is_not_adopted(engine, daemon_factory, tamper, why):
     assert [c for c in engine.client.containers.list(all=True) if c.labels.get(LABEL_SESSION) == "held"] == []
     other = d2.client()
     assert all(g["session"] is None for g in other.call(P.Msg.STATUS)["gpus"])
-    assert execute(other, "next", "print('fine')", gpu="H100") == "fine\n"
+    assert printed(other, "next", "print('fine')", gpu="H100") == "fine\n"

@@ -4,7 +4,6 @@ and by a cell, not after a heartbeat timeout and never as a traceback."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -18,8 +17,7 @@ def _killed(daemon_factory):
     """A real daemon killed with SIGKILL: its connection file and ipc socket stay behind."""
     d = daemon_factory()
     assert d.client().call("ping", timeout=10) == {}
-    d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait(10)
+    d.kill()
     return d
 
 

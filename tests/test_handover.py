@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import threading
 
+from support.daemons import printed
+
 from kernel_worker import protocol as P
-
-
-def _printed(client, session: str, code: str) -> str:
-    seen: list[P.Message] = []
-    msg = P.Message(P.Msg.EXECUTE, {"gpu": "H100", "code": code}, session)
-    done = client.request(msg, seen.append, timeout=60)
-    assert done.content["ok"], seen
-    return "".join(m.content["text"] for m in seen if m.type == P.Msg.STREAM)
 
 
 def test_a_released_gpu_goes_to_the_next_session_only_after_its_worker_exited(daemon_factory):
     d = daemon_factory("--simulate-gpus=H100:1", "--ProcessBackend.stop_grace=1")
     first, second = d.client(), d.client()
     # The first worker ignores SIGTERM: stopping it takes the whole grace period, then SIGKILL.
-    pid = int(
-        _printed(first, "first", "import os, signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid())")
-    )
+    code = "import os, signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid())"
+    pid = int(printed(first, "first", code, gpu="H100"))
     queued = threading.Event()
     got: dict = {}
 

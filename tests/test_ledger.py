@@ -26,8 +26,7 @@ def test_spend_counts_every_cell_across_sigkills_and_a_torn_ledger_line(daemon_f
     d = daemon_factory()
     ledger = Path(default_state_dir(d.connection_file)) / "ledger.jsonl"
     _cells(d.client(), "before-kill", 2)
-    d.proc.kill()
-    d.proc.wait(10)
+    d.kill()
     with open(ledger, "a") as f:
         f.write('{"kind": "cell", "at": 17')  # the daemon died in the middle of a record
 
@@ -36,8 +35,7 @@ def test_spend_counts_every_cell_across_sigkills_and_a_torn_ledger_line(daemon_f
     assert _counted(client) == 2  # the torn record is skipped, not fatal
     _cells(client, "after-kill", 1)
     assert _counted(client) == 3
-    d.proc.kill()
-    d.proc.wait(10)
+    d.kill()
 
     d = daemon_factory()
     assert _counted(d.client()) == 3  # the record written after the torn line was not glued onto it

@@ -4,8 +4,6 @@ second client on the session), a cell that reads a notebook variable gets its va
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 from support.shells import notes, plain, run
 
@@ -50,8 +48,7 @@ def test_a_variable_survives_a_daemon_killed_and_restarted(daemon_factory, make_
     ip = make_shell(d)
     _ok(ip, "a = 41")
     assert _ok(ip, READ_A) == "41\n"
-    d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait(10)
+    d.kill()
     daemon_factory()  # same connection file, key and socket: the notebook's client finds it
     assert _ok(ip, READ_A).endswith("41\n")
 

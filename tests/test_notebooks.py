@@ -16,7 +16,6 @@ import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 from support.paths import ROOT
-from support.shells import plain
 
 KERNEL_TIMEOUT = 120
 

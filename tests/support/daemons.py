@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jupyter_gpu.client import DaemonClient
+from kernel_worker import protocol as P
 
 from .logs import LogWatcher
 from .procs import START_TIMEOUT, stop_process
@@ -28,6 +29,11 @@ class Daemon:
         c = DaemonClient(self.url, self.key, **kw)
         self.clients.append(c)
         return c
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (nothing cleans up), and wait until it is gone."""
+        self.proc.kill()
+        self.proc.wait(10)
 
     def stop(self) -> None:
         for c in self.clients:
@@ -85,3 +91,13 @@ def docker_args(engine, *extra: str, notebook_libs: bool = True) -> list[str]:
             "--DockerBackend.extra_env=PYTHONPATH=/opt/notebook-site",
         ]
     return args + list(extra)
+
+
+def printed(client: DaemonClient, session: str, code: str, **content) -> str:
+    """Run ``code`` in ``session`` through a bare client (``gpu`` cpu unless given); what it
+    printed. Fails the test if the cell failed."""
+    seen: list[P.Message] = []
+    msg = P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": code, **content}, session)
+    done = client.request(msg, seen.append, timeout=60)
+    assert done.content["ok"], seen
+    return "".join(m.content["text"] for m in seen if m.type == P.Msg.STREAM)
