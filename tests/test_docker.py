@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -102,8 +101,7 @@ def test_sigkilled_daemon_restarts_and_adopts_its_container(engine, daemon_facto
     d = daemon_factory(*args)
     ip = make_shell(d)
     assert run(ip, "%%gpu H100\nx = 42")[0].success
-    d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait(10)
+    d.kill()
     d2 = daemon_factory(*args)
     d2.log.wait_for("adopted the running worker of session", timeout=20)
     status = d2.client().call(P.Msg.STATUS)
@@ -118,8 +116,7 @@ def test_restart_reaps_containers_it_cannot_adopt(engine, daemon_factory, make_s
     ip = make_shell(d)
     assert run(ip, "%%gpu H100\nx = 42")[0].success
     sid = session_of(ip)
-    d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait(10)
+    d.kill()
     # Lose the daemon's record of the session: the container can only be removed.
     os.unlink(os.path.join(default_state_dir(d.connection_file), "records", f"{sid}.json"))
     d2 = daemon_factory(*args)
@@ -199,3 +196,13 @@ def test_image_build_layers_in_what_the_executor_needs(engine, daemon_factory, m
 
     assert f"ok {cloudpickle.__version__}" in cap.stdout
     engine.client.images.remove("jupyter-gpu-test:rebuilt", force=True)
+
+
+def test_a_daemon_stopped_while_its_pool_starts_a_container_leaves_none(engine, daemon_factory):
+    d = daemon_factory(*docker_args(engine, "--WorkerDaemon.keep_warm={'cpu': 1}"))
+    d.log.wait_for(r"warm cpu worker ready", timeout=60)
+    msg = P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": "1"}, "takes-the-warm-one")
+    assert d.client().request(msg, timeout=60).content["ok"]
+    d.stop()  # taking the warm worker set the pool refilling: stop while that container is made
+    left = containers(engine)
+    assert left == [], [(c.labels, c.status) for c in left]

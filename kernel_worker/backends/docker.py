@@ -249,12 +249,13 @@ class DockerBackend(DockerVolumes, Backend):
             kw["memswap_limit"] = self.mem_limit  # no swap: over the limit is an OOM kill, not a crawl
         if self.cpu_limit:
             kw["nano_cpus"] = int(self.cpu_limit * 1e9)
+        name = f"jupyter-gpu-{spec.session[:24]}"
         try:
             obj = self.client.containers.run(
                 image,
                 [self.python, "-m", "kernel_worker.worker"],
                 detach=True,
-                name=f"jupyter-gpu-{spec.session[:24]}",
+                name=name,
                 labels={LABEL_DAEMON: self.daemon_id, LABEL_SESSION: spec.session, LABEL_USER: spec.user},
                 environment=env,
                 mounts=mounts,
@@ -271,6 +272,7 @@ class DockerBackend(DockerVolumes, Backend):
                 **kw,
             )
         except d.errors.APIError as e:
+            self._remove_unstarted(name)
             explanation = getattr(e, "explanation", None) or str(e)
             if "executable file not found" in explanation or "no such file" in explanation.lower():
                 raise RuntimeError(
@@ -279,6 +281,14 @@ class DockerBackend(DockerVolumes, Backend):
                 ) from None
             raise RuntimeError(f"docker could not start the worker container: {explanation}") from None
         return Container(obj, spec.log_path, self.mem_limit)
+
+    def _remove_unstarted(self, name: str) -> None:
+        """``containers.run`` creates, then starts: a start that failed leaves a created
+        container behind (its mounts gone, say, because the session was released meanwhile)."""
+        try:
+            self.client.containers.get(name).remove(force=True)
+        except self._docker.errors.NotFound:
+            pass
 
     @staticmethod
     def _hand_dirs_to(spec: WorkerSpec, uid: int, gid: int) -> None:

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -100,7 +100,10 @@ class Workers:
         spec = WorkerSpec(
             s.wid, s.gpus, env, self.session_dir(s.wid), self.bulk_dir(s.wid), self.log_path(s.wid), s.user, options
         )
-        s.handle = await self.d.backend_instance.start(spec)
+        s.handle = await self._started(spec)
+        if s.releasing:  # released while the backend was starting it: stop() found nothing to stop
+            await self.d.backend_instance.stop(s.handle)
+            raise RuntimeError(f"session {s.id} was released while its worker started")
         s.watcher = watcher = self.d.spawn(self.d.reaper.watch(s))
         done, _ = await asyncio.wait(
             {s.ready, watcher}, timeout=self.d.worker_start_timeout, return_when=asyncio.FIRST_COMPLETED
@@ -113,6 +116,22 @@ class Workers:
             )
         s.versions = s.ready.result().get("versions", {})
         s.last_heard = time.monotonic()
+
+    async def _started(self, spec: WorkerSpec) -> Any:
+        """The backend's start, which goes on if we are cancelled (a container being created
+        in a thread, say): then its worker is stopped once made, never left running unseen."""
+        backend = self.d.backend_instance
+        start = asyncio.ensure_future(backend.start(spec))
+        try:
+            return await asyncio.shield(start)
+        except asyncio.CancelledError:
+            try:
+                handle = await asyncio.wait_for(start, self.d.worker_start_timeout)
+            except Exception:  # it failed, or never finished: nothing of ours runs
+                self.log.info("a cancelled start of worker %s made nothing", spec.session)
+            else:
+                await backend.stop(handle)
+            raise
 
     async def stop(self, s: Session) -> None:
         """Stop ``s``'s worker for good and remove what it had on this host."""
