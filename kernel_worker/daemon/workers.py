@@ -67,8 +67,11 @@ class Workers:
     def log_path(self, wid: str) -> str:
         return paths.child(self.logs_root, f"{wid}.log")
 
+    def endpoint(self, wid: str) -> str:
+        return f"ipc://{os.path.join(self.session_dir(wid), SOCKET_NAME)}"
+
     def bind(self, wid: str) -> None:
-        self.sock.bind(f"ipc://{os.path.join(self.session_dir(wid), SOCKET_NAME)}")
+        self.sock.bind(self.endpoint(wid))
 
     def remove_dirs(self, wid: str, session: str = "") -> None:
         """A worker's directories, and the bulk files of the session it served."""
@@ -138,7 +141,7 @@ class Workers:
         if s.handle is not None:
             await self.d.backend_instance.stop(s.handle)
         try:
-            self.sock.unbind(f"ipc://{os.path.join(self.session_dir(s.wid), SOCKET_NAME)}")
+            self.sock.unbind(self.endpoint(s.wid))
         except zmq.ZMQError:
             pass  # never bound: the start failed before
         if self.by_wid.get(s.wid) is s:
