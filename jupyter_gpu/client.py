@@ -13,8 +13,13 @@ import time
 from typing import Callable
 
 import zmq
+import zmq.utils.monitor
 
 from kernel_worker import protocol as P
+from kernel_worker.journal import SEQ
+
+# Requests whose answer may take long: a ping during one asks whether it is still coming.
+TRACKED = frozenset({P.Msg.EXECUTE, P.Msg.PULL, P.Msg.ATTACH})
 
 
 class DaemonError(Exception):
@@ -42,6 +47,7 @@ class DaemonClient:
         """``curve``: (server public, client public, client secret) z85 keys for a daemon
         that uses CurveZMQ; ``key`` is then unused (the client's public key signs)."""
         self.url = url
+        self._made_with = (url, key, heartbeat_interval, heartbeat_timeout, curve)
         self.signer = P.Signer(curve[1] if curve else key)
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -52,10 +58,26 @@ class DaemonClient:
         self._curve = curve is not None
         if curve:
             self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = curve
+        # Connection events: a daemon back after a restart (or a tunnel after a drop) is
+        # asked about the request at once, not after a heartbeat interval of silence.
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self._broken = False  # the connection dropped since it was last made
+        self._reconnected = False
         self.sock.connect(url)
         self._bulk_root: str | None | bool = False  # False: not asked yet
+        self.incarnation = ""  # the daemon's, from its last pong
+
+    def twin(self) -> "DaemonClient":
+        """Another client to the same daemon (its own socket, for another thread)."""
+        url, key, interval, timeout, curve = self._made_with
+        return DaemonClient(url, key, interval, timeout, curve=curve)
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self._monitor.close(0)
         self.sock.close(0)
 
     def send(self, msg: P.Message) -> None:
@@ -72,14 +94,35 @@ class DaemonClient:
         )
 
     def _recv(self, timeout: float) -> P.Message | None:
-        if not self.sock.poll(timeout * 1000):
-            return None
-        frames = self.sock.recv_multipart(copy=False)
-        try:
-            _, rest = P.split_routing(frames)
-            return P.unpack(rest, self.signer)
-        except P.ProtocolError as e:
-            raise DaemonError(e.code, f"unreadable reply from the daemon at {self.url}: {e.text}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            events = dict(self._poller.poll(max(0.0, left) * 1000))
+            if self._monitor in events:
+                self._take_events()
+            if self.sock not in events:
+                if self._reconnected or left <= 0 or not events:
+                    return None
+                continue
+            frames = self.sock.recv_multipart(copy=False)
+            try:
+                _, rest = P.split_routing(frames)
+                return P.unpack(rest, self.signer)
+            except P.ProtocolError as e:
+                if e.code != P.Err.REPLAYED:
+                    raise DaemonError(e.code, f"unreadable reply from the daemon at {self.url}: {e.text}") from None
+                # Output the daemon sent again after a reconnect, already had: the guard's job done.
+
+    def _take_events(self) -> None:
+        while True:
+            try:
+                event = zmq.utils.monitor.parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._broken = True
+            elif self._broken:
+                self._broken, self._reconnected = False, True
 
     def request(
         self,
@@ -97,13 +140,22 @@ class DaemonClient:
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._last_heard = time.monotonic()
         self._ping: P.Message | None = None
+        self._seen = 0  # the last numbered output of this request we have (a replay resends some)
+        self._reconnected = False
         interrupted = False
         while True:
             try:
                 reply = self._next_reply(msg, timeout)
+                seq = reply.content.get(SEQ)
+                if isinstance(seq, int):
+                    if seq <= self._seen:
+                        continue
+                    self._seen = seq
                 if reply.type == P.Msg.FAIL:
                     raise DaemonError(reply.content.get("code", ""), reply.content.get("message", "request failed"))
                 if reply.type in P.FINAL_REPLIES:
+                    if reply.type == P.Msg.WELCOME:
+                        self.incarnation = str(reply.content.get("incarnation") or "")
                     return reply
                 if on_message is not None:
                     on_message(reply)
@@ -131,20 +183,43 @@ class DaemonClient:
             reply = self._recv(max(wait, 0.0))
             now = time.monotonic()
             if reply is None:
-                if self._ping is None:
-                    self._ping = P.Message(P.Msg.PING, {}, msg.session)
-                    self._ping_sent = now
-                    self.send(self._ping)
+                if self._ping is None or self._reconnected:
+                    self._send_ping(msg, now)
                 elif now - self._ping_sent >= self.heartbeat_timeout:
                     raise DaemonLost(P.Err.TIMEOUT, self._lost_text(now - self._last_heard))
                 continue
             self._last_heard = now
             if self._ping is not None and reply.parent == self._ping.id:
                 self._ping = None
+                self._pong(msg, reply.content)
                 continue
             if reply.parent == msg.id:
                 return reply
-            # else: late output of an earlier request
+            # else: late output of an earlier request, or the answer to an earlier ping
+
+    def _send_ping(self, msg: P.Message, now: float) -> None:
+        """Ask whether the daemon is there, and for a tracked request whether it is still
+        coming; the daemon sends what we missed of it first."""
+        self._reconnected = False
+        content = {"request": msg.id, "seen": self._seen} if msg.type in TRACKED else {}
+        self._ping = P.Message(P.Msg.PING, content, msg.session)
+        self._ping_sent = now
+        self.send(self._ping)
+
+    def _pong(self, msg: P.Message, content: dict) -> None:
+        """A request the daemon no longer knows will never be answered: say so now."""
+        incarnation = str(content.get("incarnation") or "")
+        restarted = bool(self.incarnation) and incarnation != self.incarnation
+        self.incarnation = incarnation or self.incarnation
+        if content.get("known") is False:
+            why = str(content.get("why") or "it does not know this request")
+            what = "restarted and" if restarted else "no longer knows this request and"
+            raise DaemonError(
+                P.Err.RESTARTED,
+                f"the jupyter-gpu daemon at {self.url} {what} will not answer this {msg.type}: {why[:200]}. "
+                "Output after this point is lost; the remote cell may or may not have finished. "
+                "Run it again (`%gpu status` shows the session)",
+            )
 
     def call(self, type: str, content: dict | None = None, session: str = "", timeout: float = 30.0) -> dict:
         """A simple request/reply (status, cost, release, hello); returns the reply content."""

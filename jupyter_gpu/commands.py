@@ -1,5 +1,5 @@
 """``%gpu SUBCOMMAND``: this notebook's remote session from a line magic: status,
-release, pull, push, cost, volumes, connect. A mixin of ``GPUMagics``, whose client,
+release, pull, push, cost, volumes, connect, attach. A mixin of ``GPUMagics``, whose client,
 session and remote namespace these use."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from jupyter_gpu import output
+from jupyter_gpu import notebook, output
 from jupyter_gpu.output import Relay
+from jupyter_gpu.status_line import StatusLine
 from kernel_worker import protocol as P
 from kernel_worker import serialize
 
@@ -126,3 +127,41 @@ class Commands:
         content = {"op": op, "name": name.strip()}
         answer = self._request(P.Message(P.Msg.VOLUMES, content, self.session_id)).content
         print(answer.get("note") or output.format_volumes(op, answer["result"]))
+
+    def _attach(self, rest: str) -> Any:
+        """Take over a session another kernel of ours left (killed, restarted, another
+        machine): the output of its running or last cell so far, then the rest live; from
+        then on this notebook's cells run there, with the worker's variables."""
+        target = rest.strip()
+        if not P.SESSION_RE.match(target):
+            raise GPUCellError(f"usage: %gpu attach [SESSION]; {target[:40]!r} is not a session id")
+        content = {"session": target, "notebook": self._notebook or notebook.display_name()}
+        relay = Relay()
+        status = StatusLine(self.status_line)
+
+        def on_message(m: P.Message) -> None:
+            if m.type == P.Msg.ATTACHED:
+                self.session_id = m.content["session"]
+                self.remote.reset()  # this kernel shipped nothing there: every value it sends is news
+                self._had_worker = True
+                self._keep_alive(self.session_id)
+                output.show_notes([output.attached_text(m.content)])
+            elif m.type == P.Msg.PROGRESS:
+                status.update(m.content)
+            else:
+                relay(m)
+
+        try:
+            reply = self._request(P.Message(P.Msg.ATTACH, content, self.session_id), on_message)
+        except BaseException:
+            status.finish(None, failed=True)
+            raise
+        done = reply.content
+        status.finish(done.get("cost"), failed=relay.error is not None)
+        if reply.type == P.Msg.DONE:
+            self.remote.after_cell(done.get("bound", []), done.get("deleted", []), self.shell.user_ns)
+            if self.show_cost and done.get("cost"):
+                output.show_cost(done["cost"])
+        if relay.error is not None:
+            raise relay.error
+        return relay.result

@@ -13,12 +13,13 @@ import cloudpickle
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Bool, Enum, Unicode
+from traitlets import Bool, Enum, Float, Unicode, observe
 
 from jupyter_gpu import connect, notebook
 from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
 from jupyter_gpu.closure import RemoteNamespace, names_read
 from jupyter_gpu.commands import Commands, GPUCellError, names_in
+from jupyter_gpu.keepalive import Keepalive
 from jupyter_gpu.notebook import IMAGE_FROM_METADATA, cell_image
 from jupyter_gpu.output import Relay, image_text, show_cost, show_note, show_notes
 from jupyter_gpu.status_line import MODES, StatusLine
@@ -49,6 +50,11 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
     release_on_exit = Bool(True, help="Release this kernel's session (and its GPUs) when the kernel exits.").tag(
         config=True
     )
+    keepalive_interval = Float(
+        10.0,
+        help="Seconds between the kernel's keepalive pings while it has a session; a kernel silent past the daemon's "
+        "client_timeout is taken for gone (its session is detached, then released after orphan_grace).",
+    ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kw: Any):
         Magics.__init__(self, shell=shell)
@@ -60,6 +66,8 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
         self._worker_image: tuple[str, str] | None = None  # (image, origin) the current worker started with
         self._notes: list[str] | None = None  # while a %%gpu cell runs: what to say in its cost line
         self._queue_note: Any = None  # while a %%gpu cell waits for GPUs: its queue line
+        self._keepalive = Keepalive(self.keepalive_interval)
+        self._kept: tuple = (None, "")  # (client, session) the keepalive follows
         atexit.register(self._at_exit)
 
     # ------------------------------------------------------------------ plumbing
@@ -67,12 +75,30 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
     @property
     def client(self) -> DaemonClient:
         try:
-            return self.connected()
+            fresh = self._client is None
+            client = self.connected()
         except (connect.TargetError, DaemonError) as e:
             raise GPUCellError(str(e)) from None
+        if fresh:  # exit handlers run last-in first-out: the release must go before the tunnel closes
+            atexit.unregister(self._at_exit)
+            atexit.register(self._at_exit)
+        return client
 
     def _drop_client(self) -> None:
         self.disconnect()
+        self._keep_alive("")
+
+    @observe("keepalive_interval")
+    def _new_interval(self, change: dict) -> None:
+        if hasattr(self, "_keepalive"):
+            self._keepalive.interval = change["new"]
+
+    def _keep_alive(self, session: str) -> None:
+        """Keepalive pings for ``session`` ("" for none) through the current client."""
+        wanted = (self._client if session else None, session)
+        if wanted != self._kept:
+            self._kept = wanted
+            self._keepalive.follow(*wanted)
 
     def _bulk_dir(self) -> str | None:
         """This session's directory for bulk buffers, when the daemon shares our host."""
@@ -166,6 +192,7 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
             "volumes": args.volume or chosen.get("volumes", []),
             "client_versions": CLIENT_VERSIONS,
             "notebook": self._notebook,
+            "keepalive": self.keepalive_interval,  # this kernel pings while it lives: a silence means it died
         }
         directory = self._bulk_dir()
         content["bulk_ok"] = directory is not None
@@ -174,6 +201,7 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
         relay = Relay()
         started = False
         status = StatusLine(self.status_line)
+        self._keep_alive(self.session_id)
 
         def on_message(m: P.Message) -> None:
             nonlocal started
@@ -299,6 +327,7 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
         %gpu pull a,b        copy worker variables into the notebook
         %gpu push a,b        send notebook variables to the worker
         %gpu cost            this session's cells and total spend
+        %gpu attach [SESSION]  take over a session a kernel left (its running cell's output, then live)
         %gpu volumes [ls | du | create NAME | rm NAME]   your volumes (docker backend)
         %gpu connect ssh://user@host[:port] [--key F] [--known-hosts F] [--accept-new-host]
         %gpu connect tcp://host:port --server-key KEY [--client-key PATH]   (CurveZMQ)
@@ -313,6 +342,7 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
             "cost": self._cost,
             "volumes": self._volumes,
             "connect": self._connect,
+            "attach": self._attach,
         }
         if cmd not in handlers:
             raise GPUCellError(f"unknown %gpu command {cmd!r}; use one of: {', '.join(handlers)}")

@@ -156,6 +156,18 @@ def show_notes(notes: list[str], handle: Any = None) -> None:
     _show_line(line_bundle(text, "jupyter-gpu-note"), {"notes": list(notes)}, handle)
 
 
+def attached_text(info: dict) -> str:
+    """What `%gpu attach` found: which session, on what, doing what."""
+    on = device_label(info)
+    running = info.get("cell_running_s")
+    if isinstance(running, (int, float)):
+        doing = f"a cell running for {running:.0f} s: its output so far, then live"
+    else:
+        doing = f"{info.get('state', 'idle')}: its last cell's output follows"
+    nb = f" of {info['notebook']}" if info.get("notebook") else ""
+    return f"attached to session {info.get('session')}{nb} ({on}), {doing}"
+
+
 def show_note(text: str) -> None:
     """A one-line status note from jupyter-gpu itself (queue place, cold start...)."""
     print(f"[jupyter-gpu] {text}", file=sys.stderr, flush=True)

@@ -44,6 +44,9 @@ class Ledger:
         self.cells: dict[str, list[dict]] = {}
         current = _load(path) if path else []
         self.history: list[dict] = (_load(path + ROTATED) if path else []) + current
+        for record in self.history:  # %gpu cost after a restart still counts the cells before it
+            if isinstance(record, dict) and isinstance(record.get("session"), str):
+                self.cells.setdefault(record["session"], []).append(record)
         self._in_current = len(current)  # records of history that are in the current file
         self._file: Any = None  # kept open: an open and close per cell cost the hot path
         self._size = 0  # bytes in the current file
@@ -87,8 +90,12 @@ class Ledger:
         """What holding ``s``'s devices for ``seconds`` costs."""
         return self.price(s) * seconds / 3600
 
-    def cell(self, s: Session) -> dict:
-        """Close the cell ``s`` is running and return its cost line's numbers."""
+    def cell(self, s: Session, request: str = "") -> dict:
+        """Close the cell ``s`` is running and return its cost line's numbers. A cell is
+        billed once: its DONE may come again from a worker that outlived a daemon restart."""
+        billed = [c for c in self.cells.get(s.id, [])[-1:] if request and c.get("request") == request]
+        if billed:
+            return billed[0]
         now = time.monotonic()
         wall = now - s.cell_started
         s.busy_s += wall
@@ -109,6 +116,7 @@ class Ledger:
             "session_usd": price * held / 3600,
             "session_idle_s": idle,
             "session_idle_usd": price * idle / 3600,
+            "request": request,
         }
         s.cells.append(cell)
         return self._keep(s, cell)

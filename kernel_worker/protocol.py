@@ -50,7 +50,8 @@ class Msg:
     COST = "cost"
     VOLUMES = "volumes"
     SPEND = "spend"
-    PING = "ping"
+    PING = "ping"  # also: "is request R still coming?" and, with keepalive, "this kernel is alive"
+    ATTACH = "attach"  # take over a session left by another kernel: its output so far, then live
     # daemon -> client
     WELCOME = "welcome"
     QUEUED = "queued"
@@ -59,6 +60,7 @@ class Msg:
     FAIL = "fail"
     PONG = "pong"
     PROGRESS = "progress"  # while a cell runs: elapsed, dollars so far, GPU readings
+    ATTACHED = "attached"  # an ATTACH found its session: what follows is that session's cell output
     # executor -> daemon -> client (the cell's output, in order)
     STREAM = "stream"
     DISPLAY = "display_data"
@@ -86,6 +88,7 @@ CLIENT_REQUESTS = frozenset(
         Msg.VOLUMES,
         Msg.SPEND,
         Msg.PING,
+        Msg.ATTACH,
     }
 )
 # Requests the daemon passes on to the session's executor.
@@ -133,6 +136,7 @@ class Err:
     RELEASED = "released"
     SHUTDOWN = "shutdown"
     VOLUME = "volume"
+    RESTARTED = "daemon_restarted"  # the daemon that was serving a request is gone, and so is the request
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -184,7 +188,7 @@ class Limits:
     max_message_bytes: int = 16 * 1024**3
 
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,128}$")
+ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,128}$")
 # Session ids name directories, sockets and containers on the daemon's host: one plain
 # path component that starts alphanumeric (never "." or ".."), or "" for requests that
 # name no session.
@@ -317,7 +321,7 @@ def unpack(
         raise ProtocolError(Err.BAD_MESSAGE, f"header nests deeper than {MAX_HEADER_DEPTH} levels") from None
     # The id is read before the signature is checked only to say which request an error answers.
     msg_id = h.get("id") if isinstance(h, dict) and isinstance(h.get("id"), str) else None
-    if msg_id is not None and not _ID_RE.match(msg_id):
+    if msg_id is not None and not ID_RE.match(msg_id):
         msg_id = None
     total = sum(sizes)
     if total > limits.max_message_bytes:
@@ -344,7 +348,7 @@ def unpack(
         if not isinstance(h.get(name), typ):
             raise ProtocolError(Err.BAD_MESSAGE, f"header field {name!r} must be a {typ.__name__}", msg_id)
     for name in ("id", "parent"):
-        if not _ID_RE.match(h[name]):
+        if not ID_RE.match(h[name]):
             raise ProtocolError(Err.BAD_MESSAGE, f"header field {name!r} has characters or length not allowed", msg_id)
     if not SESSION_RE.match(h["session"]):
         raise ProtocolError(

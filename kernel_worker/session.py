@@ -41,6 +41,11 @@ class Session:
     notebook: str = ""  # the notebook's path as its kernel knows it, for spend per notebook
     watcher: asyncio.Task | None = None
     wid: str = ""  # the worker's own id (socket, log, container): the session id, or a warm worker's
+    log: Any = None  # journal.Journal of the current (or last) cell's output, for whoever reconnects
+    answer: P.Message | None = None  # the request its output answers when not ``current`` (an ATTACH)
+    claim: tuple | None = None  # (client, request id, seen) of a ping that came before the adopted worker
+    client_seen: float = 0.0  # its kernel's last keepalive (0: it never sent one)
+    detached: bool = False  # its kernel stopped its keepalives
 
     def __post_init__(self) -> None:
         self.wid = self.wid or self.id

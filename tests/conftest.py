@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from support.daemons import Daemon, docker_args, start_daemon
 from support.logs import LogWatcher
+from support.orphans import stop_workers
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]  # a real Jupyter Server for the extension's tests
 
@@ -34,6 +35,8 @@ def daemon_factory(tmp_path, runtime_dir):
     yield make
     for d in started:
         d.stop()
+    for cf in {d.connection_file for d in started}:
+        stop_workers(cf)  # of a daemon a test killed and did not start again
 
 
 @pytest.fixture(scope="session")

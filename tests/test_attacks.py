@@ -188,7 +188,7 @@ def test_deeply_nested_headers_get_an_error_reply_and_never_stall_the_daemon(dae
         reply = peer.exchange([P.DELIM, peer.signer.sign(h), h])
         assert reply.parent == "deep" and reply.content["message"] == "header nests deeper than 32 levels"
         for _ in range(20):
-            assert keeper.call(P.Msg.PING, timeout=5) == {}
+            assert set(keeper.call(P.Msg.PING, timeout=5)) == {"incarnation"}
         assert printed(keeper, "keeper", "print(kept)") == "1\n"
     finally:
         peer.close()

@@ -95,6 +95,7 @@ class Backend(LoggingConfigurable):
     daemon_id = Unicode(
         "", help="Names this daemon's workers, so a restarted daemon finds its own (set by the daemon)."
     )
+    state_dir = Unicode("", help="The daemon's private state directory (set by the daemon).")
 
     async def find(self) -> list[tuple[str, Any]]:
         """Workers of this daemon that outlived it: (session id, handle). None by default."""

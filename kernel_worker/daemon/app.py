@@ -9,8 +9,9 @@ ZeroMQ frames they arrived in, never unpickled and never copied. Each job has a 
     sessions.py   a session's life: request, queue, start, cells, release
     reaper.py     idle release, silent or dead workers, --timeout, exit when idle
     records.py    session records on disk; adopting workers after a restart
+    attach.py     who follows a session's output: reconnects, keepalives, ATTACH
     pool.py       the warm pool (keep_warm)
-    services.py   hello, ping, status, cost, spend, volumes
+    services.py   hello, status, cost, spend, volumes
     telemetry.py  GPU sampling and progress messages while a cell runs
     pump.py       serving the sockets from the event loop
     paths.py      where the daemon keeps things
@@ -27,6 +28,8 @@ import json
 import os
 import secrets
 import signal
+import time
+import uuid
 from typing import Any, Coroutine
 
 import zmq
@@ -37,6 +40,7 @@ from kernel_worker import inventory, keys, scheduler
 from kernel_worker import protocol as P
 from kernel_worker.backends import Backend, backend_class
 from kernel_worker.daemon import paths
+from kernel_worker.daemon.attach import Attach
 from kernel_worker.daemon.errors import StartRefused
 from kernel_worker.daemon.front import Front
 from kernel_worker.daemon.pool import WarmPool
@@ -143,6 +147,24 @@ class WorkerDaemon(LoggingConfigurable):
         "a restarted daemon can adopt its workers."
     ).tag(config=True)
 
+    client_timeout = Float(
+        30.0,
+        help="A notebook kernel whose keepalive pings stop for this long is gone: its session is detached "
+        "(a running cell keeps running; `%gpu attach` in another kernel takes it over).",
+    ).tag(config=True)
+    orphan_grace = Float(
+        300.0,
+        help="Seconds a detached session with no cell running is kept for `%gpu attach` before it is released.",
+    ).tag(config=True)
+    output_memory_bytes = Int(
+        8 * 1024**2,
+        help="A session's current cell output kept in memory for reconnects and `%gpu attach`; more goes to disk.",
+    ).tag(config=True)
+    output_disk_bytes = Int(
+        256 * 1024**2,
+        help="At most this much of a cell's output is kept on disk per session; past it the middle is left out.",
+    ).tag(config=True)
+
     single_tenant = Bool(
         False,
         help="Let several CurveZMQ users share the process backend. It gives away all isolation between them: "
@@ -201,9 +223,13 @@ class WorkerDaemon(LoggingConfigurable):
         self.signer = P.Signer(self.key)
         self.limits = P.Limits(self.max_header_bytes, P.Limits.max_frames, self.max_message_bytes)
         self.ledger = Ledger(self.prices, os.path.join(self.state_dir, "ledger.jsonl"), self.ledger_max_bytes)
+        # Every answer to a ping names it: a notebook sees at once that it talks to a new daemon.
+        self.incarnation = f"{uuid.uuid4().hex[:12]}@{time.time():.0f}"
         self.daemon_id = hashlib.sha1(os.path.abspath(self.state_dir).encode()).hexdigest()[:12]
         if self.backend_instance is None:
-            self.backend_instance = backend_class(self.backend)(parent=self, daemon_id=self.daemon_id)
+            self.backend_instance = backend_class(self.backend)(
+                parent=self, daemon_id=self.daemon_id, state_dir=self.state_dir
+            )
         self._tasks: set[asyncio.Task] = set()
         self._stopping: asyncio.Event | None = None
         self.pump = Pump(self.pump_batch, self.log)
@@ -211,6 +237,7 @@ class WorkerDaemon(LoggingConfigurable):
         self.workers = Workers(self)
         self.sessions = Sessions(self)
         self.records = Records(self)
+        self.attach = Attach(self)
         self.pool = WarmPool(self)
         self.reaper = Reaper(self)
         self.services = Services(self)
@@ -218,7 +245,8 @@ class WorkerDaemon(LoggingConfigurable):
         sv, ss = self.services, self.sessions
         self.front.route(
             {
-                P.Msg.PING: sv.ping,
+                P.Msg.PING: self.attach.ping,
+                P.Msg.ATTACH: self.attach.attach,
                 P.Msg.HELLO: sv.hello,
                 P.Msg.STATUS: sv.status,
                 P.Msg.COST: sv.cost,
@@ -262,12 +290,15 @@ class WorkerDaemon(LoggingConfigurable):
             f.write(self.bulk_probe)
         self.ctx = zmq.Context()
         self.workers.open(self.ctx)
-        self.url = self.front.open(self.ctx)
-        self._write_connection_file()
-        self.log.info("jupyter-gpu daemon on %s (%s backend; %s)", self.url, self.backend, self.scheduler.describe())
         try:
-            self.pump.start()
+            # Workers first: a notebook asking after its running cell must find it adopted.
             await self.records.adopt_or_reap()
+            self.url = self.front.open(self.ctx)
+            self._write_connection_file()
+            self.log.info(
+                "jupyter-gpu daemon on %s (%s backend; %s)", self.url, self.backend, self.scheduler.describe()
+            )
+            self.pump.start()
             self.spawn(self.pool.fill())
             self.spawn(self.reaper.run())
             if self.progress_interval > 0:

@@ -1,6 +1,7 @@
-"""Ending what nobody ends by asking: sessions idle past ``idle_timeout``, workers that
-went silent or died on their own, cells past their ``--timeout``, and the embedded
-daemon itself once nothing uses it."""
+"""Ending what nobody ends by asking: sessions idle past ``idle_timeout``, sessions
+whose kernel went away (past ``orphan_grace``), workers that went silent or died on
+their own, cells past their ``--timeout``, and the embedded daemon itself once nothing
+uses it."""
 
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ class Reaper:
             await asyncio.sleep(d.reap_interval)  # a periodic timer, not a synchronisation
             now = time.monotonic()
             for s in list(d.sessions.live.values()):
-                if s.state == "idle" and now - s.last_active > d.idle_timeout:
+                orphaned = d.attach.orphaned(s, now)
+                if orphaned:
+                    d.sessions.release_now(s, orphaned)
+                elif s.state == "idle" and now - s.last_active > d.idle_timeout:
                     d.sessions.release_now(s, f"it was idle for more than {d.idle_timeout:g} s (idle_timeout)")
                 elif s.state != "starting" and now - s.last_heard > d.worker_heartbeat_timeout:
                     why = f"its worker sent no heartbeat for {d.worker_heartbeat_timeout:g} s and was stopped"
@@ -63,7 +67,7 @@ class Reaper:
         if s.current is not msg or s.state != "busy":
             return
         note = f"\n[jupyter-gpu] cell passed --timeout {timeout:g} s: interrupting\n"
-        self.d.front.send(s.client, msg.reply(P.Msg.STREAM, {"name": "stderr", "text": note}))
+        self.d.attach.relay(s, msg.reply(P.Msg.STREAM, {"name": "stderr", "text": note}))
         await self.d.backend_instance.signal(s.handle, signal.SIGINT)
         try:
             await asyncio.wait_for(s.cell_done.wait(), self.d.interrupt_grace)

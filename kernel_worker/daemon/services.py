@@ -1,4 +1,4 @@
-"""Answers that do not touch a session's worker: hello, ping, the host's status as the
+"""Answers that do not touch a session's worker: hello, the host's status as the
 asking user may see it, a session's cost, spend reports, and volumes."""
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ class Services:
         """Whether this request may see every user's data: operators asking for ``all``."""
         return bool(msg.content.get("all")) and user in self.d.operators
 
-    def ping(self, ident: bytes, msg: P.Message, user: str) -> None:
-        self.d.front.reply(ident, msg, {}, P.Msg.PONG)
-
     def hello(self, ident: bytes, msg: P.Message, user: str) -> None:
         d = self.d
         welcome = {
@@ -40,6 +37,7 @@ class Services:
             "idle_timeout": d.idle_timeout,
             "bulk_root": d.bulk_root,
             "bulk_probe": d.bulk_probe,
+            "incarnation": d.incarnation,
         }
         d.front.reply(ident, msg, welcome, P.Msg.WELCOME)
 

@@ -155,6 +155,11 @@ class Sessions:
         s.cell_done.clear()
         s.telemetry = inventory.Sample()
         s.notebook = _notebook(msg) or s.notebook
+        s.answer = None
+        if msg.content.get("keepalive"):  # its kernel pings while it lives; a silence will mean it died
+            s.client_seen, s.detached = s.cell_started, False
+        if msg.type == P.Msg.EXECUTE:
+            self.d.attach.journal(s).reset(msg.id)
         if s.wid != s.id and msg.content.get("bulk"):
             self.d.workers.move_bulk(msg.content["bulk"], s.id, s.wid)
         self.d.workers.send(s, msg)
@@ -169,17 +174,19 @@ class Sessions:
         """Relay a worker's output for the request it serves; a final reply ends the cell."""
         if s.current is None or msg.parent != s.current.id:
             return  # output of a request that was already answered
+        if not self.d.attach.keep(s, msg):
+            return  # sent again by a worker that reconnected: already here
         msg.session = s.id
         if s.wid != s.id and msg.content.get("bulk"):
             self.d.workers.move_bulk(msg.content["bulk"], s.wid, s.id)
         if msg.type == P.Msg.DONE:
-            msg.content["cost"] = self.d.ledger.cell(s)
+            msg.content["cost"] = self.d.ledger.cell(s, msg.parent)
         if msg.type in (P.Msg.DONE, P.Msg.VALUES, P.Msg.NEED):
             s.state = "idle"
             s.current = None
             s.last_active = time.monotonic()
             s.cell_done.set()
-        self.d.front.send(s.client, msg)
+        self.d.attach.relay(s, msg)
         if msg.type == P.Msg.DONE and msg.content.get("exit"):
             self.release_now(s, EXITED)
 
@@ -310,6 +317,8 @@ class Sessions:
         try:
             await self.d.workers.stop(s)
         finally:
+            if s.log is not None:
+                s.log.close()
             self.d.scheduler.release(s.gpus)
             s.gpus = []
             gone = self._removing.pop(s.id, None)
@@ -343,8 +352,8 @@ class Sessions:
 
     async def _stop(self, s: Session, current: P.Message | None, why: str, code: str) -> None:
         await self.stop(s)
-        if current is not None:
-            self.d.front.fail(s.client, current, code, f"session {s.id} ended: {why}")
+        if current is not None and s.client:
+            self.d.front.fail(s.client, s.answer or current, code, f"session {s.id} ended: {why}")
         self.log.info("session %s released: %s", s.id, why)
         self.d.pool.refill()  # its GPUs may refill the pool
 

@@ -43,7 +43,7 @@ class Telemetry:
                     continue
                 elapsed = now - s.cell_started
                 if elapsed >= interval:
-                    self.d.front.send(s.client, msg.reply(P.Msg.PROGRESS, self.reading(s, elapsed)))
+                    self.d.attach.relay(s, msg.reply(P.Msg.PROGRESS, self.reading(s, elapsed)))
 
     def reading(self, s: Session, elapsed: float) -> dict:
         t = s.telemetry

@@ -182,9 +182,14 @@ class Workers:
             msg = P.unpack(rest, s.signer, self.d.limits, P.EXECUTOR_REPLIES)
         except P.ProtocolError as e:
             self.log.warning("dropped a bad message from worker %s: %s", wid, e.text)
+            if e.code == P.Err.TOO_LARGE and s.current is not None:  # say so where the output was due
+                note = f"\n[jupyter-gpu] an output of this cell was dropped: {e.text} (max_header_bytes)\n"
+                self.d.attach.relay(s, s.current.reply(P.Msg.STREAM, {"name": "stderr", "text": note}))
             return
         s.last_heard = time.monotonic()
         if msg.type == P.Msg.READY:
+            if s.state == "adopting":
+                self.d.attach.worker_ready(s, msg.content)
             if s.ready is not None and not s.ready.done():
                 s.ready.set_result(msg.content)
             return

@@ -1,5 +1,6 @@
-"""The executor's one socket to its daemon: requests in, output and heartbeats out, and
-the decision to exit when the daemon is gone for good."""
+"""The executor's one socket to its daemon: requests in, output and heartbeats out, the
+running cell's output kept until it has surely arrived, and the decision to exit when
+the daemon is gone for good."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ import zmq.utils.monitor
 
 from kernel_worker import protocol as P
 from kernel_worker.executor.outbox import Outbox
+from kernel_worker.journal import JOURNALED, SEQ, Journal
+
+JOURNAL_MEM_BYTES = 16 * 1024**2  # a cell's output kept in memory; the rest goes to a file
+JOURNAL_DISK_BYTES = 1024**3  # and at most this much in the file
+AGAIN = "again"  # on output sent again: the connection it went out on
 
 
 class Channel:
@@ -23,6 +29,12 @@ class Channel:
     heartbeats and flushes stray output itself, so a request and its reply cost no
     thread hand-off. While a request runs, the flusher thread sends batched output.
     Every send drains the outbox under the lock, which keeps messages in order.
+
+    A cell's output is numbered and journaled as it is sent. Output never waits on the
+    daemon: while it is away (killed, restarting) or not reading, output goes only to the
+    journal, and whatever it did not take is sent again once it can; a daemon that
+    (re)connects gets READY, naming the cell, and the whole journal (it drops numbers it
+    has seen), so a cell running across a daemon restart loses nothing.
     """
 
     def __init__(self, sock: zmq.Socket, signer: P.Signer, outbox: Outbox, session: str, heartbeat_s: float):
@@ -42,19 +54,97 @@ class Channel:
         self.ready_content: dict = {}
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         self._poller.register(self._monitor, zmq.POLLIN)
+        self.journal = Journal(JOURNAL_MEM_BYTES, JOURNAL_DISK_BYTES)
+        self._seq = 0
+        self._unsent = 0  # the first journaled seq ZeroMQ did not take (0: none)
+        self._cell_started = 0.0
+        self._cell_done = True
+        self._connects = 0
+
+    # ------------------------------------------------------------------ sending (caller holds the lock)
+
+    def begin(self, msg: P.Message) -> None:
+        """A new request: an EXECUTE's output is journaled from now on."""
+        if msg.type == P.Msg.EXECUTE:
+            self.journal.reset(msg.id)
+            self._seq = self._unsent = 0
+            self._cell_started, self._cell_done = time.monotonic(), False
 
     def send(self, msg: P.Message) -> None:
-        """Send one message now. Caller holds the lock (and has flushed the outbox)."""
+        """Send one message now, or keep it for when the daemon can take it."""
+        if msg.type in JOURNALED and msg.parent == self.journal.request:
+            self._seq += 1
+            msg.content[SEQ] = self._seq
+            self.journal.add(self._seq, msg)
+            self._cell_done |= msg.type in (P.Msg.DONE, P.Msg.NEED)
+            if self._unsent or not self._offer(msg):
+                self._unsent = self._unsent or self._seq
+            return
+        if msg.type == P.Msg.HEARTBEAT:
+            self._offer(msg)  # a beat that cannot leave now is not worth keeping
+            return
         self.sock.send_multipart(P.pack(msg, self.signer), copy=False)
 
+    def _offer(self, msg: P.Message) -> bool:
+        """Hand ``msg`` to ZeroMQ unless the daemon is away or not reading."""
+        if self._lost_since is not None:
+            return False
+        try:
+            self.sock.send_multipart(P.pack(msg, self.signer), zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
+    def _send_again(self, after: int) -> None:
+        """Journaled output numbered after ``after``, for as long as ZeroMQ takes it."""
+        self._unsent = 0
+        for msg in self.journal.since(after):
+            seq = msg.content.get(SEQ, after)
+            # A copy may still sit in ZeroMQ's queue from before the daemon went: this one
+            # must not look like a replay of it (a daemon drops those unread).
+            msg.content[AGAIN] = self._connects
+            if not self._offer(msg):
+                self._unsent = max(seq, 1)
+                return
+            after = seq
+
     def flush(self) -> None:
-        """Send what the outbox holds, plus a heartbeat when one is due. Caller holds the lock."""
+        """Send what the outbox holds, plus a heartbeat when one is due."""
+        self._take_events()
+        if self._unsent and self._lost_since is None:
+            self._send_again(self._unsent - 1)
         for msg in self.outbox.drain():
             self.send(msg)
         now = time.monotonic()
         if now >= self._next_beat:
             self.send(P.Message(P.Msg.HEARTBEAT, {}, self.session))
             self._next_beat = now + self.heartbeat_s
+
+    def _take_events(self) -> None:
+        """Connection events: a daemon gone, or one (again) there, which is told who we
+        are and what we ran, and gets the journal."""
+        while True:
+            try:
+                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = zmq.utils.monitor.parse_monitor_message(frames)
+            if event["event"] != zmq.EVENT_CONNECTED:
+                self._lost_since = self._lost_since or time.monotonic()
+                continue
+            self._lost_since = None
+            self._connects += 1
+            content = dict(self.ready_content)
+            if self.journal.request:
+                content["running"] = {
+                    "id": self.journal.request,
+                    "done": self._cell_done,
+                    "elapsed_s": time.monotonic() - self._cell_started,
+                }
+            self.sock.send_multipart(P.pack(P.Message(P.Msg.READY, content, self.session), self.signer), copy=False)
+            self._send_again(0)
+
+    # ------------------------------------------------------------------ threads
 
     def next_request(self) -> P.Message:
         """Main thread, between requests: block until the daemon sends one."""
@@ -73,11 +163,7 @@ class Channel:
                     wait = min(wait, left)
                 events = dict(self._poller.poll(wait * 1000))
                 if self._monitor in events:
-                    event = zmq.utils.monitor.parse_monitor_message(self._monitor.recv_multipart())
-                    connected = event["event"] == zmq.EVENT_CONNECTED
-                    self._lost_since = None if connected else (self._lost_since or time.monotonic())
-                    if connected:  # a (restarted) daemon is there: say who we are
-                        self.send(P.Message(P.Msg.READY, self.ready_content, self.session))
+                    self._take_events()
                     continue
                 if not events or self.outbox.due_in(self.heartbeat_s) == 0.0:
                     self.flush()
@@ -89,17 +175,26 @@ class Channel:
                     continue
                 try:
                     _, rest = P.split_routing(frames)
-                    return P.unpack(rest, self.signer, allowed=P.EXECUTOR_REQUESTS)
+                    msg = P.unpack(rest, self.signer, allowed=P.EXECUTOR_REQUESTS)
                 except P.ProtocolError as e:
                     print(f"jupyter-gpu executor: dropped bad message: {e}", file=sys.__stderr__)
+                    continue
+                self.begin(msg)
+                return msg
 
     def flusher(self) -> None:
-        """Flusher thread: while a request runs, send output as it comes due."""
+        """Flusher thread: while a request runs, send output as it comes due, and answer
+        a daemon that comes back (the monitor's descriptor wakes us)."""
+        monitor_fd = self._monitor.getsockopt(zmq.FD)
         while True:
             self.busy.wait()
             wait = min(self.outbox.due_in(self.heartbeat_s), max(0.0, self._next_beat - time.monotonic()))
-            ready = select.select([self.outbox.fileno()], [], [], wait)[0]
-            if self.outbox.due_in(self.heartbeat_s) == 0.0 or time.monotonic() >= self._next_beat:
+            ready = select.select([self.outbox.fileno(), monitor_fd], [], [], wait)[0]
+            if (
+                monitor_fd in ready
+                or self.outbox.due_in(self.heartbeat_s) == 0.0
+                or time.monotonic() >= self._next_beat
+            ):
                 with self.lock:
                     self.flush()
             elif ready:

@@ -16,6 +16,10 @@ from typing import Any
 
 from kernel_worker import protocol as P
 
+# Text per stream message: under the daemon's 4 MiB header limit even if every character
+# is escaped to 12 bytes of JSON.
+STREAM_CHUNK_CHARS = 256 * 1024
+
 
 class Outbox:
     """Ordered outgoing messages; consecutive writes to one stream merge into one message.
@@ -87,8 +91,11 @@ class Outbox:
         out = []
         for item in items:
             if isinstance(item, list):
-                if parent is not None:
-                    out.append(parent.reply(P.Msg.STREAM, {"name": item[0], "text": "".join(item[1])}))
+                text = "".join(item[1]) if parent is not None else ""
+                for at in range(0, len(text), STREAM_CHUNK_CHARS):  # headers are bounded: long text goes in parts
+                    out.append(
+                        parent.reply(P.Msg.STREAM, {"name": item[0], "text": text[at : at + STREAM_CHUNK_CHARS]})
+                    )
             else:
                 out.append(item)
         return out
