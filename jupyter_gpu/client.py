@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from typing import Callable
 
 import zmq
-import zmq.utils.monitor
 
 from kernel_worker import protocol as P
 from kernel_worker.journal import SEQ
@@ -58,14 +58,9 @@ class DaemonClient:
         self._curve = curve is not None
         if curve:
             self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = curve
-        # Connection events: a daemon back after a restart (or a tunnel after a drop) is
-        # asked about the request at once, not after a heartbeat interval of silence.
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self._poller = zmq.Poller()
-        self._poller.register(self.sock, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
-        self._broken = False  # the connection dropped since it was last made
-        self._reconnected = False
+        # A fixed routing id, unguessable: a restarted daemon (which keeps it in the session's
+        # record) sends a running cell's output to this client as soon as its worker is back.
+        self.sock.identity = b"c" + uuid.uuid4().hex.encode()
         self.sock.connect(url)
         self._bulk_root: str | None | bool = False  # False: not asked yet
         self.incarnation = ""  # the daemon's, from its last pong
@@ -76,8 +71,6 @@ class DaemonClient:
         return DaemonClient(url, key, interval, timeout, curve=curve)
 
     def close(self) -> None:
-        self.sock.disable_monitor()
-        self._monitor.close(0)
         self.sock.close(0)
 
     def send(self, msg: P.Message) -> None:
@@ -96,14 +89,8 @@ class DaemonClient:
     def _recv(self, timeout: float) -> P.Message | None:
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            events = dict(self._poller.poll(max(0.0, left) * 1000))
-            if self._monitor in events:
-                self._take_events()
-            if self.sock not in events:
-                if self._reconnected or left <= 0 or not events:
-                    return None
-                continue
+            if not self.sock.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                return None
             frames = self.sock.recv_multipart(copy=False)
             try:
                 _, rest = P.split_routing(frames)
@@ -112,17 +99,6 @@ class DaemonClient:
                 if e.code != P.Err.REPLAYED:
                     raise DaemonError(e.code, f"unreadable reply from the daemon at {self.url}: {e.text}") from None
                 # Output the daemon sent again after a reconnect, already had: the guard's job done.
-
-    def _take_events(self) -> None:
-        while True:
-            try:
-                event = zmq.utils.monitor.parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._broken = True
-            elif self._broken:
-                self._broken, self._reconnected = False, True
 
     def request(
         self,
@@ -141,7 +117,6 @@ class DaemonClient:
         self._last_heard = time.monotonic()
         self._ping: P.Message | None = None
         self._seen = 0  # the last numbered output of this request we have (a replay resends some)
-        self._reconnected = False
         interrupted = False
         while True:
             try:
@@ -183,7 +158,7 @@ class DaemonClient:
             reply = self._recv(max(wait, 0.0))
             now = time.monotonic()
             if reply is None:
-                if self._ping is None or self._reconnected:
+                if self._ping is None:
                     self._send_ping(msg, now)
                 elif now - self._ping_sent >= self.heartbeat_timeout:
                     raise DaemonLost(P.Err.TIMEOUT, self._lost_text(now - self._last_heard))
@@ -200,7 +175,6 @@ class DaemonClient:
     def _send_ping(self, msg: P.Message, now: float) -> None:
         """Ask whether the daemon is there, and for a tracked request whether it is still
         coming; the daemon sends what we missed of it first."""
-        self._reconnected = False
         content = {"request": msg.id, "seen": self._seen} if msg.type in TRACKED else {}
         self._ping = P.Message(P.Msg.PING, content, msg.session)
         self._ping_sent = now

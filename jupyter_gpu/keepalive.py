@@ -19,6 +19,8 @@ from kernel_worker import protocol as P
 
 
 class Keepalive(threading.Thread):
+    """One thread per followed (client, session); it ends when told to follow nothing."""
+
     def __init__(self, interval: float):
         super().__init__(name="jupyter-gpu-keepalive", daemon=True)
         self.interval = interval
@@ -26,38 +28,38 @@ class Keepalive(threading.Thread):
         self._wake = threading.Event()
         self._source: Any = None  # the magic's DaemonClient, to make ours from
         self._session = ""
-        self._client: Any = None
 
     def follow(self, client: Any, session: str) -> None:
-        """Ping for ``session`` through a twin of ``client`` from now on ("" stops)."""
+        """Ping for ``session`` through a twin of ``client`` from now on (None: stop)."""
         with self._lock:
             self._source, self._session = client, session
         self._wake.set()
-        if not self.is_alive():
-            self.start()
 
     def run(self) -> None:
-        source = None
-        while True:
-            with self._lock:
-                wanted, session = self._source, self._session
-            if wanted is not source:
-                if self._client is not None:
-                    self._client.close()
-                self._client = wanted.twin() if wanted is not None else None
-                source = wanted
-            if self._client is not None and session:
-                self._beat(session)
-            self._wake.wait(self.interval)
-            self._wake.clear()
+        source, client = None, None
+        try:
+            while True:
+                with self._lock:
+                    wanted, session = self._source, self._session
+                if wanted is None:
+                    return
+                if wanted is not source:
+                    if client is not None:
+                        client.close()
+                    client, source = wanted.twin(), wanted
+                self._beat(client, session)
+                self._wake.wait(self.interval)
+                self._wake.clear()
+        finally:
+            if client is not None:
+                client.close()
 
-    def _beat(self, session: str) -> None:
-        sock = self._client.sock
+    @staticmethod
+    def _beat(client: Any, session: str) -> None:
+        sock = client.sock
         try:
             while sock.poll(0):  # pongs to earlier beats: nothing to learn from them
                 sock.recv_multipart(zmq.NOBLOCK)
-            sock.send_multipart(
-                P.pack(P.Message(P.Msg.PING, {"keepalive": True}, session), self._client.signer), zmq.NOBLOCK
-            )
+            sock.send_multipart(P.pack(P.Message(P.Msg.PING, {"keepalive": True}, session), client.signer), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the daemon is away: the magic's own requests say so

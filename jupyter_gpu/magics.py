@@ -66,7 +66,7 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
         self._worker_image: tuple[str, str] | None = None  # (image, origin) the current worker started with
         self._notes: list[str] | None = None  # while a %%gpu cell runs: what to say in its cost line
         self._queue_note: Any = None  # while a %%gpu cell waits for GPUs: its queue line
-        self._keepalive = Keepalive(self.keepalive_interval)
+        self._keepalive: Keepalive | None = None
         self._kept: tuple = (None, "")  # (client, session) the keepalive follows
         atexit.register(self._at_exit)
 
@@ -90,15 +90,22 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
 
     @observe("keepalive_interval")
     def _new_interval(self, change: dict) -> None:
-        if hasattr(self, "_keepalive"):
+        if getattr(self, "_keepalive", None) is not None:
             self._keepalive.interval = change["new"]
 
     def _keep_alive(self, session: str) -> None:
         """Keepalive pings for ``session`` ("" for none) through the current client."""
-        wanted = (self._client if session else None, session)
-        if wanted != self._kept:
-            self._kept = wanted
-            self._keepalive.follow(*wanted)
+        client = self._client if session else None
+        if (client, session) == self._kept:
+            return
+        self._kept = (client, session)
+        if self._keepalive is not None:
+            self._keepalive.follow(client, session)  # a thread told to follow nothing ends
+        self._keepalive = None
+        if client is not None:
+            self._keepalive = Keepalive(self.keepalive_interval)
+            self._keepalive.follow(client, session)
+            self._keepalive.start()
 
     def _bulk_dir(self) -> str | None:
         """This session's directory for bulk buffers, when the daemon shares our host."""

@@ -200,8 +200,10 @@ def format_status(st: dict, mine: str) -> str:
         lines.append(f"  GPU {g['index']}: {g['model']}{sim}  {g['memory_bytes'] / 1024**3:.0f} GiB  {holder}{this}")
     for s in st["sessions"]:
         this = " (this notebook)" if s["id"] == mine else ""
+        left = f"; its kernel is gone: `%gpu attach {s['id']}`" if s.get("detached") else ""
         lines.append(
-            f"  session {s['id'][:8]}{this}: {s['device']} {s['state']}, held {s['held_s']:.0f} s, ${s['usd']:.4f}"
+            f"  session {s['id'][:8]}{this}: {s['device']} {s['state']}, held {s['held_s']:.0f} s, "
+            f"${s['usd']:.4f}{left}"
         )
     for w in st.get("warm", []):
         waiting = f"waiting {w['idle_s']:.0f} s, ${w['usd']:.4f} of idle time"

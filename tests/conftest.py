@@ -4,12 +4,15 @@ stopped again by its process id."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 from support.daemons import Daemon, docker_args, start_daemon
 from support.logs import LogWatcher
 from support.orphans import stop_workers
+
+from kernel_worker.daemon.paths import default_state_dir
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]  # a real Jupyter Server for the extension's tests
 
@@ -37,6 +40,7 @@ def daemon_factory(tmp_path, runtime_dir):
         d.stop()
     for cf in {d.connection_file for d in started}:
         stop_workers(cf)  # of a daemon a test killed and did not start again
+        shutil.rmtree(default_state_dir(cf), ignore_errors=True)  # records, logs, sockets: this test's alone
 
 
 @pytest.fixture(scope="session")

@@ -126,8 +126,7 @@ class Attach:
             elapsed = running.get("elapsed_s")
             s.cell_started = time.monotonic() - (elapsed if isinstance(elapsed, (int, float)) else 0.0)
             s.cell_done.clear()
-            s.client = b""
-            self.journal(s).reset(rid)
+            self.journal(s).reset(rid)  # its output follows to the notebook's routing id, kept in the record
         claim, s.claim = s.claim, None
         if claim is None:
             return

@@ -55,6 +55,7 @@ class Records:
             "user": s.user,
             "notebook": s.notebook,
             "held_since": time.time() - (time.monotonic() - s.started_at),
+            "client": s.client.hex(),  # its notebook's routing id: a running cell's output goes on to it
         }
         path = self.path(s.wid)
         with os.fdopen(paths.open_private(path + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC), "w") as f:
@@ -142,6 +143,10 @@ class Records:
         s.ready = asyncio.get_running_loop().create_future()
         s.ready.add_done_callback(lambda f: setattr(s, "state", "idle") if s.state == "adopting" else None)
         s.started_at = time.monotonic() - max(0.0, time.time() - float(record.get("held_since", time.time())))
+        try:
+            s.client = bytes.fromhex(str(record.get("client", "")))
+        except ValueError:
+            s.client = b""
         for g in gpus:
             self.d.scheduler.holder[g.uuid] = sid
         self.d.sessions.add(s)

@@ -111,6 +111,7 @@ class Services:
             {
                 "id": s.id,
                 "state": s.state,
+                "detached": s.detached,  # its kernel went away: `%gpu attach ID` takes it over
                 "device": s.device,
                 "gpus": [g.uuid for g in s.gpus],
                 "idle_s": now - s.last_active if s.state == "idle" else 0.0,

@@ -148,7 +148,10 @@ class Sessions:
 
     def begin(self, s: Session, ident: bytes, msg: P.Message) -> None:
         """Hand a request to the session's idle worker."""
-        s.client = ident
+        if ident != s.client:  # a new client (a reconnect): a restarted daemon must know it
+            s.client = ident
+            if s.state == "idle":
+                self.d.records.save(s)
         s.current = msg
         s.state = "busy"
         s.cell_started = time.monotonic()

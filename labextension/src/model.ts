@@ -29,6 +29,7 @@ export interface ISession {
   usd: number;
   cells: number;
   notebook: string;
+  detached?: boolean;
 }
 
 export interface IVolume {
@@ -107,6 +108,11 @@ export function holder(gpu: IGPU, mySessions: string[]): string {
 }
 
 /** Seconds until an idle session is released, counted from when it was fetched. */
+/** For a session whose kernel went away (its cell may still run): how to take it over. */
+export function attachHint(session: ISession): string | null {
+  return session.detached ? `kernel gone: %gpu attach ${session.id}` : null;
+}
+
 export function idleLeft(session: ISession, fetchedAt: number, now: number): number | null {
   if (session.state !== 'idle' || !session.idle_timeout) {
     return null;

@@ -5,6 +5,7 @@ import { Message } from '@lumino/messaging';
 import React, { useEffect, useState } from 'react';
 
 import {
+  attachHint,
   formatBytes,
   formatDuration,
   formatUsd,
@@ -99,6 +100,11 @@ function Sessions(props: { state: SidebarState }): JSX.Element {
               {x.device} · {x.state} · held {formatDuration(x.held_s)} · {formatUsd(x.usd)}
               {left !== null ? ` · released in ${formatDuration(left)}` : ''}
             </div>
+            {attachHint(x) !== null && (
+              <div className="jp-gpu-detail jp-gpu-attach" title="Run this in a notebook to take the session over">
+                {attachHint(x)}
+              </div>
+            )}
           </li>
         );
       })}

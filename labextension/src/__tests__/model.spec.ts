@@ -1,4 +1,5 @@
 import {
+  attachHint,
   choiceMetadata,
   ErrorOnce,
   errorText,
@@ -93,6 +94,10 @@ describe('sessions', () => {
     expect(idleLeft(session(), 1000, 11000)).toBe(280);
     expect(idleLeft(session({ state: 'busy' }), 0, 0)).toBeNull();
     expect(idleLeft(session({ idle_s: 400 }), 0, 0)).toBe(0);
+  });
+  it('shows how to attach to a session whose kernel went away', () => {
+    expect(attachHint(session({ id: 'abc', detached: true }))).toBe('kernel gone: %gpu attach abc');
+    expect(attachHint(session())).toBeNull();
   });
   it('polls faster while something runs', () => {
     expect(pollInterval([session({ state: 'busy' })])).toBeLessThan(pollInterval([session()]));
