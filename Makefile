@@ -72,6 +72,12 @@ test: install system-deps test-image
 bench: install
 	$(PY) bench/bench.py
 
+# N real kernels at once through nbclient against one daemon (bench/load.py); options as
+# `make bench-load LOAD_ARGS="--n 8,16 --cells 10"`.
+.PHONY: bench-load
+bench-load: install
+	$(PY) bench/load.py $(LOAD_ARGS)
+
 clean:
 	rm -rf $(VENV) $(DEMO_RUNTIME) .pytest_cache labextension/node_modules labextension/lib \
 		server/jupyter_gpu_server/labextension
