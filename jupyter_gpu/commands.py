@@ -1,5 +1,5 @@
 """``%gpu SUBCOMMAND``: this notebook's remote session from a line magic: status,
-release, pull, push, cost, volumes, connect, attach. A mixin of ``GPUMagics``, whose client,
+release, pull, push, cost, volumes, connect, attach, jobs, wait, cancel. A mixin of ``GPUMagics``, whose client,
 session and remote namespace these use."""
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Commands:
 
     session_id: str
     shell: Any
+    _after_jobs: Any  # BackgroundCells': wait for this session's background job
     remote: Any
     client: Any
 
@@ -52,6 +53,7 @@ class Commands:
         print("released: worker stopped, GPUs returned" if released else "nothing to release")
 
     def _pull(self, rest: str) -> None:
+        self._after_jobs()
         names = names_in(rest)
         if not names:
             raise GPUCellError("usage: %gpu pull NAME[,NAME...]")
@@ -67,6 +69,7 @@ class Commands:
             self.remote.pulled(name, self.shell.user_ns)
 
     def _push(self, rest: str) -> None:
+        self._after_jobs()
         names = names_in(rest)
         missing = [n for n in names if n not in self.shell.user_ns]
         if not names or missing:

@@ -6,6 +6,7 @@ import atexit
 import functools
 import os
 import platform
+import threading
 import uuid
 from typing import Any
 
@@ -19,6 +20,7 @@ from jupyter_gpu import connect, notebook
 from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
 from jupyter_gpu.closure import RemoteNamespace, names_read
 from jupyter_gpu.commands import Commands, GPUCellError, names_in
+from jupyter_gpu.jobs import BackgroundCells, Job, Jobs
 from jupyter_gpu.keepalive import Keepalive
 from jupyter_gpu.notebook import IMAGE_FROM_METADATA, cell_image
 from jupyter_gpu.output import Relay, image_text, show_cost, show_note, show_notes
@@ -36,7 +38,7 @@ def _ordinal(n: int) -> str:
 
 
 @magics_class
-class GPUMagics(Commands, Magics, connect.DaemonTarget):
+class GPUMagics(Commands, BackgroundCells, Magics, connect.DaemonTarget):
     default_gpu = Unicode("any", help="GPU request used when a %%gpu cell names none (H100, A100:2, any, cpu...).").tag(
         config=True
     )
@@ -50,6 +52,13 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
     release_on_exit = Bool(True, help="Release this kernel's session (and its GPUs) when the kernel exits.").tag(
         config=True
     )
+    background = Enum(
+        ("auto", "detach", "foreground"),
+        "auto",
+        help="What %%gpu --background does: detach (return at once, output goes on arriving in the cell), "
+        "foreground (wait, as without it), or auto: detach where a Jupyter Server frontend shows the cell, "
+        "foreground in a headless run (nbconvert, papermill), which would end before the job's output came.",
+    ).tag(config=True)
     keepalive_interval = Float(
         10.0,
         help="Seconds between the kernel's keepalive pings while it has a session; a kernel silent past the daemon's "
@@ -64,13 +73,31 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
         self._had_worker = False  # a worker was started for this notebook before
         self._notebook = ""  # this kernel's notebook, for spend per notebook
         self._worker_image: tuple[str, str] | None = None  # (image, origin) the current worker started with
-        self._notes: list[str] | None = None  # while a %%gpu cell runs: what to say in its cost line
-        self._queue_note: Any = None  # while a %%gpu cell waits for GPUs: its queue line
+        self._per_thread = threading.local()  # a background job's cell state is its own thread's
+        self.jobs = Jobs()
         self._keepalive: Keepalive | None = None
         self._kept: tuple = (None, "")  # (client, session) the keepalive follows
         atexit.register(self._at_exit)
 
     # ------------------------------------------------------------------ plumbing
+
+    @property
+    def _notes(self) -> list[str] | None:
+        """While a %%gpu cell runs (in this thread): what to say in its cost line."""
+        return getattr(self._per_thread, "notes", None)
+
+    @_notes.setter
+    def _notes(self, value: list[str] | None) -> None:
+        self._per_thread.notes = value
+
+    @property
+    def _queue_note(self) -> Any:
+        """While a %%gpu cell (in this thread) waits for GPUs: its queue line."""
+        return getattr(self._per_thread, "queue_note", None)
+
+    @_queue_note.setter
+    def _queue_note(self, value: Any) -> None:
+        self._per_thread.queue_note = value
 
     @property
     def client(self) -> DaemonClient:
@@ -120,17 +147,19 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
     def _args(self, line: str) -> Any:
         return parse_argstring(self.gpu_cell, line)
 
-    def _request(self, msg: P.Message, on_message: Any = None) -> P.Message:
-        """Send ``msg``; Ctrl-C interrupts the remote side; errors become GPUCellError."""
+    def _request(self, msg: P.Message, on_message: Any = None, client: DaemonClient | None = None) -> P.Message:
+        """Send ``msg`` (through ``client``: a background job's own); Ctrl-C interrupts the
+        remote side; errors become GPUCellError."""
 
         def interrupt() -> None:
             show_note("interrupting the remote cell (press again to stop waiting)")
             self.client.send(P.Message(P.Msg.INTERRUPT, {}, self.session_id))
 
         try:
-            return self.client.request(msg, on_message, interrupt)
+            return (client or self.client).request(msg, on_message, interrupt)
         except DaemonLost as e:
-            self._drop_client()
+            if client is None:
+                self._drop_client()
             raise GPUCellError(str(e)) from None
         except DaemonError as e:
             if e.code in (P.Err.WORKER_DIED, P.Err.TIMEOUT, P.Err.RELEASED, P.Err.SHUTDOWN):
@@ -151,6 +180,11 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
     @argument("--no-wait", action="store_true", help="Fail at once instead of queueing when no such GPU is free.")
     @argument("--image", default=None, help="Container image for this session (docker backend).")
     @argument("--volume", action="append", default=[], help="NAME:/path[:ro] volume to mount (docker backend).")
+    @argument(
+        "--background",
+        action="store_true",
+        help="Return at once; the cell runs on, its output arriving in this cell (%%gpu jobs / wait / cancel).",
+    )
     @cell_magic("gpu")
     def gpu_cell(self, line: str, cell: str) -> Any:
         """Run this cell on a warm remote worker with a GPU.
@@ -159,10 +193,16 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
         (``--pull`` or ``%gpu pull`` brings them back). Output streams back as it happens,
         and the cell ends with its cost.
         """
+        args = self._args(line)
+        self._after_jobs()
+        if args.background and self._detach():
+            return self._start_job(args, cell)
         self._notes = []  # what jupyter-gpu says about this cell: shown once, at its end
         self._queue_note = None  # the cell's "waiting in the queue" line, which becomes that one line
+        if args.background:
+            self._notes.append("a headless run: ran in the foreground, so none of its output is lost")
         try:
-            return self._cell(self._args(line), cell)
+            return self._cell(args, cell)
         finally:
             notes, self._notes = self._notes, None
             if notes:  # the cell ended without a cost line to carry them
@@ -175,7 +215,7 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
         else:
             self._notes.append(text)
 
-    def _cell(self, args: Any, cell: str) -> Any:
+    def _cell(self, args: Any, cell: str, job: Job | None = None, client: DaemonClient | None = None) -> Any:
         try:
             chosen = notebook.settings(cell)  # the notebook's jupyter_gpu metadata (the Lab sidebar's choice)
         except notebook.SettingsError as e:
@@ -205,9 +245,9 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
         content["bulk_ok"] = directory is not None
         if directory is not None:  # the worker shares this host and user: it works where the notebook does
             content["cwd"] = os.getcwd()
-        relay = Relay()
+        relay = job.output if job is not None else Relay()
         started = False
-        status = StatusLine(self.status_line)
+        status = StatusLine("off" if job is not None else self.status_line)
         self._keep_alive(self.session_id)
 
         def on_message(m: P.Message) -> None:
@@ -218,7 +258,9 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
                 text = (
                     f"[jupyter-gpu] waiting for {m.content.get('request')}: {_ordinal(m.content['position'])} in queue"
                 )
-                if self._queue_note is None:
+                if job is not None:
+                    job.output.note(text)
+                elif self._queue_note is None:
                     self._queue_note = display({"text/plain": text}, raw=True, display_id=True)
                 else:
                     self._queue_note.update({"text/plain": text}, raw=True)
@@ -238,7 +280,9 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
             if directory is not None:
                 frames, content["bulk"] = bulk.offload(frames, directory)
             try:
-                reply = self._request(P.Message(P.Msg.EXECUTE, content, self.session_id, buffers=frames), on_message)
+                reply = self._request(
+                    P.Message(P.Msg.EXECUTE, content, self.session_id, buffers=frames), on_message, client
+                )
             except BaseException as e:
                 status.finish(None, failed=True)
                 if directory is not None:
@@ -272,7 +316,9 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
             )
         if not started and (self._worker_image or (None, ""))[0] != image:
             self._kept_image_note(image)
-        if self.show_cost and done.get("cost"):
+        if job is not None:
+            job.cost = done.get("cost")
+        elif self.show_cost and done.get("cost"):
             notes, self._notes = self._notes or [], []
             shown = image_text(*self._worker_image) if self._worker_image else ""
             show_cost(done["cost"], shown, notes, self._queue_note)
@@ -335,6 +381,9 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
         %gpu push a,b        send notebook variables to the worker
         %gpu cost            this session's cells and total spend
         %gpu attach [SESSION]  take over a session a kernel left (its running cell's output, then live)
+        %gpu jobs            this notebook's background cells (%%gpu ... --background)
+        %gpu wait [JOB]      wait for one (the last by default), showing its output
+        %gpu cancel JOB      interrupt one
         %gpu volumes [ls | du | create NAME | rm NAME]   your volumes (docker backend)
         %gpu connect ssh://user@host[:port] [--key F] [--known-hosts F] [--accept-new-host]
         %gpu connect tcp://host:port --server-key KEY [--client-key PATH]   (CurveZMQ)
@@ -350,6 +399,9 @@ class GPUMagics(Commands, Magics, connect.DaemonTarget):
             "volumes": self._volumes,
             "connect": self._connect,
             "attach": self._attach,
+            "jobs": self._jobs,
+            "wait": self._wait,
+            "cancel": self._cancel,
         }
         if cmd not in handlers:
             raise GPUCellError(f"unknown %gpu command {cmd!r}; use one of: {', '.join(handlers)}")

@@ -36,7 +36,8 @@ def _bundle(text: str) -> dict:
     return line_bundle(text, "jupyter-gpu-status")
 
 
-def _widgets_wanted(mode: str) -> bool:
+def status_widgets(mode: str) -> bool:
+    """Whether a widget will render here (a Jupyter Server frontend with ipywidgets)."""
     if mode == "widget":
         return True
     if mode != "auto" or not os.environ.get(ENV_SESSION_NAME):
@@ -62,7 +63,7 @@ class StatusLine:
             return
         text = describe(progress)
         if self.last is None:
-            if _widgets_wanted(self.mode):
+            if status_widgets(self.mode):
                 import ipywidgets
 
                 self._widget = ipywidgets.HTML(_bundle(text)["text/html"])

@@ -10,11 +10,12 @@ KERNEL_TIMEOUT = 120
 
 
 @contextmanager
-def kernel(connection_file: str, *setup: str):
+def kernel(connection_file: str, *setup: str, env: dict | None = None):
     """A real kernel whose magic talks to the daemon of ``connection_file``."""
     from jupyter_client.manager import start_new_kernel
 
-    km, kc = start_new_kernel(kernel_name="python3", env={**os.environ, "JUPYTER_GPU_CONNECTION_FILE": connection_file})
+    env = {**os.environ, "JUPYTER_GPU_CONNECTION_FILE": connection_file, **(env or {})}
+    km, kc = start_new_kernel(kernel_name="python3", env=env)
     try:
         for code in ("%load_ext jupyter_gpu", *setup):
             assert run(kc, code)[1] == "ok", code
