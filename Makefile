@@ -74,9 +74,13 @@ bench: install
 
 # N real kernels at once through nbclient against one daemon (bench/load.py); options as
 # `make bench-load LOAD_ARGS="--n 8,16 --cells 10"`.
-.PHONY: bench-load
+.PHONY: bench-load bench-restart
 bench-load: install
 	$(PY) bench/load.py $(LOAD_ARGS)
+
+# A daemon restarted mid-cell, and %gpu attach replaying buffered output (bench/restart.py).
+bench-restart: install
+	$(PY) bench/restart.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_RUNTIME) .pytest_cache labextension/node_modules labextension/lib \
