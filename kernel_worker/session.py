@@ -46,6 +46,7 @@ class Session:
     claim: tuple | None = None  # (client, request id, seen) of a ping that came before the adopted worker
     client_seen: float = 0.0  # its kernel's last keepalive (0: it never sent one)
     detached: bool = False  # its kernel stopped its keepalives
+    late: list = field(default_factory=list)  # output written after its cell returned, for the next cell
 
     def __post_init__(self) -> None:
         self.wid = self.wid or self.id

@@ -1,4 +1,5 @@
-"""Who follows a session's output, and whether anyone still does.
+"""Who follows a session's output, and whether anyone still does; and output that comes
+after its cell returned.
 
 A notebook follows its session through its requests. When the connection breaks (the
 daemon restarted, a tunnel dropped) the notebook's next ping names the request it waits
@@ -8,6 +9,10 @@ keepalive pings; its session is then *detached*: a running cell keeps running, i
 output is kept, and after ``orphan_grace`` with no cell running the session is released.
 Another kernel of the same user may ATTACH: it gets the running (or last) cell's output
 so far, then the rest live, and the worker's variables are its own from then on.
+
+Output a cell's threads write after the cell returned (a DataLoader worker, a logging
+handler) is not dropped: it goes into the running cell at once, or to the start of the
+next cell of the session, after a note saying it came late.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
 
 TAKEN_OVER = "another kernel took this session over (`%gpu attach`)"
+LATE_KINDS = frozenset({P.Msg.STREAM, P.Msg.DISPLAY, P.Msg.UPDATE_DISPLAY, P.Msg.CLEAR})
+LATE_MOST = 1000  # outputs written after their cell returned, kept for the next cell
 
 
 def _count(value: Any) -> int:
@@ -67,6 +74,28 @@ class Attach:
     def _replay(self, s: Session, ident: bytes, after: int, answer: P.Message | None) -> None:
         for m in self.journal(s).since(after):
             self.d.front.send(ident, m if answer is None else dataclasses.replace(m, parent=answer.id))
+
+    # ------------------------------------------------------------------ late output
+
+    def late(self, s: Session, msg: P.Message) -> None:
+        """Output of a cell that already returned (a thread, a DataLoader worker, a logging
+        handler): into the running cell at once, else at the start of the next one."""
+        if not self.keep(s, msg):
+            return
+        late = dataclasses.replace(msg, content={k: v for k, v in msg.content.items() if k != SEQ})
+        if len(s.late) < LATE_MOST:
+            s.late.append(late)
+        if s.state == "busy" and s.current is not None and s.current.type == P.Msg.EXECUTE:
+            self.deliver_late(s, s.current)
+
+    def deliver_late(self, s: Session, cell: P.Message) -> None:
+        late, s.late = s.late, []
+        n = len(late)
+        more = f"; more were dropped, at most {LATE_MOST} are kept" if n == LATE_MOST else ""
+        note = f"[jupyter-gpu] written after the previous cell returned ({n} output{'s' if n != 1 else ''}{more}):\n"
+        self.relay(s, cell.reply(P.Msg.STREAM, {"name": "stderr", "text": note}))
+        for m in late:
+            self.relay(s, dataclasses.replace(m, parent=cell.id))
 
     # ------------------------------------------------------------------ pings
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from kernel_worker import bulk, inventory, scheduler
 from kernel_worker import protocol as P
 from kernel_worker.backends.base import VolumeError
+from kernel_worker.daemon.attach import LATE_KINDS
 from kernel_worker.session import Session, version_mismatch
 
 if TYPE_CHECKING:
@@ -166,6 +167,8 @@ class Sessions:
         if s.wid != s.id and msg.content.get("bulk"):
             self.d.workers.move_bulk(msg.content["bulk"], s.id, s.wid)
         self.d.workers.send(s, msg)
+        if s.late and msg.type == P.Msg.EXECUTE:
+            self.d.attach.deliver_late(s, msg)
         if msg.type == P.Msg.EXECUTE:
             if any(not g.simulated for g in s.gpus):
                 self.d.spawn(self.d.telemetry.sample(s), s.tasks)
@@ -176,7 +179,9 @@ class Sessions:
     def from_worker(self, s: Session, msg: P.Message) -> None:
         """Relay a worker's output for the request it serves; a final reply ends the cell."""
         if s.current is None or msg.parent != s.current.id:
-            return  # output of a request that was already answered
+            if msg.type in LATE_KINDS and s.log is not None and msg.parent == s.log.request:
+                self.d.attach.late(s, msg)
+            return  # else: an answer to a request that was already answered
         if not self.d.attach.keep(s, msg):
             return  # sent again by a worker that reconnected: already here
         msg.session = s.id
