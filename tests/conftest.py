@@ -4,17 +4,20 @@ stopped again by its process id."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from support.daemons import Daemon, docker_args, start_daemon
 from support.logs import LogWatcher
-from support.orphans import stop_workers
-
-from kernel_worker.daemon.paths import default_state_dir
+from support.orphans import forget_daemon
+from support.sshd_server import elsewhere_daemon as elsewhere
+from support.sshd_server import sshd_server
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]  # a real Jupyter Server for the extension's tests
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "daemon_args(*options): extra options for the elsewhere_daemon fixture")
 
 
 @pytest.fixture
@@ -39,8 +42,26 @@ def daemon_factory(tmp_path, runtime_dir):
     for d in started:
         d.stop()
     for cf in {d.connection_file for d in started}:
-        stop_workers(cf)  # of a daemon a test killed and did not start again
-        shutil.rmtree(default_state_dir(cf), ignore_errors=True)  # records, logs, sockets: this test's alone
+        forget_daemon(cf)  # workers of a daemon a test killed and did not start again; its state
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """A real sshd on a free loopback port (its own host key, one authorised test key)."""
+    with sshd_server(tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+def elsewhere_daemon(tmp_path, runtime_dir, request):
+    """A daemon on loopback tcp as on another host: its bulk root is a tmpfs in a mount
+    namespace of its own, so the notebook cannot take the same-host shortcut. A test may
+    add daemon options with ``@pytest.mark.daemon_args(...)`` ("{tmp}" is its tmp_path)."""
+    marker = request.node.get_closest_marker("daemon_args")
+    d = elsewhere(tmp_path, *(a.format(tmp=tmp_path) for a in (marker.args if marker else ())))
+    yield d
+    d.stop()
+    forget_daemon(d.connection_file)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@ work out of the daemon, and users cannot touch each other's sessions."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import zmq.auth
 from support.curve import cli, curve_users
@@ -26,8 +28,10 @@ def curve_daemon(daemon_factory, tmp_path):
     clients = []
 
     def client(name: str) -> DaemonClient:
+        # A ping after 0.5 s of silence, and 5 s for its pong: a loaded machine answers
+        # slowly, never that slowly, so a DaemonLost here means no answer was coming.
         public, secret = users[name]
-        c = DaemonClient(d.url, b"", heartbeat_interval=0.5, heartbeat_timeout=1.0, curve=(server_pub, public, secret))
+        c = DaemonClient(d.url, b"", heartbeat_interval=0.5, heartbeat_timeout=5.0, curve=(server_pub, public, secret))
         clients.append(c)
         return c
 
@@ -38,6 +42,24 @@ def curve_daemon(daemon_factory, tmp_path):
 
 def execute(c: DaemonClient, session: str, code: str) -> P.Message:
     return c.request(P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": code}, session), timeout=30)
+
+
+def refused(call, code: str, message: str) -> None:
+    """``call()`` fails with the daemon's refusal ``code`` and exactly ``message``: a
+    DaemonError, not a DaemonLost (a subclass) that no answer at all would also raise."""
+    with pytest.raises(DaemonError) as e:
+        call()
+    assert type(e.value) is DaemonError, repr(e.value)
+    assert (e.value.code, str(e.value)) == (code, message)
+
+
+def lost(call, url: str) -> None:
+    """``call()`` gets no answer at all: the client's heartbeat gives up on the daemon."""
+    with pytest.raises(DaemonLost) as e:
+        call()
+    assert e.value.code == P.Err.TIMEOUT
+    assert str(e.value).startswith(f"lost contact with the jupyter-gpu daemon at {url}: no answer for ")
+    assert str(e.value).endswith(" (or your CURVE key is not authorised there).")
 
 
 def test_curve_identities_and_cross_user_denial(curve_daemon):
@@ -53,28 +75,34 @@ def test_curve_identities_and_cross_user_denial(curve_daemon):
         P.Message(P.Msg.RELEASE, {}, "alices"),
         P.Message(P.Msg.COST, {}, "alices"),
     ):
-        with pytest.raises(DaemonError, match="you have no session alices") as e:
-            bob.request(msg, timeout=10)
-        assert e.value.code == P.Err.NO_SESSION
+        refused(lambda msg=msg: bob.request(msg, timeout=10), P.Err.NO_SESSION, "you have no session alices")
     assert bob.call(P.Msg.STATUS, {"all": True})["sessions"] == []  # not an operator: only his own
     assert [s["user"] for s in alice.call(P.Msg.STATUS)["sessions"]] == ["alice"]
     assert [s["user"] for s in ops.call(P.Msg.STATUS, {"all": True})["sessions"]] == ["alice"]
 
     # Per-user limit: one session each.
     assert execute(bob, "bobs", "1").content["ok"]
-    with pytest.raises(DaemonError, match="max_sessions_per_user=1"):
-        execute(bob, "bobs-second", "1")
+    refused(
+        lambda: execute(bob, "bobs-second", "1"),
+        P.Err.UNAVAILABLE,
+        "you already hold 1 session(s), the most this host allows per user (max_sessions_per_user=1): "
+        "`%gpu release` one first",
+    )
 
     # A key nobody authorised gets no answer at all; the daemon logs the refusal.
-    with pytest.raises(DaemonLost, match="CURVE key is not authorised"):
-        client("eve").call(P.Msg.STATUS, timeout=5)
-    d.log.wait_for(r"refused a CURVE connection .* is not authorised", timeout=10)
+    eve = users["eve"][0].decode()
+    lost(lambda: client("eve").call(P.Msg.STATUS, timeout=60), d.url)
+    d.log.wait_for(rf"refused a CURVE connection .*: key {re.escape(eve)} is not authorised", timeout=10)
 
-    # Revoking takes effect without a restart, even on an open connection.
+    # Revoking takes effect without a restart, even on an open connection: the daemon drops
+    # what bob sends from now on, and says so.
+    assert bob.call(P.Msg.STATUS, timeout=30)["sessions"]  # the connection is open and answered
     assert cli("keys", "revoke", f"--key={users['bob'][0].decode()}", "--keys-dir", str(kd)).stdout.strip() == "revoked"
-    with pytest.raises(DaemonLost):
-        bob.call(P.Msg.STATUS, timeout=3)
-    assert execute(alice, "alices", "print(secret)").content["ok"]
+    lost(lambda: bob.call(P.Msg.STATUS, timeout=60), d.url)
+    d.log.wait_for(r"dropped a request: its CURVE key was revoked", timeout=10)
+    out: list[P.Message] = []
+    done = alice.request(P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": "print(secret)"}, "alices"), out.append, 30)
+    assert done.content["ok"] and [m.content["text"] for m in out if m.type == P.Msg.STREAM] == ["42\n"]
 
 
 def test_one_daemon_keeps_users_volumes_apart(engine, daemon_factory, tmp_path):
@@ -108,8 +136,10 @@ def test_one_daemon_keeps_users_volumes_apart(engine, daemon_factory, tmp_path):
         )
         assert done.content["ok"] and "[]\n" in [m.content.get("text") for m in seen]  # bob's own, empty "data"
         assert [v["user"] for v in bob.call(P.Msg.VOLUMES, {"op": "ls"})["result"]] == ["bob"]
-        with pytest.raises(DaemonError, match="is mounted by running session"):
+        with pytest.raises(DaemonError) as e:
             alice.call(P.Msg.VOLUMES, {"op": "rm", "name": "data"})
+        assert type(e.value) is DaemonError and e.value.code == P.Err.VOLUME
+        assert str(e.value).startswith("volume 'data' is mounted by running session(s) a1")
     finally:
         for c in (alice, bob):
             c.call(P.Msg.RELEASE, session="a1" if c is alice else "b1")
@@ -126,8 +156,10 @@ def test_magic_connects_over_curve(curve_daemon, make_shell, tmp_path):
 
     result, cap = run(ip, f"%gpu connect {d.url} --server-key {server_pub} --client-key {tmp_path}/alice")
     assert result.success and f"connected to {d.url}: process backend" in cap.stdout, cap.stdout
-    result, cap = run(ip, "x = 20\n")
+    assert run(ip, "x = 20\n")[0].success
     result, cap = run(ip, "%%gpu cpu\nprint('doubled', x * 2)")
-    assert result.success and "doubled 40" in cap.stdout
+    assert result.success and cap.stdout == "doubled 40\n"
+    status = ip.magics_manager.registry["GPUMagics"].client.call(P.Msg.STATUS)
+    assert [s["user"] for s in status["sessions"]] == ["alice"]  # as the user the key names
     result, cap = run(ip, f"%gpu connect {d.url} --server-key {server_pub} --client-key {tmp_path}/nobody")
-    assert "jupyter gpu keys init --client" in str(result.error_in_exec)
+    assert not result.success and "jupyter gpu keys init --client" in str(result.error_in_exec)

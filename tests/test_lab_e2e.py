@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -20,6 +21,8 @@ from support.daemons import docker_args
 from support.logs import LogWatcher
 from support.paths import ROOT
 from support.procs import stop_process, wait_listening
+
+from kernel_worker.backends.docker_volumes import LABEL_USER, LABEL_VOLUME
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -33,12 +36,15 @@ CHROMIUM_ARGS = [
 ]
 OUTPUT = ROOT / "test-output"
 UI_TIMEOUT_MS = 60_000
+GO = "go"  # the file the test puts in the volume once it has seen the cell running
 CELL = (
     "%%gpu\n"
     "import os, time\n"
     "print('volume holds', sorted(os.listdir('/mnt/scratch')))\n"
-    "time.sleep(8)\n"  # long enough for the sidebar to see it running (it polls every 3 s when idle)
-    "print('done on the worker')"
+    "deadline = time.monotonic() + 300\n"
+    f"while not os.path.exists('/mnt/scratch/{GO}') and time.monotonic() < deadline:\n"
+    "    time.sleep(0.05)\n"  # runs until the test has seen it running: an event, not a duration
+    f"print('done on the worker', os.path.exists('/mnt/scratch/{GO}'))"
 )
 
 
@@ -173,7 +179,10 @@ def test_sidebar_end_to_end_in_chromium(lab_factory, engine, page):
     sidebar.screenshot(path=str(OUTPUT / "lab-sidebar-running.png"))
     page.screenshot(path=str(OUTPUT / "lab-running.png"))
 
-    expect(code_cell.get_by_text("done on the worker")).to_be_visible()
+    # Seen running: let the cell finish, through the volume it has mounted.
+    [volume] = engine.client.volumes.list(filters={"label": [f"{LABEL_USER}={user}", f"{LABEL_VOLUME}=scratch"]})
+    (Path(volume.attrs["Mountpoint"]) / GO).touch()
+    expect(code_cell.get_by_text("done on the worker True")).to_be_visible()
     cost = code_cell.locator(".jupyter-gpu-cost")
     expect(cost).to_contain_text("⏱ A100-80GB ×1 (simulated)")
     expect(cost).to_contain_text(" · $0.00")  # dollars, not typeset as math

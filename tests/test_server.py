@@ -4,6 +4,8 @@ real daemon with simulated GPUs, reached through the same client code the magic 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import getpass
 import json
 import time
 import uuid
@@ -11,14 +13,16 @@ import uuid
 import pytest
 from jupyter_gpu_server import handlers
 from jupyter_gpu_server.handlers import AUTH_RESOURCE, ROUTES, VERBS, GPUHandler, unauthenticated, unauthorized
-from jupyter_server.auth import Authorizer
+from jupyter_server.auth import Authorizer, authorized
 from support.daemons import docker_args
 from support.shells import run
 from tornado import web
 from tornado.httpclient import HTTPClientError
 
+from jupyter_gpu.client import DaemonError
 from kernel_worker import protocol as P
 from kernel_worker.backends.base import NO_VOLUMES
+from kernel_worker.ledger import DEFAULT_PRICES
 
 WAIT_S = 15.0
 
@@ -75,18 +79,19 @@ async def test_gpus_show_live_state_and_who_holds_them(jp_fetch, gpu_daemon):
     ]
     assert all(g["util"] == 0.0 for g in host["gpus"])
 
-    # A notebook starts a long cell on the H100 and does not wait for it.
+    # A notebook starts a long cell on the H100.
     client = gpu_daemon.client()
     sid = uuid.uuid4().hex
-    code = "import time\ntime.sleep(30)"
-    client.send(P.Message(P.Msg.EXECUTE, {"gpu": "H100", "code": code, "notebook": "/work/train.ipynb"}, sid))
+    code = "import time\ntime.sleep(600)"
+    cell = P.Message(P.Msg.EXECUTE, {"gpu": "H100", "code": code, "notebook": "/work/train.ipynb"}, sid)
+    ended = asyncio.ensure_future(asyncio.to_thread(client.request, cell, timeout=120))
 
     async def h100_busy():
         g = (await api(jp_fetch, "gpus"))["gpus"][0]
         return g if g["util"] == 100.0 else None
 
     g = await until(h100_busy, "the H100 to show as busy")
-    assert g["session"] == sid and g["user"]  # our own session: id and user both shown
+    assert g["session"] == sid and g["user"] == getpass.getuser()  # our own session: id and user both shown
     sessions = (await api(jp_fetch, "sessions"))["sessions"]
     assert [(s["id"], s["state"], s["device"], s["notebook"]) for s in sessions] == [
         (sid, "busy", "H100", "/work/train.ipynb")
@@ -94,12 +99,20 @@ async def test_gpus_show_live_state_and_who_holds_them(jp_fetch, gpu_daemon):
 
     # Release from the sidebar: the running cell ends, the GPU is free again.
     assert await api(jp_fetch, f"sessions/{sid}", "DELETE") == {"released": sid}
-    assert client.request(P.Message(P.Msg.PING, {}, sid), timeout=WAIT_S).type == P.Msg.PONG
+    with pytest.raises(DaemonError) as e:
+        await asyncio.wait_for(ended, 60)
+    assert type(e.value) is DaemonError and e.value.code == P.Err.RELEASED
+    assert str(e.value).startswith(f"session {sid} ended: ")
     host = await api(jp_fetch, "gpus")
     assert host["gpus"][0]["session"] is None and host["gpus"][0]["util"] == 0.0
     assert (await api(jp_fetch, "sessions"))["sessions"] == []
     code, message = await api_error(jp_fetch, f"sessions/{sid}", "DELETE")
     assert code == 404 and "no session" in message
+
+
+def _midnight_before(t: float) -> float:
+    """The start of the local day holding unix time ``t``."""
+    return datetime.datetime.combine(datetime.date.fromtimestamp(t), datetime.time()).timestamp()
 
 
 async def test_cost_per_notebook_and_day(jp_fetch, gpu_daemon, make_shell, monkeypatch, tmp_path):
@@ -109,19 +122,36 @@ async def test_cost_per_notebook_and_day(jp_fetch, gpu_daemon, make_shell, monke
     ip = make_shell(gpu_daemon)
     assert run(ip, "%%gpu H100\nx = 1")[0].success
     assert run(ip, "%%gpu H100\nx += 1")[0].success
+    magics = ip.magics_manager.registry["GPUMagics"]
+    cells = magics.client.call(P.Msg.COST, session=magics.session_id)["cells"]
+    assert [c["kind"] for c in cells] == ["cell", "cell"]
+    price = cells[0]["price_per_hour"]
+    assert price == DEFAULT_PRICES["H100"]
 
+    asked = time.time()
     spend = await api(jp_fetch, "cost")  # since the start of today
+    answered = time.time()
+    # "Today" is the local day of the request, which a run across midnight may change mid-test:
+    # the window starts at one of the two midnights, and the cells counted are those after it.
+    assert spend["since"] in (_midnight_before(asked), _midnight_before(answered))
     [row] = spend["notebooks"]
-    assert row["notebook"] == str(nb) and row["cells"] == 2 and row["usd"] > 0
-    assert [d["day"] for d in spend["days"]] == [time.strftime("%Y-%m-%d")]
-    assert spend["total_usd"] == pytest.approx(row["usd"])
+    assert row["notebook"] == str(nb)
+    assert row["cells"] == sum(c["at"] >= spend["since"] for c in cells)
+    # The live session counts what it has held so far (its cells and the idle time between).
+    assert row["held_s"] > sum(c["wall_s"] for c in cells)
+    assert row["usd"] == pytest.approx(price * row["held_s"] / 3600, rel=1e-9)
+    assert [d["day"] for d in spend["days"]] == [datetime.date.fromtimestamp(spend["now"]).isoformat()]
+    assert spend["total_usd"] == pytest.approx(row["usd"], rel=1e-9)
 
-    run(ip, "%gpu release")
+    assert run(ip, "%gpu release")[0].success
     after = await api(jp_fetch, "cost", since=str(time.time() - 3600))
-    assert after["notebooks"][0]["usd"] >= row["usd"]  # what the session held, idle time included
+    [released] = after["notebooks"]  # what the session held, to its release, idle time included
+    assert released["notebook"] == str(nb) and released["cells"] == 2
+    assert released["held_s"] > row["held_s"]  # released after the first report
+    assert released["usd"] == pytest.approx(price * released["held_s"] / 3600, rel=1e-9)
     assert (await api(jp_fetch, "cost", since=str(time.time() + 60)))["notebooks"] == []
     code, message = await api_error(jp_fetch, "cost", since="yesterday")
-    assert code == 400 and "unix seconds" in message
+    assert (code, message) == (400, "since must be unix seconds, not 'yesterday'")
 
 
 async def test_volumes_need_docker_and_say_so(jp_fetch, gpu_daemon):
@@ -147,7 +177,7 @@ async def test_volumes_create_list_delete_refused_while_mounted(
     assert run(ip, "%%gpu H100 --volume data:/data\nopen('/data/x', 'w').write('1')")[0].success
     code, message = await api_error(jp_fetch, "volumes/data", "DELETE")
     assert code == 409 and "release them first (`%gpu release`)" in message
-    run(ip, "%gpu release")
+    assert run(ip, "%gpu release")[0].success
     assert await api(jp_fetch, "volumes/data", "DELETE") == {"removed": "data"}
     assert (await api(jp_fetch, "volumes")) == {"volumes": []}
 
@@ -165,20 +195,61 @@ async def test_daemon_down_is_a_503_with_a_message(jp_fetch, gpu_daemon):
         assert code == 503 and "jupyter-gpu daemon" in message and "Traceback" not in message
 
 
+XSRF = uuid.uuid4().hex  # a valid _xsrf token: the same value as cookie and header
+
+
+async def anonymous(http_server_client, url: str, verb: str) -> tuple[int, object]:
+    """``verb`` on ``url`` with no token but a matching XSRF cookie and header, so that a
+    refusal can only come from the handler's own authentication; (status, JSON body)."""
+    r = await http_server_client.fetch(
+        url,
+        method=verb.upper(),
+        body="{}" if verb in ("post", "put", "patch") else None,
+        headers={"Cookie": f"_xsrf={XSRF}", "X-XSRFToken": XSRF},
+        allow_nonstandard_methods=True,
+        follow_redirects=False,
+        raise_error=False,
+    )
+    return r.code, json.loads(r.body) if r.body else None
+
+
 async def test_every_endpoint_and_verb_refuses_unauthenticated_requests(
     jp_serverapp, http_server_client, jp_base_url, gpu_daemon
 ):
-    paths = {"gpus", "sessions", "sessions/abc", "volumes", "volumes/data", "cost"}
-    for path in paths:
+    assert jp_serverapp.allow_unauthenticated_access  # the server itself lets through what a handler does not guard
+    paths = {
+        "gpus": ROUTES[0][1],
+        "sessions": ROUTES[1][1],
+        "sessions/abc": ROUTES[2][1],
+        "volumes": ROUTES[3][1],
+        "volumes/data": ROUTES[4][1],
+        "cost": ROUTES[5][1],
+    }
+    for path, cls in paths.items():
         for verb in VERBS:
-            r = await http_server_client.fetch(
-                f"{jp_base_url}jupyter-gpu/api/{path}",
-                method=verb.upper(),
-                body="{}" if verb in ("post", "put", "patch") else None,
-                allow_nonstandard_methods=True,
-                raise_error=False,
-            )
-            assert r.code in (403, 405), f"{verb.upper()} {path} answered {r.code} without a token"
+            got = await anonymous(http_server_client, f"{jp_base_url}jupyter-gpu/api/{path}", verb)
+            # @web.authenticated's refusal, before @authorized or the daemon is asked; a verb
+            # the handler does not serve is not allowed at all.
+            expected = "Forbidden" if verb in cls.__dict__ else "Method Not Allowed"
+            code = 403 if verb in cls.__dict__ else 405
+            assert got == (code, {"message": expected, "reason": None}), f"{verb.upper()} {path}: {got}"
+
+    # The same probe tells a handler that lost @web.authenticated apart: @authorized alone
+    # refuses with its own words, and a bare handler serves anyone.
+    class OnlyAuthorized(GPUHandler):
+        @authorized
+        async def delete(self) -> None:
+            self.finish("{}")
+
+    class Bare(GPUHandler):
+        async def delete(self) -> None:
+            self.finish('{"deleted": "everything"}')
+
+    base = f"{jp_base_url}jupyter-gpu/api/test-only"
+    jp_serverapp.web_app.add_handlers(".*$", [(f"{base}/authorized", OnlyAuthorized), (f"{base}/bare", Bare)])
+    got = await anonymous(http_server_client, f"{base}/authorized", "delete")
+    assert got == (403, {"message": "User is not authorized to write on resource: jupyter_gpu.", "reason": None})
+    assert await anonymous(http_server_client, f"{base}/bare", "delete") == (200, {"deleted": "everything"})
 
 
 def test_an_unauthenticated_handler_is_refused_at_load():

@@ -41,10 +41,13 @@ class Daemon:
         stop_process(self.proc, 10)
 
 
-def start_daemon(tmp: Path, *args: str) -> Daemon:
+def start_daemon(tmp: Path, *args: str, prefix: tuple[str, ...] = ()) -> Daemon:
+    """``python -m kernel_worker`` with ``args``, run through ``prefix`` (a command that
+    ends by exec'ing its arguments, so the daemon keeps its pid) when one is given."""
     cf = tmp / "daemon.json"
     proc = subprocess.Popen(
         [
+            *prefix,
             sys.executable,
             "-m",
             "kernel_worker",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 from kernel_worker.backends.process import STARTS_DIR, _started_at
@@ -30,3 +31,10 @@ def worker_pids(connection_file: str) -> list[int]:
 def stop_workers(connection_file: str) -> None:
     for pid in worker_pids(connection_file):
         os.kill(pid, signal.SIGKILL)
+
+
+def forget_daemon(connection_file: str) -> None:
+    """After a test's daemon has stopped (or was killed): its leftover workers and its state
+    directory (records, logs, sockets), which are that test's alone."""
+    stop_workers(connection_file)
+    shutil.rmtree(default_state_dir(connection_file), ignore_errors=True)
