@@ -25,6 +25,7 @@ import zmq
 
 # The daemon and the Docker engine are started exactly as the tests start them.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from figures import gbps, ms, pct  # noqa: E402
 from support.daemons import start_daemon  # noqa: E402
 from support.logs import LogWatcher  # noqa: E402
 from support.procs import stop_process, wait_listening  # noqa: E402
@@ -38,19 +39,6 @@ def private_dir(tmp: str, name: str) -> Path:
 
 MB = 1024 * 1024
 BIG = 256 * MB
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
-def ms(x: float) -> str:
-    return f"{x * 1000:.2f} ms"
-
-
-def gbps(nbytes: int, seconds: float) -> str:
-    return f"{nbytes / seconds / 1e9:.2f} GB/s ({ms(seconds)})"
 
 
 # ----------------------------------------------------------------------------- raw pyzmq

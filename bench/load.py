@@ -54,6 +54,8 @@ from traitlets.config import Config
 
 # The daemon is started exactly as the tests start it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # imported by path from tests/test_load.py too
+from figures import ms, pct  # noqa: E402
 from support.daemons import Daemon, start_daemon  # noqa: E402
 
 GPU_MODEL = "H100"
@@ -337,15 +339,6 @@ def run_load(spec: str, n: int, cells: int, workdir: Path, daemon_pid: int | Non
 
 
 # ----------------------------------------------------------------------------- the table
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
-
-
-def ms(x: float) -> str:
-    return f"{x * 1000:.2f} ms"
 
 
 def secs(x: float) -> str:

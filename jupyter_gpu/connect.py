@@ -79,7 +79,10 @@ class DaemonTarget(Configurable):
         self._tunnel: Any = None
 
     def connected(self) -> DaemonClient:
-        """The open client, opened (with its tunnel) on first use."""
+        """The open client, opened (with its tunnel) on first use, and again when its SSH
+        tunnel died since the last request (a request into a dead tunnel would only time out)."""
+        if self._tunnel is not None and not self._tunnel.alive():
+            self.disconnect()
         if self._client is None:
             self._client, self._tunnel = self.open_client()
         return self._client

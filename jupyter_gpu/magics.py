@@ -25,6 +25,8 @@ from jupyter_gpu.keepalive import Keepalive
 from jupyter_gpu.notebook import IMAGE_FROM_METADATA, cell_image
 from jupyter_gpu.output import Relay, image_text, show_cost, show_note, show_notes
 from jupyter_gpu.status_line import MODES, StatusLine
+from jupyter_gpu.workdir import WorkdirSync
+from jupyter_gpu.workdir_wire import WorkdirWire, WorkspaceCells
 from kernel_worker import bulk, serialize
 from kernel_worker import protocol as P
 
@@ -38,7 +40,7 @@ def _ordinal(n: int) -> str:
 
 
 @magics_class
-class GPUMagics(Commands, BackgroundCells, Magics, connect.DaemonTarget):
+class GPUMagics(Commands, WorkspaceCells, BackgroundCells, Magics, connect.DaemonTarget):
     default_gpu = Unicode("any", help="GPU request used when a %%gpu cell names none (H100, A100:2, any, cpu...).").tag(
         config=True
     )
@@ -59,6 +61,13 @@ class GPUMagics(Commands, BackgroundCells, Magics, connect.DaemonTarget):
         "foreground (wait, as without it), or auto: detach where a Jupyter Server frontend shows the cell, "
         "foreground in a headless run (nbconvert, papermill), which would end before the job's output came.",
     ).tag(config=True)
+    sync_workdir = Bool(
+        True,
+        help="Where the worker cannot work in the notebook's own directory (a daemon on another host or as another "
+        "user, or the docker backend), sync that directory to a per-user workspace on the daemon's host before each "
+        "cell and run the cell there (only changed files travel; c.WorkdirSync sets excludes and limits). "
+        "%%gpu --no-sync turns it off for one cell.",
+    ).tag(config=True)
     keepalive_interval = Float(
         10.0,
         help="Seconds between the kernel's keepalive pings while it has a session; a kernel silent past the daemon's "
@@ -75,6 +84,9 @@ class GPUMagics(Commands, BackgroundCells, Magics, connect.DaemonTarget):
         self._worker_image: tuple[str, str] | None = None  # (image, origin) the current worker started with
         self._per_thread = threading.local()  # a background job's cell state is its own thread's
         self.jobs = Jobs()
+        self.workdir = WorkdirWire(WorkdirSync(parent=self))  # c.WorkdirSync.*: excludes, limits
+        if shell is not None:  # so `%config WorkdirSync.max_file_bytes = ...` reaches it
+            shell.configurables.append(self.workdir.sync)
         self._keepalive: Keepalive | None = None
         self._kept: tuple = (None, "")  # (client, session) the keepalive follows
         atexit.register(self._at_exit)
@@ -185,6 +197,13 @@ class GPUMagics(Commands, BackgroundCells, Magics, connect.DaemonTarget):
         action="store_true",
         help="Return at once; the cell runs on, its output arriving in this cell (%%gpu jobs / wait / cancel).",
     )
+    @argument("--no-sync", action="store_true", help="Do not sync the notebook's directory to the worker.")
+    @argument(
+        "--fetch",
+        action="append",
+        default=[],
+        help="After the cell, bring this file, directory or glob back from the synced workspace (repeatable).",
+    )
     @cell_magic("gpu")
     def gpu_cell(self, line: str, cell: str) -> Any:
         """Run this cell on a warm remote worker with a GPU.
@@ -243,9 +262,12 @@ class GPUMagics(Commands, BackgroundCells, Magics, connect.DaemonTarget):
         }
         directory = self._bulk_dir()
         content["bulk_ok"] = directory is not None
-        if directory is not None:  # the worker shares this host and user: it works where the notebook does
+        workspace = self._sync_for_cell(args, directory, client)  # the notebook's directory, where needed
+        if workspace is not None:  # the daemon runs the cell in its synced copy
+            content["workspace"] = workspace
+        elif directory is not None:  # the worker shares this host and user: it works where the notebook does
             content["cwd"] = os.getcwd()
-        relay = job.output if job is not None else Relay()
+        relay = job.output if job is not None else Relay(answer=self._answer_input)
         started = False
         status = StatusLine("off" if job is not None else self.status_line)
         self._keep_alive(self.session_id)
@@ -314,6 +336,7 @@ class GPUMagics(Commands, BackgroundCells, Magics, connect.DaemonTarget):
                 "the cell called exit() or raised SystemExit: its worker ended and the session was released, as "
                 "a kernel restart would; the next %%gpu cell starts a fresh worker"
             )
+        self._after_sync_cell(args, workspace, done, client)
         if not started and (self._worker_image or (None, ""))[0] != image:
             self._kept_image_note(image)
         if job is not None:
@@ -325,6 +348,10 @@ class GPUMagics(Commands, BackgroundCells, Magics, connect.DaemonTarget):
         if relay.error is not None:
             raise relay.error
         return relay.result
+
+    def _answer_input(self, question: P.Message, content: dict) -> None:
+        """What the user typed at the remote cell's input() (asked here, as a local cell would)."""
+        self.client.send(P.Message(P.Msg.INPUT_REPLY, content, self.session_id, parent=question.id))
 
     def _started(self, info: dict) -> None:
         """A new worker for this notebook: whatever the old one held is gone."""
@@ -385,6 +412,7 @@ class GPUMagics(Commands, BackgroundCells, Magics, connect.DaemonTarget):
         %gpu wait [JOB]      wait for one (the last by default), showing its output
         %gpu cancel JOB      interrupt one
         %gpu volumes [ls | du | create NAME | rm NAME]   your volumes (docker backend)
+        %gpu fetch PATH...   files cells wrote in the synced workspace, into the notebook's directory
         %gpu connect ssh://user@host[:port] [--key F] [--known-hosts F] [--accept-new-host]
         %gpu connect tcp://host:port --server-key KEY [--client-key PATH]   (CurveZMQ)
         %gpu connect local   back to the daemon on this machine
@@ -402,6 +430,7 @@ class GPUMagics(Commands, BackgroundCells, Magics, connect.DaemonTarget):
             "jobs": self._jobs,
             "wait": self._wait,
             "cancel": self._cancel,
+            "fetch": self._fetch,
         }
         if cmd not in handlers:
             raise GPUCellError(f"unknown %gpu command {cmd!r}; use one of: {', '.join(handlers)}")

@@ -3,9 +3,10 @@ and the cost line that ends every cell."""
 
 from __future__ import annotations
 
+import getpass
 import html
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from IPython.display import clear_output, display
 
@@ -47,11 +48,13 @@ class RemoteCellError(Exception):
 
 
 class Relay:
-    """Applies one cell's remote messages to the local output area."""
+    """Applies one cell's remote messages to the local output area. ``answer`` sends the
+    reply to a remote input() (an INPUT_REPLY for the given request)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Callable[[P.Message, dict], None] | None = None) -> None:
         self.result: RemoteResult | None = None
         self.error: RemoteCellError | None = None
+        self.answer = answer
 
     def __call__(self, msg: P.Message) -> None:
         c = msg.content
@@ -72,10 +75,22 @@ class Relay:
             clear_output(wait=bool(c.get("wait")))
         elif t == P.Msg.RESULT:
             self.result = RemoteResult(c.get("data", {}), c.get("metadata", {}))
+        elif t == P.Msg.INPUT_REQUEST and self.answer is not None:
+            self.answer(msg, ask(str(c.get("prompt", "")), bool(c.get("password"))))
         elif t == P.Msg.ERROR:
             self.error = RemoteCellError.named(
                 str(c.get("ename", "Error")), str(c.get("evalue", "")), list(c.get("traceback") or [])
             )
+
+
+def ask(prompt: str, password: bool) -> dict:
+    """A remote input()'s question, asked here as a local cell would (the kernel's own
+    input() is Jupyter's input_request); the content of the INPUT_REPLY."""
+    sys.stdout.flush()
+    try:
+        return {"value": getpass.getpass(prompt) if password else input(prompt)}
+    except Exception as e:  # StdinNotImplementedError in a headless run: the remote cell gets it
+        return {"error": type(e).__name__, "message": str(e)}
 
 
 def _bytes(n: int | None) -> str:

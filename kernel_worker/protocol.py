@@ -52,6 +52,9 @@ class Msg:
     SPEND = "spend"
     PING = "ping"  # also: "is request R still coming?" and, with keepalive, "this kernel is alive"
     ATTACH = "attach"  # take over a session left by another kernel: its output so far, then live
+    INPUT_REPLY = "input_reply"  # what the user typed at a remote input() / getpass() (or why nothing)
+    SYNC = "sync"  # the notebook's directory to its workspace: a manifest, then the files the daemon lacks
+    FETCH = "fetch"  # files from the workspace back to the notebook's directory
     # daemon -> client
     WELCOME = "welcome"
     QUEUED = "queued"
@@ -71,6 +74,7 @@ class Msg:
     DONE = "done"
     VALUES = "values"
     NEED = "need"  # the worker lacks values the request assumed it holds: nothing ran
+    INPUT_REQUEST = "input_request"  # a remote cell called input() or getpass(): ask the notebook's user
     # executor <-> daemon only
     READY = "ready"
     HEARTBEAT = "heartbeat"
@@ -89,10 +93,13 @@ CLIENT_REQUESTS = frozenset(
         Msg.SPEND,
         Msg.PING,
         Msg.ATTACH,
+        Msg.INPUT_REPLY,
+        Msg.SYNC,
+        Msg.FETCH,
     }
 )
 # Requests the daemon passes on to the session's executor.
-EXECUTOR_REQUESTS = frozenset({Msg.EXECUTE, Msg.PULL, Msg.PING})
+EXECUTOR_REQUESTS = frozenset({Msg.EXECUTE, Msg.PULL, Msg.PING, Msg.INPUT_REPLY})
 # What an executor may send. Everything but READY/HEARTBEAT is relayed to the client.
 EXECUTOR_REPLIES = frozenset(
     {
@@ -108,6 +115,7 @@ EXECUTOR_REPLIES = frozenset(
         Msg.VALUES,
         Msg.NEED,
         Msg.PONG,
+        Msg.INPUT_REQUEST,
     }
 )
 # Replies that end a request: the client stops waiting after one of these.
@@ -136,6 +144,7 @@ class Err:
     RELEASED = "released"
     SHUTDOWN = "shutdown"
     VOLUME = "volume"
+    WORKSPACE = "workspace"  # a sync or fetch refused: a bad relpath, the quota, a missing file
     RESTARTED = "daemon_restarted"  # the daemon that was serving a request is gone, and so is the request
 
 

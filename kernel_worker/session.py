@@ -47,6 +47,7 @@ class Session:
     client_seen: float = 0.0  # its kernel's last keepalive (0: it never sent one)
     detached: bool = False  # its kernel stopped its keepalives
     late: list = field(default_factory=list)  # output written after its cell returned, for the next cell
+    waiting: set = field(default_factory=set)  # ids of requests that wait for its adopted worker
 
     def __post_init__(self) -> None:
         self.wid = self.wid or self.id

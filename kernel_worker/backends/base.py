@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import signal
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
@@ -20,6 +20,7 @@ from kernel_worker.inventory import GPU
 
 SOCKET_NAME = "worker.sock"
 GPU_DEVICES_ENV = "JUPYTER_GPU_DEVICES"  # MODEL:UUID,... of the GPUs a worker was given, or "cpu"
+WORKSPACE_TARGET = "/workspace"  # where a container sees its session's workspace (the notebook's synced directory)
 NO_VOLUMES = "volumes need the docker backend: run the daemon with `jupyter gpu daemon --backend docker`"
 
 
@@ -88,6 +89,9 @@ class Backend(LoggingConfigurable):
     """Runs executors. Implementations: ``process`` (this host), ``docker``."""
 
     has_volumes = False  # whether the *_volume methods below are implemented
+    mounts_workspace = False  # whether a worker sees its workspace only if it was started with it
+    # Set by the daemon: worker id -> host path of its session's workspace ('' for none).
+    workspace_for: Callable[[str], str] | None = None
 
     orphan_timeout = Float(
         0.0, help="Seconds a worker waits for its daemon to come back after losing it, then exits."
@@ -137,6 +141,10 @@ class Backend(LoggingConfigurable):
     async def wait(self, handle: Any) -> WorkerExit:
         """Return once the worker has ended, however it ended."""
         raise NotImplementedError
+
+    def workspace_cwd(self, host_path: str) -> str:
+        """Where a worker sees the workspace at ``host_path``: the same path on this host."""
+        return host_path
 
     def gpu_env(self, gpus: list[GPU]) -> dict[str, str]:
         """Pin exactly the assigned GPUs; simulated ones are only announced."""

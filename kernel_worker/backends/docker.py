@@ -29,6 +29,7 @@ from traitlets import Dict, Float, Int, List, TraitError, Unicode, validate
 from kernel_worker.backends.base import (
     GPU_DEVICES_ENV,
     SOCKET_NAME,
+    WORKSPACE_TARGET,
     Backend,
     VolumeError,
     WorkerExit,
@@ -65,6 +66,7 @@ class Container:
 
 class DockerBackend(DockerVolumes, Backend):
     has_volumes = True
+    mounts_workspace = True
 
     image = Unicode("jupyter-gpu-worker:latest", help="Image for sessions that name none with --image.").tag(
         config=True
@@ -203,6 +205,24 @@ class DockerBackend(DockerVolumes, Backend):
             raise VolumeError(f"two volumes on one path: {', '.join(paths)}")
         return volumes
 
+    def workspace_cwd(self, host_path: str) -> str:
+        return WORKSPACE_TARGET
+
+    def _workspace_mount(self, spec: WorkerSpec, volumes: list[VolumeSpec]) -> list:
+        """The session's own workspace (and no other), read-write at WORKSPACE_TARGET."""
+        host = self.workspace_for(spec.session) if self.workspace_for is not None else ""
+        if not host:
+            return []
+        for v in volumes:
+            if v.path == WORKSPACE_TARGET or (v.path + "/").startswith(WORKSPACE_TARGET + "/"):
+                raise VolumeError(
+                    f"--volume {v.name}:{v.path} would cover the notebook's synced directory at {WORKSPACE_TARGET}: "
+                    "mount it elsewhere, or use --no-sync"
+                )
+            if WORKSPACE_TARGET.startswith(v.path.rstrip("/") + "/"):
+                raise VolumeError(f"--volume {v.name}:{v.path} would hold {WORKSPACE_TARGET}: mount it elsewhere")
+        return [self._docker.types.Mount(WORKSPACE_TARGET, host, type="bind")]
+
     async def start(self, spec: WorkerSpec) -> Container:
         return await asyncio.to_thread(self._start, spec)
 
@@ -225,6 +245,8 @@ class DockerBackend(DockerVolumes, Backend):
             d.types.Mount(SOCKET_TARGET, spec.socket_dir, type="bind"),
             d.types.Mount(BULK_TARGET, spec.bulk_dir, type="bind"),
         ]
+        workspace = self._workspace_mount(spec, volumes)
+        mounts += workspace
         for v in volumes:
             vol = self._volume(spec.user, v.name, create=True, action="mount")
             mounts.append(d.types.Mount(v.path, vol.name, type="volume", read_only=v.read_only))
@@ -263,7 +285,7 @@ class DockerBackend(DockerVolumes, Backend):
                 device_requests=devices,
                 pids_limit=self.pids_limit,
                 shm_size=self.shm_size,
-                working_dir="/tmp",
+                working_dir=WORKSPACE_TARGET if workspace else "/tmp",
                 init=True,  # a real PID 1: reaps `!cmd` children, forwards signals, lets a crash be a crash
                 user=f"{uid}:{gid}",
                 cap_drop=["ALL"],

@@ -13,6 +13,7 @@ ZeroMQ frames they arrived in, never unpickled and never copied. Each job has a 
     pool.py       the warm pool (keep_warm)
     services.py   hello, status, cost, spend, volumes
     telemetry.py  GPU sampling and progress messages while a cell runs
+    workdirs.py   the notebook's directory synced to a per-user workspace: SYNC, FETCH, a cell's cwd
     pump.py       serving the sockets from the event loop
     paths.py      where the daemon keeps things
 
@@ -50,6 +51,7 @@ from kernel_worker.daemon.records import Records
 from kernel_worker.daemon.services import Services
 from kernel_worker.daemon.sessions import Sessions
 from kernel_worker.daemon.telemetry import Telemetry
+from kernel_worker.daemon.workdirs import Workdirs
 from kernel_worker.daemon.workers import Workers
 from kernel_worker.ledger import DEFAULT_PRICES, Ledger
 
@@ -153,8 +155,9 @@ class WorkerDaemon(LoggingConfigurable):
         "(a running cell keeps running; `%gpu attach` in another kernel takes it over).",
     ).tag(config=True)
     orphan_grace = Float(
-        300.0,
-        help="Seconds a detached session with no cell running is kept for `%gpu attach` before it is released.",
+        120.0,
+        help="Seconds a detached session with no cell running is kept for `%gpu attach` before it is released "
+        "(its GPUs are held meanwhile). Raise it where people come back to a long job the next morning.",
     ).tag(config=True)
     output_memory_bytes = Int(
         8 * 1024**2,
@@ -175,6 +178,13 @@ class WorkerDaemon(LoggingConfigurable):
     user = Unicode(
         help="Who the sessions of this daemon's connection file belong to; volumes are namespaced by it. "
         "Set by the operator, never by a client. Default: the OS user running the daemon."
+    ).tag(config=True)
+
+    workspace_timeout = Float(
+        300.0,
+        help="Seconds one workspace sync or fetch may spend on the daemon's disk (in a thread) before it is "
+        "refused; the limits on what is synced are c.Workspaces.* (quota_bytes per user, max_files, "
+        "max_fetch_bytes, root).",
     ).tag(config=True)
 
     backend_instance = Instance(Backend, allow_none=True)
@@ -242,7 +252,9 @@ class WorkerDaemon(LoggingConfigurable):
         self.reaper = Reaper(self)
         self.services = Services(self)
         self.telemetry = Telemetry(self)
-        sv, ss = self.services, self.sessions
+        self.workdirs = Workdirs(self)
+        self.backend_instance.workspace_for = self.workdirs.mount_for
+        sv, ss, wd = self.services, self.sessions, self.workdirs
         self.front.route(
             {
                 P.Msg.PING: self.attach.ping,
@@ -252,10 +264,13 @@ class WorkerDaemon(LoggingConfigurable):
                 P.Msg.COST: sv.cost,
                 P.Msg.SPEND: sv.spend,
                 P.Msg.VOLUMES: sv.volumes,
-                P.Msg.EXECUTE: ss.handle_run,
+                P.Msg.EXECUTE: wd.wrap_execute(ss.handle_run),
                 P.Msg.PULL: ss.handle_run,
                 P.Msg.INTERRUPT: ss.handle_interrupt,
+                P.Msg.INPUT_REPLY: ss.handle_input_reply,
                 P.Msg.RELEASE: ss.handle_release,
+                P.Msg.SYNC: wd.sync,
+                P.Msg.FETCH: wd.fetch,
             }
         )
 

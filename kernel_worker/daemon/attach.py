@@ -162,6 +162,8 @@ class Attach:
         ident, wanted, _seen = claim
         if s.current is not None and s.current.id == wanted:
             s.client = ident  # the journal that follows goes to it; it drops what it saw
+        elif wanted in s.waiting:
+            pass  # a request that came after the restart: it runs now that the worker is back
         else:
             self.d.front.fail(ident, wanted, P.Err.RESTARTED, restarted_text(s.id))
 

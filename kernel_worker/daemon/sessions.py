@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 
 NOTEBOOK_MAX_CHARS = 512
+INPUT_MAX_CHARS = 1024**2  # what a user types at a remote input()
 EXITED = "the cell called exit() (or raised SystemExit), which ends the worker as it would end a kernel"
 
 
@@ -100,6 +101,7 @@ class Sessions:
 
     async def _run_when_adopted(self, s: Session, ident: bytes, msg: P.Message, user: str) -> None:
         """A request for a worker adopted after a restart that has not reconnected yet."""
+        s.waiting.add(msg.id)  # a ping about it is answered "coming"
         try:
             await asyncio.wait_for(asyncio.shield(s.ready), self.d.worker_start_timeout)
         except asyncio.TimeoutError:
@@ -107,6 +109,8 @@ class Sessions:
             await self.release(s, why, code=P.Err.WORKER_DIED)
             self.d.front.fail(ident, msg, P.Err.WORKER_DIED, f"session {s.id} ended: {why}")
             return
+        finally:
+            s.waiting.discard(msg.id)
         self._run(ident, msg, user)
 
     async def handle_release(self, ident: bytes, msg: P.Message, user: str) -> None:
@@ -126,6 +130,19 @@ class Sessions:
                 t.cancel()
             done = True
         self.d.front.reply(ident, msg, {"interrupted": done})
+
+    def handle_input_reply(self, ident: bytes, msg: P.Message, user: str) -> None:
+        """What the user typed at a remote input(): to the worker whose cell asked."""
+        s = self.live.get(msg.session)
+        value, error = msg.content.get("value"), msg.content.get("error")
+        if not (isinstance(value, str) or isinstance(error, str)) or len(value or error) > INPUT_MAX_CHARS:
+            self.d.front.fail(
+                ident, msg, P.Err.BAD_MESSAGE, f"an input reply is one string of at most {INPUT_MAX_CHARS}"
+            )
+        elif s is not None and s.state == "busy" and s.current is not None and s.current.type == P.Msg.EXECUTE:
+            self.d.workers.send(s, msg)
+        else:
+            self.log.info("dropped an input reply for session %s: no cell of it is running", msg.session)
 
     def _over_limit(self, user: str, req: scheduler.Request, replacing: Session | None) -> str:
         """Why ``user`` may not start another session for ``req`` now ("" when they may)."""
@@ -149,6 +166,7 @@ class Sessions:
 
     def begin(self, s: Session, ident: bytes, msg: P.Message) -> None:
         """Hand a request to the session's idle worker."""
+        self.d.workdirs.before_cell(s)  # a warm container taken for a synced notebook gets its workspace
         if ident != s.client:  # a new client (a reconnect): a restarted daemon must know it
             s.client = ident
             if s.state == "idle":
@@ -194,7 +212,8 @@ class Sessions:
             s.current = None
             s.last_active = time.monotonic()
             s.cell_done.set()
-        self.d.attach.relay(s, msg)
+        if msg.type != P.Msg.DONE or not self.d.workdirs.after_cell(s, msg):  # after_cell relays it, counted
+            self.d.attach.relay(s, msg)
         if msg.type == P.Msg.DONE and msg.content.get("exit"):
             self.release_now(s, EXITED)
 

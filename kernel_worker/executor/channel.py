@@ -182,6 +182,26 @@ class Channel:
                 self.begin(msg)
                 return msg
 
+    def answer_to(self, question: P.Message, timeout: float) -> P.Message | None:
+        """Main thread, inside a running cell: the daemon's answer to ``question`` (an input
+        request), or None after ``timeout``. The lock is held only while reading."""
+        with self.lock:
+            if not self.sock.poll(timeout * 1000):
+                return None
+            frames = self.sock.recv_multipart(copy=False)
+        try:
+            _, rest = P.split_routing(frames)
+            msg = P.unpack(rest, self.signer, allowed=P.EXECUTOR_REQUESTS)
+        except P.ProtocolError as e:
+            print(f"jupyter-gpu executor: dropped bad message: {e}", file=sys.__stderr__)
+            return None
+        if msg.type == P.Msg.INPUT_REPLY and msg.parent == question.id:
+            return msg
+        print(
+            f"jupyter-gpu executor: dropped a {msg.type} that came while a cell waited for input", file=sys.__stderr__
+        )
+        return None
+
     def flusher(self) -> None:
         """Flusher thread: while a request runs, send output as it comes due, and answer
         a daemon that comes back (the monitor's descriptor wakes us)."""

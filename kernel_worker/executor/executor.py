@@ -20,6 +20,7 @@ from kernel_worker import protocol as P
 from kernel_worker.executor.channel import Channel
 from kernel_worker.executor.outbox import Outbox, StreamWriter, capture_fds
 from kernel_worker.executor.runner import Runner
+from kernel_worker.executor.stdin import RemoteStdin
 
 EXIT_LINGER_MS = 5000  # how long an exiting worker waits for its last reply to leave
 FD_DRAIN_TIMEOUT_S = 2.0  # how long a reply waits for fd output written before it
@@ -76,6 +77,8 @@ class Executor:
         sys.stdout = StreamWriter("stdout", self.outbox)
         sys.stderr = StreamWriter("stderr", self.outbox)
         self.runner = Runner(self.outbox)
+        self.stdin = RemoteStdin(self.channel)
+        self.stdin.install()
         signal.signal(signal.SIGINT, self._on_sigint)
         threading.Thread(target=self.channel.flusher, name="jgpu-flush", daemon=True).start()
         self.channel.ready_content = {"versions": _versions(), "ipython": self.runner.shell is not None}
@@ -140,7 +143,7 @@ class Executor:
         return self.runner.ns
 
     def execute(self, msg: P.Message) -> P.Message:
-        self.outbox.parent = msg
+        self.outbox.parent = self.stdin.request = msg
         t0 = time.monotonic()
         ok, content, frames = True, {}, []
         loaded = False
@@ -167,6 +170,7 @@ class Executor:
                 ok = False
             finally:
                 self.running = False
+                self.stdin.request = None  # a thread's input() after the cell has nobody to ask
         sys.stdout.flush()
         for pump in self.fd_pumps:  # what C code and subprocesses wrote goes out before the reply
             pump.drain(FD_DRAIN_TIMEOUT_S)

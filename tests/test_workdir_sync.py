@@ -1,0 +1,277 @@
+"""The notebook's directory as the worker's, where the worker cannot share it: synced to a
+per-user workspace on the daemon's host (real daemons: one whose files the notebook
+cannot see, a docker backend on a real engine, two CURVE users), only changed files
+travelling, excludes and limits said in the cost line, what a cell wrote counted and
+fetched back, hostile relpaths refused with nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from support.curve import curve_users
+from support.daemons import docker_args
+from support.shells import notes, run
+
+from jupyter_gpu.client import DaemonClient, DaemonError
+from jupyter_gpu.workdir import notebook_key
+from kernel_worker import protocol as P
+
+CSV = "a,b\n1,2\n3,4\n"
+
+
+@pytest.fixture
+def notebook_dir(tmp_path, monkeypatch) -> Path:
+    """A notebook's directory, the kernel's cwd: data to read, an ignored secret, a big file."""
+    nb = tmp_path / "nb"
+    (nb / "data").mkdir(parents=True)
+    (nb / "data" / "x.csv").write_text(CSV)
+    (nb / "helper.py").write_text("ANSWER = 42\n")
+    (nb / ".jupyter-gpu-ignore").write_text("secret.txt\n")
+    (nb / "secret.txt").write_text("do not send")
+    (nb / "big.bin").write_bytes(b"\0" * 5000)
+    monkeypatch.chdir(nb)
+    return nb
+
+
+def magics(ip):
+    return ip.magics_manager.registry["GPUMagics"]
+
+
+def cell_ok(ip, cell: str):
+    result, cap = run(ip, cell)
+    assert result.success, (result.error_in_exec, cap.stdout, cap.stderr)
+    return cap
+
+
+def synced_files(daemon) -> int:
+    return sum(1 for line in daemon.log.lines if "workspace sync for" in line)
+
+
+def check_sync_round_trip(ip, notebook_dir: Path, daemon, cwd_seen: str | None) -> None:
+    """The whole story on one daemon: read data/x.csv, import helper, ignored and too-big
+    files left out (said once), nothing sent for an unchanged tree, one file for one
+    change, a cell's file counted and fetched back both ways."""
+    m = magics(ip)
+    cell_ok(ip, "%config WorkdirSync.max_file_bytes = 1000")
+    cap = cell_ok(
+        ip,
+        "%%gpu cpu\nimport os, helper\nprint(open('data/x.csv').read().splitlines()[1], helper.ANSWER, "
+        "os.path.exists('secret.txt'), os.path.exists('big.bin'), os.getcwd())",
+    )
+    first, _, cwd = cap.stdout.strip().rpartition(" ")
+    assert first == "1,2 42 False False"
+    assert cwd != str(notebook_dir)  # a copy, not the notebook's own directory
+    if cwd_seen is not None:
+        assert cwd == cwd_seen
+    said = " ".join(notes(cap))
+    assert "big.bin (5.0 kB, over WorkdirSync.max_file_bytes = 1.0 kB)" in said, said
+    assert "secret.txt" not in said  # excluded on purpose: not a surprise worth a note
+    stats = dict(m.workdir.stats)
+    assert stats["requests"] == 2 and stats["files"] == 3  # .jupyter-gpu-ignore, data/x.csv, helper.py
+    logged = synced_files(daemon)
+
+    # Unchanged tree: a scan, and not one message.
+    cap = cell_ok(ip, "%%gpu cpu\nprint(len(open('data/x.csv').read()))")
+    assert cap.stdout == f"{len(CSV)}\n"
+    assert m.workdir.stats["requests"] == stats["requests"] and m.workdir.stats["scans"] == stats["scans"] + 1
+    assert synced_files(daemon) == logged
+    assert not any("big.bin" in n for n in notes(cap))  # said when it was synced
+
+    # One file changed: only it travels.
+    (notebook_dir / "data" / "x.csv").write_text(CSV + "5,6\n")
+    cap = cell_ok(ip, "%%gpu cpu\nprint(open('data/x.csv').read().splitlines()[-1])")
+    assert cap.stdout == "5,6\n"
+    assert m.workdir.stats["files"] == stats["files"] + 1 and m.workdir.stats["requests"] == stats["requests"] + 2
+
+    # A cell's files: counted in the cost line, brought back by %gpu fetch and --fetch.
+    cap = cell_ok(
+        ip,
+        "%%gpu cpu\nos.makedirs('out', exist_ok=True)\nopen('out/result.txt', 'w').write('r1')\n"
+        "open('out/plot.png', 'wb').write(b'png')",
+    )
+    said = " ".join(notes(cap))
+    assert "2 files created or changed in the workspace (out/plot.png, out/result.txt): `%gpu fetch`" in said, said
+    assert not (notebook_dir / "out").exists()
+    cap = cell_ok(ip, "%gpu fetch out/result.txt")
+    assert (notebook_dir / "out" / "result.txt").read_text() == "r1"
+    assert "fetched 1 file" in cap.stdout
+    cap = cell_ok(ip, "%%gpu cpu --fetch out/*.csv\nopen('out/table.csv', 'w').write('t')")
+    assert (notebook_dir / "out" / "table.csv").read_text() == "t"
+    said = " ".join(notes(cap))
+    assert "fetched 1 file into nb: out/table.csv" in said and "1 file created or changed" in said, said
+    # --no-sync: no scan, no request.
+    before = dict(m.workdir.stats)
+    cell_ok(ip, "%%gpu cpu --no-sync\nx = 1")
+    assert m.workdir.stats == before
+
+
+@pytest.mark.daemon_args("--Workspaces.root={tmp}/workspaces")
+def test_a_daemon_on_another_host_runs_cells_in_the_synced_directory(elsewhere_daemon, make_shell, notebook_dir):
+    ip = make_shell(elsewhere_daemon)
+    assert magics(ip).client.bulk_root() is None  # not the same host: no shortcut
+    key = notebook_key(str(notebook_dir))
+    user_dir = Path(elsewhere_daemon.connection_file).parent / "workspaces"
+    check_sync_round_trip(ip, notebook_dir, elsewhere_daemon, None)
+    tree = next(user_dir.glob(f"*/{key}/tree"))
+    assert (tree / "data" / "x.csv").exists() and not (tree / "secret.txt").exists()
+    assert oct(tree.stat().st_mode & 0o777) == "0o700"
+
+
+def test_the_docker_backend_runs_cells_in_the_synced_directory(
+    engine, daemon_factory, make_shell, notebook_dir, tmp_path
+):
+    d = daemon_factory(*docker_args(engine, f"--Workspaces.root={tmp_path}/workspaces"))
+    ip = make_shell(d)
+    assert magics(ip).client.bulk_root() is not None  # same host, yet a container: it syncs
+    check_sync_round_trip(ip, notebook_dir, d, "/workspace")
+    # The container sees its own workspace only: no other user's directory, no root.
+    cap = cell_ok(ip, "%%gpu cpu\nimport os\nprint(sorted(os.listdir('/workspace')), os.path.exists('/workspaces'))")
+    assert cap.stdout.strip().endswith("False") and "'data'" in cap.stdout
+    # A worker started by a --no-sync cell has no workspace: a later syncing cell says so.
+    cell_ok(ip, "%gpu release")
+    cell_ok(ip, "%%gpu cpu --no-sync\nx = 1")
+    cap = cell_ok(ip, "%%gpu cpu\nimport os\nprint(os.getcwd())")
+    assert cap.stdout == "/tmp\n"
+    assert any("started without the notebook's directory" in n for n in notes(cap)), notes(cap)
+    cell_ok(ip, "%gpu release")
+    cap = cell_ok(ip, "%%gpu cpu\nimport os\nprint(os.getcwd(), open('data/x.csv').read().count(chr(10)))")
+    assert cap.stdout == "/workspace 4\n"
+
+
+def sync_msg(key: str, manifest: dict, files: dict | None = None, raw: bytes | None = None) -> P.Message:
+    files = files or {}
+    body = raw if raw is not None else json.dumps(manifest).encode()
+    return P.Message(P.Msg.SYNC, {"key": key, "files": list(files)}, "s1", buffers=[body, *files.values()])
+
+
+def entry(data: bytes) -> list:
+    return [len(data), hashlib.sha256(data).hexdigest(), 0o644]
+
+
+def test_hostile_sync_requests_are_refused_and_nothing_is_written(daemon_factory, tmp_path):
+    root = tmp_path / "workspaces"
+    d = daemon_factory(f"--Workspaces.root={root}")
+    c = d.client()
+    key = "ab" * 16
+    outside = tmp_path / "evil"
+    for rel in ("../evil", "/tmp/evil", "a/../../evil", "", "a//b", "x\x00y", ".", "a/./b", "d\n"):
+        data = b"pwned"
+        for files in ({}, {rel: data}):
+            with pytest.raises(DaemonError) as e:
+                c.request(sync_msg(key, {rel: entry(data)}, files), timeout=10)
+            assert e.value.code == P.Err.WORKSPACE, (rel, str(e.value))
+            assert "file name" in str(e.value)
+    bad = [
+        (sync_msg("../../etc", {"a": entry(b"a")}), "is not a workspace key"),
+        (sync_msg(key, {}, raw=b"[" * 100000), "not JSON"),
+        (sync_msg(key, {}, raw=b"[1, 2]"), "is not a JSON object"),
+        (sync_msg(key, {"a": [1, "nope", 0o644]}), "has no sha256"),
+        (sync_msg(key, {"a": [-1, "0" * 64, 0o644]}), "bad size or mode"),
+        (sync_msg(key, {"a": entry(b"abc")}, {"a": b"abcdef"}), "6 bytes sent, the manifest says 3"),
+        (sync_msg(key, {"a": entry(b"a")}, {"b": b"a"}), "no contents sent for 'a'"),
+        (sync_msg(key, {"a": entry(b"a"), "b": entry(b"b")}, {"a": b"a", "c": b"b"}), "no contents sent for 'b'"),
+        (sync_msg(key, {"a": entry(b"a")}, {"a": b"a", "c": b"c"}), "'c' was sent but is not in the manifest"),
+        (sync_msg(key, {"a": entry(b"a"), "a/b": entry(b"b")}, {"a": b"a", "a/b": b"b"}), "both as a file"),
+        (P.Message(P.Msg.SYNC, {"key": key, "files": ["a", "b"]}, "s1", buffers=[b"{}"]), "one frame for each"),
+        (P.Message(P.Msg.FETCH, {"key": key, "paths": ["../x"]}, "s1"), "refusing file name"),
+        (P.Message(P.Msg.FETCH, {"key": key, "paths": "x"}, "s1"), "a fetch names"),
+    ]
+    for msg, text in bad:
+        with pytest.raises(DaemonError) as e:
+            c.request(msg, timeout=10)
+        assert e.value.code == P.Err.WORKSPACE and text in str(e.value), (text, str(e.value))
+    assert not outside.exists() and not Path("/tmp/evil").exists()
+    written = [p for p in root.rglob("*") if p.is_file()]
+    assert written == [], written
+    # The daemon still serves, and a good sync lands.
+    assert c.request(sync_msg(key, {"ok.txt": entry(b"ok")}), timeout=10).content["need"] == ["ok.txt"]
+    done = c.request(sync_msg(key, {"ok.txt": entry(b"ok")}, {"ok.txt": b"ok"}), timeout=10).content
+    assert done["written"] == 1
+    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == ["ok.txt", "state.json"]
+
+
+def test_another_users_workspace_is_not_reachable(daemon_factory, tmp_path):
+    kd, server_pub, users = curve_users(tmp_path, ("alice", "bob"))
+    root = tmp_path / "workspaces"
+    d = daemon_factory(
+        "--url=tcp://127.0.0.1:0",
+        "--WorkerDaemon.curve=True",
+        "--WorkerDaemon.single_tenant=True",
+        f"--WorkerDaemon.keys_dir={kd}",
+        f"--Workspaces.root={root}",
+    )
+
+    def client(name: str) -> DaemonClient:
+        public, secret = users[name]
+        c = DaemonClient(d.url, b"", heartbeat_interval=0.5, heartbeat_timeout=5.0, curve=(server_pub, public, secret))
+        d.clients.append(c)
+        return c
+
+    alice, bob = client("alice"), client("bob")
+    key = notebook_key("/home/alice/nb")
+    secret = b"alice's data"
+    manifest = {"secret.txt": entry(secret)}
+    alice.request(sync_msg(key, manifest), timeout=10)
+    alice.request(sync_msg(key, manifest, {"secret.txt": secret}), timeout=10)
+    got = alice.request(P.Message(P.Msg.FETCH, {"key": key, "paths": ["secret.txt"]}, "s1"), timeout=10)
+    assert bytes(got.buffers[0]) == secret
+    # Bob, with the same key: his own (empty) workspace; he cannot name alice's.
+    with pytest.raises(DaemonError) as e:
+        bob.request(P.Message(P.Msg.FETCH, {"key": key, "paths": ["secret.txt"]}, "s1"), timeout=10)
+    assert e.value.code == P.Err.WORKSPACE and "has no file 'secret.txt'" in str(e.value)
+    for path in ("../alice/" + key + "/tree/secret.txt", "**/secret.txt", "*"):
+        with pytest.raises(DaemonError):
+            bob.request(P.Message(P.Msg.FETCH, {"key": key, "paths": [path]}, "s1"), timeout=10)
+    # Bob asking to sync the same file is told it lacks it: nothing of alice's counts as his.
+    assert bob.request(sync_msg(key, manifest), timeout=10).content["need"] == ["secret.txt"]
+    assert sorted(p.name for p in root.iterdir()) == ["alice", "bob"]
+    assert oct((root / "alice").stat().st_mode & 0o777) == "0o700"
+    assert not (root / "bob" / key / "tree" / "secret.txt").exists()
+    os.listdir(root / "alice" / key / "tree")  # still alice's alone
+
+
+def test_a_sync_past_the_users_quota_fails_the_cell_and_says_why(daemon_factory, make_shell, notebook_dir, tmp_path):
+    d = daemon_factory(f"--Workspaces.root={tmp_path}/ws", "--Workspaces.quota_bytes=20")
+    ip = make_shell(d)
+    cell_ok(ip, "%config GPUMagics.sync_workdir = True")
+    magics(ip)._backend_of = lambda client: "elsewhere"  # as a daemon the notebook cannot share files with
+    result, cap = run(ip, "%%gpu cpu\nprint('ran')")
+    assert not result.success and "ran" not in cap.stdout
+    text = str(result.error_in_exec)
+    assert "could not be synced to the worker: workspace quota exceeded" in text and "Nothing was run" in text, text
+    assert "c.Workspaces.quota_bytes" in text and "--no-sync" in text
+    assert "ran" in cell_ok(ip, "%%gpu cpu --no-sync\nprint('ran')").stdout
+
+
+def test_a_warm_container_gets_the_workspace_of_the_session_that_takes_it(
+    engine, daemon_factory, make_shell, notebook_dir, tmp_path
+):
+    root = tmp_path / "workspaces"
+    d = daemon_factory(
+        *docker_args(engine, "--simulate-gpus=H100:1", "--WorkerDaemon.keep_warm=H100=1", f"--Workspaces.root={root}")
+    )
+    d.log.wait_for(r"warm H100 worker ready", timeout=60)
+    ip = make_shell(d)
+    cap = cell_ok(ip, "%%gpu H100\nimport os\nprint(open('data/x.csv').read().count(chr(10)), os.getcwd())")
+    assert cap.stdout == "3 /workspace\n"
+    assert any(n.startswith("warm start") for n in notes(cap)), notes(cap)
+    cap = cell_ok(ip, "%%gpu H100\nopen('made.txt', 'w').write('m')")
+    said = " ".join(notes(cap))
+    assert "1 file created or changed in the workspace (made.txt)" in said, said
+    assert [p.name for p in (root / ".spare").iterdir()] == []  # the spare became the workspace
+
+
+def test_workspaces_live_in_the_daemons_state_directory_by_default(daemon_factory):
+    from kernel_worker.daemon.paths import default_state_dir
+
+    d = daemon_factory()
+    c = d.client()
+    key = "cd" * 16
+    c.request(sync_msg(key, {"f.txt": entry(b"f")}), timeout=10)
+    c.request(sync_msg(key, {"f.txt": entry(b"f")}, {"f.txt": b"f"}), timeout=10)
+    trees = list(Path(default_state_dir(d.connection_file), "workspaces").glob(f"*/{key}/tree/f.txt"))
+    assert len(trees) == 1 and trees[0].read_bytes() == b"f"
