@@ -35,16 +35,19 @@ from kernel_worker import protocol as P  # noqa: E402
 LINE = "x" * 1000 + "\n"  # one 1 kB line of output
 
 
-def restart_once(tmp: Path) -> tuple[float, float]:
+SESSION = "bench-restart"
+
+
+def restart_once(tmp: Path, *args: str) -> tuple[float, float]:
     """(new daemon start -> output flowing again, new daemon start -> ready) in seconds."""
-    d = start_daemon(tmp)
-    go = tmp / "go"
+    d = start_daemon(tmp, *args)
+    go = tmp / "bulk" / SESSION / "go"  # the session's bulk directory: host and container both see it
     client = DaemonClient(d.url, d.key, heartbeat_interval=5, heartbeat_timeout=60)
     arrivals: list[float] = []
     restart: dict = {}
     code = (
-        "import os, time\nn = 0\n"
-        f"while not os.path.exists({str(go)!r}):\n    n += 1; print(n, flush=True); time.sleep(0.002)\n"
+        "import os, time\nn = 0\ngo = os.path.join(os.environ['JUPYTER_GPU_BULK_DIR'], 'go')\n"
+        "while not os.path.exists(go):\n    n += 1; print(n, flush=True); time.sleep(0.002)\n"
     )
 
     def on_message(m: P.Message) -> None:
@@ -59,11 +62,11 @@ def restart_once(tmp: Path) -> tuple[float, float]:
     def kill_and_start() -> None:
         d.kill()
         restart["spawned"] = time.perf_counter()
-        restart["daemon"] = start_daemon(tmp)
+        restart["daemon"] = start_daemon(tmp, *args)
         restart["ready"] = time.perf_counter()
 
     try:
-        client.request(P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": code}, "bench-restart"), on_message)
+        client.request(P.Message(P.Msg.EXECUTE, {"gpu": "cpu", "code": code}, SESSION), on_message)
         return restart["flowing"] - restart["spawned"], restart["ready"] - restart["spawned"]
     finally:
         client.close()
@@ -119,31 +122,58 @@ def pyzmq_once(tmp: Path, mb: int, messages: int) -> float:
     return took
 
 
+def backends(no_docker: bool):
+    """(name, a function giving the daemon's options) for each backend measured; the
+    docker engine (the tests' own) runs while its row is measured."""
+    yield "process", lambda: ()
+    from support import dockerd
+    from support.daemons import docker_args
+    from support.logs import LogWatcher
+
+    if no_docker or not dockerd.ROOTFS_TAR.exists():
+        print("# docker row skipped (--no-docker, or no test image: make test-image)", file=sys.stderr)
+        return
+    engine = dockerd.start_engine(LogWatcher)
+    try:
+        dockerd.ensure_images(engine.client, engine.url)
+        yield "docker", lambda: docker_args(engine, notebook_libs=False)
+    finally:
+        engine.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--attach-mb", type=int, default=10)
+    ap.add_argument("--no-docker", action="store_true", help="skip the docker backend row")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="jgpu-bench-restart-") as tmp:
-        flows, readies, attaches, raws = [], [], [], []
-        for i in range(args.reps):
-            run_dir = Path(tmp) / f"r{i}"
-            run_dir.mkdir()
-            flow, ready = restart_once(run_dir)
-            flows.append(flow)
-            readies.append(ready)
-            attaches.append(attach_once(run_dir, args.attach_mb))
-            # the stream arrives batched: about one message per flush (5 ms) of output
-            raws.append(pyzmq_once(run_dir, args.attach_mb, max(1, args.attach_mb * 20)))
     med = statistics.median
-    rows = [
-        ("metric", "jupyter-gpu", "reference, same run", "target"),
-        (
-            "daemon restart mid-cell: new daemon started -> cell output flowing, median",
-            f"{med(flows) * 1000:.0f} ms ({med(f - r for f, r in zip(flows, readies)) * 1000:.0f} ms after ready)",
-            f"{med(readies) * 1000:.0f} ms (the daemon's own start to ready)",
-            "< 1 s",
-        ),
+    restarts: dict[str, tuple[list, list]] = {}
+    with tempfile.TemporaryDirectory(prefix="jgpu-bench-restart-") as tmp:
+        attaches, raws = [], []
+        for backend, daemon_args in backends(args.no_docker):
+            flows, readies = restarts.setdefault(backend, ([], []))
+            for i in range(args.reps):
+                run_dir = Path(tmp) / f"{backend}{i}"
+                run_dir.mkdir()
+                flow, ready = restart_once(run_dir, *daemon_args())
+                flows.append(flow)
+                readies.append(ready)
+                if backend == "process":
+                    attaches.append(attach_once(run_dir, args.attach_mb))
+                    # the stream arrives batched: about one message per flush (5 ms) of output
+                    raws.append(pyzmq_once(run_dir, args.attach_mb, max(1, args.attach_mb * 20)))
+    rows = [("metric", "jupyter-gpu", "reference, same run", "target")]
+    for backend, (flows, readies) in restarts.items():
+        rows.append(
+            (
+                f"daemon restart mid-cell ({backend}): new daemon started -> cell output flowing, median",
+                f"{med(flows) * 1000:.0f} ms ({med(f - r for f, r in zip(flows, readies)) * 1000:.0f} ms after ready)",
+                f"{med(readies) * 1000:.0f} ms (the daemon's own start to ready)",
+                "< 1 s" if backend == "process" else "< 2 s",
+            )
+        )
+    rows += [
         (
             f"attach: {args.attach_mb} MB of buffered output replayed, median",
             f"{med(attaches) * 1000:.0f} ms",
@@ -152,7 +182,7 @@ def main() -> None:
         ),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    print(f"# {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.reps} reps, process backend")
+    print(f"# {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.reps} reps")
     for r in [rows[0], tuple("-" * w for w in widths), *rows[1:]]:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
 
