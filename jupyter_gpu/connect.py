@@ -49,7 +49,8 @@ class DaemonTarget(Configurable):
     server_key = Unicode("", help="The tcp:// daemon's CurveZMQ public key (z85).").tag(config=True)
     client_key = Unicode(
         os.path.join(jupyter_config_dir(), "jupyter_gpu", "client"),
-        help="Your CurveZMQ key pair for tcp:// daemons (PATH.key and PATH.key_secret; `jupyter gpu keys init --client`).",
+        help="Your CurveZMQ key pair for tcp:// daemons (PATH.key and PATH.key_secret; "
+        "`jupyter gpu keys init --client`).",
     ).tag(config=True)
     ssh_key_file = Unicode("", help="Private key for ssh:// (default: ssh-agent and ~/.ssh keys).").tag(config=True)
     ssh_known_hosts = Unicode(

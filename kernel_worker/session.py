@@ -68,7 +68,8 @@ def version_mismatch(client: dict, worker: dict) -> str:
         problems.append(f"Python {client['python']} in the notebook, Python {worker.get('python')} on the worker")
     if client.get("cloudpickle") and part(client["cloudpickle"], 1) != part(worker.get("cloudpickle"), 1):
         problems.append(
-            f"cloudpickle {client['cloudpickle']} in the notebook, cloudpickle {worker.get('cloudpickle')} on the worker"
+            f"cloudpickle {client['cloudpickle']} in the notebook, "
+            f"cloudpickle {worker.get('cloudpickle')} on the worker"
         )
     if not problems:
         return ""
