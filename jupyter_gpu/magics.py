@@ -21,6 +21,7 @@ from jupyter_gpu.cell_notes import CellNotes
 from jupyter_gpu.client import DaemonClient, DaemonError, DaemonLost
 from jupyter_gpu.closure import RemoteNamespace, names_read
 from jupyter_gpu.commands import Commands, GPUCellError, names_in
+from jupyter_gpu.imports import imports_of
 from jupyter_gpu.jobs import BackgroundCells, Job, Jobs
 from jupyter_gpu.keepalive import Keepalive
 from jupyter_gpu.notebook import IMAGE_FROM_METADATA, cell_image
@@ -235,6 +236,9 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
             "notebook": self._notebook,
             "keepalive": self.keepalive_interval,  # this kernel pings while it lives: a silence means it died
         }
+        imports = imports_of(cell, self.shell.transform_cell)  # the worker stops the cell if it lacks one
+        if imports:
+            content["imports"] = imports
         directory = self._bulk_dir()
         content["bulk_ok"] = directory is not None
         workspace = self._sync_for_cell(args, directory, client)  # the notebook's directory, where needed
@@ -297,6 +301,8 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
             raise GPUCellError("the worker lost this notebook's values again while they were being sent; nothing ran")
         done = reply.content
         status.finish(done.get("cost"), failed=relay.error is not None)
+        for text in done.get("import_notes") or []:  # a module in another version on the worker
+            self._note(text)
         if done.get("loaded"):
             self.remote.shipped_ok(prints)
         self.remote.after_cell(done.get("bound", []), done.get("deleted", []), user_ns)

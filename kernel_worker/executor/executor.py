@@ -18,6 +18,7 @@ import zmq
 from kernel_worker import bulk, serialize
 from kernel_worker import protocol as P
 from kernel_worker.executor.channel import Channel
+from kernel_worker.executor.imports import ImportCheck
 from kernel_worker.executor.outbox import Outbox, StreamWriter, capture_fds
 from kernel_worker.executor.runner import Runner
 from kernel_worker.executor.stdin import RemoteStdin
@@ -64,6 +65,7 @@ class Executor:
         self.fd_pumps: list = []  # started by main(), which captures fds 1 and 2
         self.received: dict[str, str] = {}  # name -> fingerprint of the value the notebook shipped
         self.cwd = ""  # the notebook's directory, once followed
+        self.imports = ImportCheck()
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         # Only a running cell is interrupted; between cells SIGINT is ignored.
@@ -147,6 +149,17 @@ class Executor:
         t0 = time.monotonic()
         ok, content, frames = True, {}, []
         loaded = False
+        if msg.content.get("imports"):  # modules the notebook has: a missing one stops the cell first
+            self._follow(msg.content.get("cwd"))  # `import helper` from beside the notebook
+            missing, notes = self.imports.check(msg.content["imports"])
+            if missing:
+                self.outbox.send(
+                    msg.reply(P.Msg.ERROR, {"ename": "ModuleNotFoundError", "evalue": missing, "traceback": []})
+                )
+                done = {"ok": False, "loaded": False, "bound": [], "deleted": [], "seconds": time.monotonic() - t0}
+                return msg.reply(P.Msg.DONE, done)
+            if notes:
+                content["import_notes"] = notes
         try:
             self.ns.update(serialize.receive_values(msg.content, msg.buffers, self.bulk_dir))
             loaded = True
