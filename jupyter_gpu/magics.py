@@ -263,6 +263,7 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
                     job.output.note(text)
                 elif self._queue_note is None:
                     self._queue_note = display({"text/plain": text}, raw=True, display_id=True)
+                    status.take(self._queue_note.display_id)  # the cell's one line: queue, then status, then cost
                 else:
                     self._queue_note.update({"text/plain": text}, raw=True)
             elif m.type == P.Msg.STARTED:
@@ -300,7 +301,9 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
             status.finish(None, failed=True)
             raise GPUCellError("the worker lost this notebook's values again while they were being sent; nothing ran")
         done = reply.content
-        status.finish(done.get("cost"), failed=relay.error is not None)
+        cost_line = job is None and self.show_cost and bool(done.get("cost"))
+        if not cost_line:  # else the cost line replaces the status line
+            status.finish(done.get("cost"), failed=relay.error is not None)
         for text in done.get("import_notes") or []:  # a module in another version on the worker
             self._note(text)
         if done.get("loaded"):
@@ -325,7 +328,8 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
         elif self.show_cost and done.get("cost"):
             notes, self._notes = self._notes or [], []
             shown = image_text(*self._worker_image) if self._worker_image else ""
-            show_cost(done["cost"], shown, notes, self._queue_note)
+            show_cost(done["cost"], shown, notes, status.handle() or self._queue_note)
+            status.close()
         if relay.error is not None:
             raise relay.error
         return relay.result

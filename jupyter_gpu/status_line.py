@@ -13,7 +13,7 @@ import os
 import uuid
 from typing import Any
 
-from IPython.display import display
+from IPython.display import DisplayHandle, display
 
 from jupyter_gpu.notebook import ENV_SESSION_NAME
 from jupyter_gpu.output import _bytes, _usd, device_label, line_bundle
@@ -56,7 +56,23 @@ class StatusLine:
         self.mode = mode
         self.last: dict | None = None
         self._id = f"jupyter-gpu-status-{uuid.uuid4().hex}"
+        self._taken = False  # the line took over an existing display (the cell's queue line)
         self._widget: Any = None
+
+    def take(self, display_id: str) -> None:
+        """Live in the cell's existing line (its queue place): one line from the queue to the cost."""
+        if self.last is None:
+            self._id, self._taken = display_id, True
+
+    def handle(self) -> DisplayHandle | None:
+        """The line's display, once shown: the cost line replaces it at the cell's end."""
+        return DisplayHandle(self._id) if self.last is not None or self._taken else None
+
+    def close(self) -> None:
+        """The line has been replaced (by the cost line): a widget behind it can go."""
+        if self._widget is not None:
+            self._widget.close()
+            self._widget = None
 
     def update(self, progress: dict) -> None:
         if self.mode == "off":
@@ -67,9 +83,9 @@ class StatusLine:
                 import ipywidgets
 
                 self._widget = ipywidgets.HTML(_bundle(text)["text/html"])
-                display(self._widget, display_id=self._id)
+                display(self._widget, display_id=self._id, update=self._taken)
             else:
-                display(_bundle(text), raw=True, display_id=self._id)
+                display(_bundle(text), raw=True, display_id=self._id, update=self._taken)
         elif self._widget is not None:
             self._widget.value = _bundle(text)["text/html"]
         else:
@@ -90,6 +106,4 @@ class StatusLine:
         display(
             _bundle(describe(final, "stopped" if failed else "finished")), raw=True, display_id=self._id, update=True
         )
-        if self._widget is not None:
-            self._widget.close()
-            self._widget = None
+        self.close()

@@ -186,7 +186,8 @@ def test_sidebar_end_to_end_in_chromium(lab_factory, engine, page):
     cost = code_cell.locator(".jupyter-gpu-cost")
     expect(cost).to_contain_text("⏱ A100-80GB ×1 (simulated)")
     expect(cost).to_contain_text(" · $0.00")  # dollars, not typeset as math
-    expect(code_cell.get_by_text("finished: A100-80GB ×1 (simulated)")).to_be_visible()
+    expect(code_cell.get_by_text("finished: A100-80GB ×1 (simulated)")).to_have_count(0)  # it became the cost line
+    expect(code_cell.get_by_text("running: A100-80GB")).to_have_count(0)
     expect(code_cell.locator(".jupyter-widgets")).to_have_count(0)
     expect(sidebar.locator(".jp-gpu-session")).to_contain_text("released in")  # the idle countdown
 

@@ -44,13 +44,12 @@ def flag_on_status_line(flag) -> str:  # noqa: ANN001
     )
 
 
-def final_status(text: str, device: str, cost: dict) -> None:
-    """``text`` is the frozen status line of a cell that ran on ``device`` and cost ``cost``."""
-    m = re.fullmatch(
-        rf"finished: {re.escape(device)} ×1 \(simulated\) · (\d+\.\d) s · (\$\d+\.\d{{4}}) · util 100%", text
-    )
+def final_line(text: str, device: str, cost: dict) -> None:
+    """``text`` is the one line a cell that ran on ``device`` and cost ``cost`` ends with:
+    its status line, become its cost line."""
+    m = re.match(rf"⏱ {re.escape(device)} ×1 \(simulated\) · (\d+\.\d\d) s · (\$\d+\.\d{{4}}) · ", text)
     assert m, text
-    assert m[1] == f"{cost['wall_s']:.1f}" and m[2] == f"${cost['usd']:.4f}"
+    assert m[1] == f"{cost['wall_s']:.2f}" and m[2] == f"${cost['usd']:.4f}"
 
 
 def costs(cap) -> list[str]:
@@ -121,12 +120,14 @@ def test_a_long_cell_shows_a_live_status_line_that_ends_as_its_final_state(
     result, cap = run(ip, "%%gpu H100\n" + slow_cell(flag))
     assert result.success and cap.stdout == "slept True\n"
     status = [o for o in cap.outputs if "jupyter-gpu-status" in o.data.get("text/html", "")]
-    first, last = status[0].data["text/plain"], status[-1].data["text/plain"]
+    first = status[0].data["text/plain"]
     assert re.fullmatch(r"running: H100 ×1 \(simulated\) · \d+\.\d s · \$\d+\.\d{4} so far · util 100%", first), first
-    [cost] = [o.metadata["jupyter_gpu"]["cost"] for o in cap.outputs if "jupyter_gpu" in (o.metadata or {})]
+    [last] = [o for o in cap.outputs if "jupyter_gpu" in (o.metadata or {})]
+    cost = last.metadata["jupyter_gpu"]["cost"]
     assert cost["wall_s"] >= PROGRESS_S  # the line came with the first progress message
-    final_status(last, "H100", cost)
-    assert not status[0].update and all(o.update for o in status[1:])  # one line, updated, then frozen
+    final_line(last.data["text/plain"], "H100", cost)
+    # One line: shown once, then updated in place, ending as the cost line.
+    assert not status[0].update and all(o.update for o in status[1:]) and last.update
 
     quick, cap = run(ip, "%%gpu H100\nx = 1")  # done long before the first progress message
     assert quick.success
@@ -153,8 +154,8 @@ def test_headless_nbconvert_uses_the_notebooks_choice_and_records_the_status(cho
     assert [o.text for o in ran.outputs if o.output_type == "stream"] == ["slept True\n"]
     shown = [o for o in ran.outputs if o.output_type == "display_data"]
     texts = [o.data["text/plain"] for o in shown]
-    assert len(texts) == 2 and texts[1].startswith("⏱ A100-80GB ×1 (simulated) · "), texts
-    final_status(texts[0], "A100-80GB", shown[1].metadata["jupyter_gpu"]["cost"])  # the final status, kept
+    assert len(texts) == 1, texts  # the cell's own output and one line of the extension's
+    final_line(texts[0], "A100-80GB", shown[0].metadata["jupyter_gpu"]["cost"])  # the status line, become the cost
     assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in ran.outputs)
 
     # The spend is recorded under that notebook's file.
