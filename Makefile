@@ -85,3 +85,10 @@ bench-restart: install
 clean:
 	rm -rf $(VENV) $(DEMO_RUNTIME) .pytest_cache labextension/node_modules labextension/lib \
 		server/jupyter_gpu_server/labextension
+
+# The differential run on the whole corpus of public notebooks (tests/differential/corpus.txt,
+# fetched from PyPI releases with pip): each headless as it is, twice, and with every code
+# cell under %%gpu on the process and docker backends; prints the table (bench/differential.py).
+.PHONY: differential
+differential: install system-deps test-image
+	$(PY) bench/differential.py $(DIFF_ARGS)

@@ -301,9 +301,11 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
             status.finish(None, failed=True)
             raise GPUCellError("the worker lost this notebook's values again while they were being sent; nothing ran")
         done = reply.content
-        cost_line = job is None and self.show_cost and bool(done.get("cost"))
+        cost_line = job is None and self.show_cost and bool(done.get("cost")) and not relay.clear_pending
         if not cost_line:  # else the cost line replaces the status line
             status.finish(done.get("cost"), failed=relay.error is not None)
+        if relay.clear_pending:  # nothing new may follow a trailing clear_output(wait=True), notes neither
+            self._notes = []
         for text in done.get("import_notes") or []:  # a module in another version on the worker
             self._note(text)
         if done.get("loaded"):
@@ -325,7 +327,7 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
             self._kept_image_note(image)
         if job is not None:
             job.cost = done.get("cost")
-        elif self.show_cost and done.get("cost"):
+        elif cost_line:
             notes, self._notes = self._notes or [], []
             shown = image_text(*self._worker_image) if self._worker_image else ""
             show_cost(done["cost"], shown, notes, status.handle() or self._queue_note)

@@ -47,6 +47,9 @@ class RemoteCellError(Exception):
         return sub(ename, evalue, traceback)
 
 
+SHOWN = frozenset({P.Msg.STREAM, P.Msg.DISPLAY, P.Msg.CLEAR, P.Msg.RESULT, P.Msg.ERROR})
+
+
 class Relay:
     """Applies one cell's remote messages to the local output area. ``answer`` sends the
     reply to a remote input() (an INPUT_REPLY for the given request)."""
@@ -55,10 +58,15 @@ class Relay:
         self.result: RemoteResult | None = None
         self.error: RemoteCellError | None = None
         self.answer = answer
+        # The cell's last output was clear_output(wait=True): locally its output stays, as
+        # nothing follows; any output of ours now would set the pending clear off.
+        self.clear_pending = False
 
     def __call__(self, msg: P.Message) -> None:
         c = msg.content
         t = msg.type
+        if t in SHOWN:
+            self.clear_pending = t == P.Msg.CLEAR and bool(c.get("wait"))
         if t == P.Msg.STREAM:
             out = sys.stderr if c.get("name") == "stderr" else sys.stdout
             out.write(c.get("text", ""))
