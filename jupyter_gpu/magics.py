@@ -25,7 +25,7 @@ from jupyter_gpu.imports import imports_of
 from jupyter_gpu.jobs import BackgroundCells, Job, Jobs
 from jupyter_gpu.keepalive import Keepalive
 from jupyter_gpu.notebook import IMAGE_FROM_METADATA, cell_image
-from jupyter_gpu.output import Relay, image_text, show_cost, show_note, show_notes
+from jupyter_gpu.output import Relay, image_text, show_cost, show_deferred, show_note, show_notes
 from jupyter_gpu.status_line import MODES, StatusLine
 from jupyter_gpu.workdir import WorkdirSync
 from jupyter_gpu.workdir_wire import WorkdirWire, WorkspaceCells
@@ -333,7 +333,9 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
             show_cost(done["cost"], shown, notes, status.handle() or self._queue_note)
             status.close()
         if relay.error is not None:
+            show_deferred(relay)  # no Out[] comes: now
             raise relay.error
+        show_deferred(relay, self.shell)
         return relay.result
 
     def _answer_input(self, question: P.Message, content: dict) -> None:

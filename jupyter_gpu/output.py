@@ -61,6 +61,9 @@ class Relay:
         # The cell's last output was clear_output(wait=True): locally its output stays, as
         # nothing follows; any output of ours now would set the pending clear off.
         self.clear_pending = False
+        # Displays that came after the cell's Out[] (matplotlib's figure, flushed after the
+        # last expression): shown after the notebook's own Out[] is, as locally (``show_deferred``).
+        self.deferred: list[P.Message] = []
 
     def __call__(self, msg: P.Message) -> None:
         c = msg.content
@@ -71,6 +74,8 @@ class Relay:
             out = sys.stderr if c.get("name") == "stderr" else sys.stdout
             out.write(c.get("text", ""))
             out.flush()
+        elif t == P.Msg.DISPLAY and self.result is not None:
+            self.deferred.append(msg)
         elif t in (P.Msg.DISPLAY, P.Msg.UPDATE_DISPLAY):
             sys.stdout.flush()
             sys.stderr.flush()
@@ -89,6 +94,26 @@ class Relay:
             self.error = RemoteCellError.named(
                 str(c.get("ename", "Error")), str(c.get("evalue", "")), list(c.get("traceback") or [])
             )
+
+
+def show_deferred(relay: Relay, shell: Any = None) -> None:
+    """Show ``relay``'s deferred displays once this cell's Out[] is out (IPython publishes it
+    after the magic returns, then runs post_run_cell); at once without ``shell``."""
+    if not relay.deferred:
+        return
+    later, relay.deferred = relay.deferred, []
+
+    def show(*_: Any) -> None:
+        if shell is not None:
+            shell.events.unregister("post_run_cell", show)
+        replay = Relay()
+        for m in later:
+            replay(m)
+
+    if shell is None:
+        show()
+    else:
+        shell.events.register("post_run_cell", show)
 
 
 def ask(prompt: str, password: bool) -> dict:
