@@ -233,6 +233,7 @@ MASKS = [
     # The file a cell is compiled as: ipykernel's /tmp/ipykernel_PID/N.py (masked below as
     # a /tmp path), IPython's <ipython-input-N-HASH> on the worker.
     (re.compile(r"<ipython-input-\d+-[0-9a-f]+>"), "<TMP>"),
+    (re.compile(r"\b\d{6,}\.py\b"), "<TMP>"),  # the same file, as a SyntaxError names it
     (re.compile(r"0x[0-9a-fA-F]+"), "0x?"),
     (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<UUID>"),
     (re.compile(r"\b[0-9a-f]{32}\b"), "<HEX32>"),
