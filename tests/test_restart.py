@@ -5,6 +5,7 @@ answer ends at once with a clear message; a kernel that dies leaves its session 
 
 from __future__ import annotations
 
+import signal
 import threading
 
 from support.files import wait_for_file
@@ -32,8 +33,8 @@ def _restart_when_killed(d, daemon_factory, *args: str) -> dict:
     box: dict = {}
 
     def restart() -> None:
-        d.proc.wait(120)
-        box["daemon"] = daemon_factory(*args)
+        if d.proc.wait(120) == -signal.SIGKILL:  # the cell killed it (not the test's teardown)
+            box["daemon"] = daemon_factory(*args)
 
     threading.Thread(target=restart, daemon=True).start()
     return box
