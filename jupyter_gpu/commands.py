@@ -5,6 +5,7 @@ session and remote namespace these use."""
 from __future__ import annotations
 
 import os
+import platform
 from typing import Any
 
 from jupyter_gpu import notebook, output
@@ -51,6 +52,20 @@ class Commands:
         self._had_worker = False  # released on purpose: the next start is no surprise
         self._worker_image = None
         print("released: worker stopped, GPUs returned" if released else "nothing to release")
+
+    def _pip(self, rest: str) -> None:
+        """``%gpu pip install SPEC...``: into your package directory on the daemon's host, which
+        every later worker of yours has on its path (pip's output shows as it runs)."""
+        op, _, specs = rest.partition(" ")
+        if op != "install" or not specs.split():
+            raise GPUCellError("usage: %gpu pip install SPEC... (e.g. %gpu pip install pandas==2.2.3)")
+        content = {"args": specs.split(), "python": platform.python_version()}
+        relay = Relay()
+        reply = self._request(P.Message(P.Msg.PIP, content, self.session_id), relay)
+        print(
+            f"installed into {reply.content.get('dir')} on the daemon's host: every later worker of yours has it "
+            "(a worker started before sees new packages too)"
+        )
 
     def _pull(self, rest: str) -> None:
         self._after_jobs()

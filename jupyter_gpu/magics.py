@@ -354,6 +354,7 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
         %gpu push a,b        send notebook variables to the worker
         %gpu cost            this session's cells and total spend
         %gpu attach [SESSION]  take over a session a kernel left (its running cell's output, then live)
+        %gpu pip install SPEC...  packages for every worker of yours (installed on the daemon's host)
         %gpu jobs            this notebook's background cells (%%gpu ... --background)
         %gpu wait [JOB]      wait for one (the last by default), showing its output
         %gpu cancel JOB      interrupt one
@@ -373,6 +374,7 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
             "volumes": self._volumes,
             "connect": self._connect,
             "attach": self._attach,
+            "pip": self._pip,
             "jobs": self._jobs,
             "wait": self._wait,
             "cancel": self._cancel,

@@ -55,6 +55,7 @@ class Msg:
     INPUT_REPLY = "input_reply"  # what the user typed at a remote input() / getpass() (or why nothing)
     SYNC = "sync"  # the notebook's directory to its workspace: a manifest, then the files the daemon lacks
     FETCH = "fetch"  # files from the workspace back to the notebook's directory
+    PIP = "pip"  # install packages for the user's workers, on the daemon's host (pip's output streams back)
     # daemon -> client
     WELCOME = "welcome"
     QUEUED = "queued"
@@ -96,6 +97,7 @@ CLIENT_REQUESTS = frozenset(
         Msg.INPUT_REPLY,
         Msg.SYNC,
         Msg.FETCH,
+        Msg.PIP,
     }
 )
 # Requests the daemon passes on to the session's executor.
@@ -145,6 +147,7 @@ class Err:
     SHUTDOWN = "shutdown"
     VOLUME = "volume"
     WORKSPACE = "workspace"  # a sync or fetch refused: a bad relpath, the quota, a missing file
+    PIP = "pip"  # a package install refused (a bad requirement) or failed (pip's exit status)
     RESTARTED = "daemon_restarted"  # the daemon that was serving a request is gone, and so is the request
 
 

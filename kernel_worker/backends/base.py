@@ -92,6 +92,8 @@ class Backend(LoggingConfigurable):
     mounts_workspace = False  # whether a worker sees its workspace only if it was started with it
     # Set by the daemon: worker id -> host path of its session's workspace ('' for none).
     workspace_for: Callable[[str], str] | None = None
+    # Set by the daemon: user -> host path of the user's package directory (`%gpu pip install`).
+    packages_for: Callable[[str], str] | None = None
 
     orphan_timeout = Float(
         0.0, help="Seconds a worker waits for its daemon to come back after losing it, then exits."

@@ -46,6 +46,7 @@ from kernel_worker.backends.docker_rules import (
     PKG_TARGET,
     SOCKET_TARGET,
     UID_GID_RE,
+    USER_PACKAGES_TARGET,
     VolumeSpec,
 )
 from kernel_worker.backends.docker_volumes import LABEL_DAEMON, LABEL_SESSION, LABEL_USER, DockerVolumes
@@ -247,6 +248,9 @@ class DockerBackend(DockerVolumes, Backend):
         ]
         workspace = self._workspace_mount(spec, volumes)
         mounts += workspace
+        packages = self.packages_for(spec.user) if self.packages_for is not None else ""  # `%gpu pip install`
+        if packages:
+            mounts.append(d.types.Mount(USER_PACKAGES_TARGET, packages, type="bind", read_only=True))
         for v in volumes:
             vol = self._volume(spec.user, v.name, create=True, action="mount")
             mounts.append(d.types.Mount(v.path, vol.name, type="volume", read_only=v.read_only))
@@ -258,7 +262,16 @@ class DockerBackend(DockerVolumes, Backend):
             **self.extra_env,
             **self.gpu_env(spec.gpus),
             **spec.executor_env(SOCKET_TARGET, BULK_TARGET),
-            "PYTHONPATH": ":".join(filter(None, [os.path.dirname(PKG_TARGET), self.extra_env.get("PYTHONPATH")])),
+            "PYTHONPATH": ":".join(
+                filter(
+                    None,
+                    [
+                        os.path.dirname(PKG_TARGET),
+                        USER_PACKAGES_TARGET if packages else "",
+                        self.extra_env.get("PYTHONPATH"),
+                    ],
+                )
+            ),
             "PYTHONUNBUFFERED": "1",
             "HOME": "/tmp",
             "JUPYTER_GPU_IMAGE": image,

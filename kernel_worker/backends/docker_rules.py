@@ -13,9 +13,10 @@ from kernel_worker.backends.base import VolumeError, check_volume_name, shown
 PKG_TARGET = "/opt/jupyter-gpu/kernel_worker"
 SOCKET_TARGET = "/run/jupyter-gpu"
 BULK_TARGET = "/run/jupyter-gpu-bulk"
+USER_PACKAGES_TARGET = "/opt/jupyter-gpu-packages"  # the user's `%gpu pip install` directory, read-only
 # A volume may not go on, above or under these: the worker's own mounts, the files Docker
 # mounts itself, and the kernel's file systems (added to the operator's extra_mounts).
-EXECUTOR_MOUNTS = (PKG_TARGET, SOCKET_TARGET, BULK_TARGET)
+EXECUTOR_MOUNTS = (PKG_TARGET, SOCKET_TARGET, BULK_TARGET, USER_PACKAGES_TARGET)
 DOCKER_FILES = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf")
 KERNEL_PATHS = ("/proc", "/sys", "/dev")
 NO_NEW_PRIVILEGES = "no-new-privileges"

@@ -125,7 +125,8 @@ class ProcessBackend(Backend):
             "PYTHONUNBUFFERED": "1",
         }
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
+        packages = self.packages_for(spec.user) if self.packages_for is not None else ""  # `%gpu pip install`
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, packages, env.get("PYTHONPATH", "")]))
         with open(spec.log_path, "ab") as log:
             proc = await asyncio.create_subprocess_exec(
                 self.python,

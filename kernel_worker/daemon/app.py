@@ -10,6 +10,7 @@ ZeroMQ frames they arrived in, never unpickled and never copied. Each job has a 
     reaper.py     idle release, silent or dead workers, --timeout, exit when idle
     records.py    session records on disk; adopting workers after a restart
     attach.py     who follows a session's output: reconnects, keepalives, ATTACH
+    packages.py   `%gpu pip install` into a user's package directory
     pool.py       the warm pool (keep_warm)
     services.py   hello, status, cost, spend, volumes
     telemetry.py  GPU sampling and progress messages while a cell runs
@@ -44,6 +45,7 @@ from kernel_worker.daemon import paths
 from kernel_worker.daemon.attach import Attach
 from kernel_worker.daemon.errors import StartRefused
 from kernel_worker.daemon.front import Front
+from kernel_worker.daemon.packages import Packages
 from kernel_worker.daemon.pool import WarmPool
 from kernel_worker.daemon.pump import Pump
 from kernel_worker.daemon.reaper import Reaper
@@ -168,6 +170,8 @@ class WorkerDaemon(LoggingConfigurable):
         help="At most this much of a cell's output is kept on disk per session; past it the middle is left out.",
     ).tag(config=True)
 
+    pip_timeout = Float(600.0, help="Seconds one `%gpu pip install` may run before it is stopped.").tag(config=True)
+
     single_tenant = Bool(
         False,
         help="Let several CurveZMQ users share the process backend. It gives away all isolation between them: "
@@ -248,6 +252,8 @@ class WorkerDaemon(LoggingConfigurable):
         self.sessions = Sessions(self)
         self.records = Records(self)
         self.attach = Attach(self)
+        self.packages = Packages(self)
+        self.backend_instance.packages_for = self.packages.dir_for
         self.pool = WarmPool(self)
         self.reaper = Reaper(self)
         self.services = Services(self)
@@ -259,6 +265,7 @@ class WorkerDaemon(LoggingConfigurable):
             {
                 P.Msg.PING: self.attach.ping,
                 P.Msg.ATTACH: self.attach.attach,
+                P.Msg.PIP: self.packages.install,
                 P.Msg.HELLO: sv.hello,
                 P.Msg.STATUS: sv.status,
                 P.Msg.COST: sv.cost,
