@@ -25,7 +25,7 @@ import zmq
 
 # The daemon and the Docker engine are started exactly as the tests start them.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from figures import gbps, ms, pct  # noqa: E402
+from figures import gbps, ms, pct, print_table  # noqa: E402
 from support.daemons import start_daemon  # noqa: E402
 from support.logs import LogWatcher  # noqa: E402
 from support.procs import stop_process, wait_listening  # noqa: E402
@@ -375,10 +375,8 @@ def main() -> None:
         )
     )
     head = ("metric", "jupyter-gpu", "ipyparallel", "raw pyzmq", "target")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
     print(f"# {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {reps} reps, process backend, cpu device")
-    for r in [head, tuple("-" * w for w in widths), *rows]:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+    print_table(head, rows)
 
 
 if __name__ == "__main__":

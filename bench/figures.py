@@ -15,3 +15,10 @@ def ms(x: float) -> str:
 
 def gbps(nbytes: int, seconds: float) -> str:
     return f"{nbytes / seconds / 1e9:.2f} GB/s ({ms(seconds)})"
+
+
+def print_table(head: tuple, rows: list[tuple]) -> None:
+    """A markdown table, columns padded to their widest cell."""
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, tuple("-" * w for w in widths), *rows]:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")

@@ -55,7 +55,7 @@ from traitlets.config import Config
 # The daemon is started exactly as the tests start it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # imported by path from tests/test_load.py too
-from figures import ms, pct  # noqa: E402
+from figures import ms, pct, print_table  # noqa: E402
 from support.daemons import Daemon, start_daemon  # noqa: E402
 
 GPU_MODEL = "H100"
@@ -419,16 +419,14 @@ def rows_for(n: int, runs: dict[str, dict], gpus: int) -> list[tuple]:
     ]
 
 
-def print_table(rows: list[tuple], gpus: int, cells: int, load_avg: tuple) -> None:
+def print_load_table(rows: list[tuple], gpus: int, cells: int, load_avg: tuple) -> None:
     head = ("N", "metric", "local (no %%gpu)", "%%gpu cpu", f"%%gpu {GPU_MODEL} ({gpus} GPUs)", "target")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     print(
         f"# {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, process backend, {gpus} simulated {GPU_MODEL}, "
         f"{cells} short cells per notebook, N real kernels at once through nbclient; 1-min load average "
         f"{load_avg[0]:.1f} before, {load_avg[1]:.1f} after"
     )
-    for r in [head, tuple("-" * w for w in widths), *rows]:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+    print_table(head, rows)
 
 
 def failures(r: dict) -> list[str]:
@@ -479,7 +477,7 @@ def main() -> None:
         finally:
             d.stop()
         noisy = [ln.rstrip() for ln in d.log.lines if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", ln)]
-    print_table(rows, args.gpus, args.cells, (load_before, os.getloadavg()[0]))
+    print_load_table(rows, args.gpus, args.cells, (load_before, os.getloadavg()[0]))
     if noisy:
         print(f"# daemon log: {len(noisy)} warning/error line(s), first ones:")
         for ln in noisy[:10]:

@@ -26,6 +26,7 @@ from pathlib import Path
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from figures import print_table  # noqa: E402
 from support.daemons import start_daemon  # noqa: E402
 from support.orphans import stop_workers  # noqa: E402
 
@@ -181,10 +182,8 @@ def main() -> None:
             "",
         ),
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print(f"# {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.reps} reps")
-    for r in [rows[0], tuple("-" * w for w in widths), *rows[1:]]:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    print_table(rows[0], rows[1:])
 
 
 if __name__ == "__main__":

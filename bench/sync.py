@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from figures import gbps, ms, pct  # noqa: E402
+from figures import gbps, ms, pct, print_table  # noqa: E402
 
 from jupyter_gpu.client import DaemonClient  # noqa: E402
 from jupyter_gpu.workdir import RACY_NS, WorkdirSync, notebook_key  # noqa: E402
@@ -211,11 +211,9 @@ def main() -> None:
         *wired,
     ]
     head = ("metric", "workspace sync", "reference, same run", "target")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     where = args.dir or tempfile.gettempdir()
     print(f"# {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, trees in {where}, warm page cache")
-    for r in [head, tuple("-" * w for w in widths), *rows]:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+    print_table(head, rows)
 
 
 if __name__ == "__main__":
