@@ -33,7 +33,10 @@ JOURNALED = frozenset(
 
 
 def size_of(msg: P.Message) -> int:
-    """Roughly what ``msg`` costs to keep: its text, or its JSON, plus its buffers."""
+    """Roughly what ``msg`` costs to keep: its size on the wire when it was received,
+    else its text, or its JSON, plus its buffers."""
+    if msg.wire_bytes:
+        return msg.wire_bytes
     text = msg.content.get("text") if msg.type == P.Msg.STREAM else None
     head = len(text) if isinstance(text, str) else len(json.dumps(msg.content, default=str))
     return 128 + head + sum(memoryview(b).nbytes for b in msg.buffers)

@@ -232,6 +232,7 @@ class Message:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     parent: str = ""
     buffers: list = field(default_factory=list)
+    wire_bytes: int = field(default=0, compare=False, repr=False)  # its frames' size, as it was received
 
     def reply(self, type: str, content: dict | None = None, buffers: Sequence = ()) -> "Message":
         """A message answering this one (same session, ``parent`` set to our id)."""
@@ -273,6 +274,11 @@ def _frame_len(frame: Any) -> int:
     if hasattr(frame, "buffer"):  # zmq.Frame
         return len(frame.buffer)
     return memoryview(frame).nbytes
+
+
+def wire_size(frames: list) -> int:
+    """What packed or received frames take: the measure of a message kept for later."""
+    return sum(_frame_len(f) for f in frames)
 
 
 def pack(msg: Message, signer: Signer) -> list:
@@ -375,4 +381,4 @@ def unpack(
         raise ProtocolError(
             Err.UNKNOWN_TYPE, f"message type {h['type'][:40]!r} is not accepted here", msg_id, h["session"]
         )
-    return Message(h["type"], h["content"], h["session"], h["id"], h["parent"], list(frames[2:]))
+    return Message(h["type"], h["content"], h["session"], h["id"], h["parent"], list(frames[2:]), total)

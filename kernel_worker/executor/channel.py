@@ -75,9 +75,10 @@ class Channel:
         if msg.type in JOURNALED and msg.parent == self.journal.request:
             self._seq += 1
             msg.content[SEQ] = self._seq
-            self.journal.add(self._seq, msg)
+            frames = P.pack(msg, self.signer)  # once: its size is what the journal counts
+            self.journal.add(self._seq, msg, P.wire_size(frames))
             self._cell_done |= msg.type in (P.Msg.DONE, P.Msg.NEED)
-            if self._unsent or not self._offer(msg):
+            if self._unsent or not self._offer(msg, frames):
                 self._unsent = self._unsent or self._seq
             return
         if msg.type == P.Msg.HEARTBEAT:
@@ -85,12 +86,13 @@ class Channel:
             return
         self.sock.send_multipart(P.pack(msg, self.signer), copy=False)
 
-    def _offer(self, msg: P.Message) -> bool:
-        """Hand ``msg`` to ZeroMQ unless the daemon is away or not reading."""
+    def _offer(self, msg: P.Message, frames: list | None = None) -> bool:
+        """Hand ``msg`` (packed as ``frames``, if it is) to ZeroMQ unless the daemon is away
+        or not reading."""
         if self._lost_since is not None:
             return False
         try:
-            self.sock.send_multipart(P.pack(msg, self.signer), zmq.NOBLOCK, copy=False)
+            self.sock.send_multipart(frames or P.pack(msg, self.signer), zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
             return False
