@@ -192,22 +192,19 @@ def test_daemon_killed(phase, backend_args, engine_or_none, daemon_factory, make
 # ---------------------------------------------------------------------------- the worker
 
 
-@pytest.mark.parametrize("phase", PHASES)
-def test_worker_process_killed(phase, daemon_factory, make_shell):
-    d = daemon_factory(H100)
-    ip = make_shell(d)
-    result, cap = run(ip, "%%gpu H100\nimport os\nx = 1\nprint(os.getpid())")
-    assert result.success
-    s, pid = session_of(ip), int(cap.stdout)
-    why = "its worker killed by SIGKILL"
+def worker_killed(phase: str, d, ip, why: str, kill, leftover) -> None:
+    """A session's worker killed by ``kill()`` while idle or mid-cell: the cell (if running)
+    fails saying ``why`` with what it printed kept, the GPU is free within GPU_BACK_S,
+    ``leftover()`` is empty, and the next cell gets the notebook's variables."""
+    s = session_of(ip)
     if phase == "idle":
-        os.kill(pid, signal.SIGKILL)
+        kill()
         released(d, s, why + ";", GPU_BACK_S)
     else:
         t0: list[float] = []
 
         def fault(pid: int) -> None:
-            os.kill(pid, signal.SIGKILL)
+            kill()
             t0.append(time.monotonic())
 
         result, cap, errors = run_faulting(ip, RUNNING, fault)
@@ -218,10 +215,21 @@ def test_worker_process_killed(phase, daemon_factory, make_shell):
         assert BEFORE.match(cap.stdout), cap.stdout  # the line printed before the kill is kept
         released(d, s, why + " while running the cell", GPU_BACK_S - (time.monotonic() - t0[0]))
     assert holder(d) is None
-    assert worker_pids(d.connection_file) == []
+    assert leftover() == []
     cap = next_cell_sees_the_notebook(ip)
     assert cap.stdout == "41\n"
     assert notes(cap)[0].startswith("the previous worker is gone (") and why in notes(cap)[0], notes(cap)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_worker_process_killed(phase, daemon_factory, make_shell):
+    d = daemon_factory(H100)
+    ip = make_shell(d)
+    result, cap = run(ip, "%%gpu H100\nimport os\nx = 1\nprint(os.getpid())")
+    assert result.success
+    pid = int(cap.stdout)
+    kill = lambda: os.kill(pid, signal.SIGKILL)  # noqa: E731
+    worker_killed(phase, d, ip, "its worker killed by SIGKILL", kill, lambda: worker_pids(d.connection_file))
     release_leaves_nothing(ip, d, None)
 
 
@@ -233,28 +241,7 @@ def test_container_killed(phase, engine, daemon_factory, make_shell):
     s = session_of(ip)
     (container,) = containers(engine, s)
     why = "its worker container killed by SIGKILL"
-    if phase == "idle":
-        container.kill()  # SIGKILL, as `docker kill` sends
-        released(d, s, why + ";", GPU_BACK_S)
-    else:
-        t0: list[float] = []
-
-        def fault(pid: int) -> None:
-            container.kill()
-            t0.append(time.monotonic())
-
-        result, cap, errors = run_faulting(ip, RUNNING, fault)
-        assert not errors, errors
-        assert not result.success
-        msg = str(result.error_in_exec)
-        assert f"{why} while running the cell; variables defined on the worker are lost" in msg, msg
-        assert BEFORE.match(cap.stdout), cap.stdout
-        released(d, s, why + " while running the cell", GPU_BACK_S - (time.monotonic() - t0[0]))
-    assert holder(d) is None
-    assert containers(engine, s) == []
-    cap = next_cell_sees_the_notebook(ip)
-    assert cap.stdout == "41\n"
-    assert notes(cap)[0].startswith("the previous worker is gone (") and why in notes(cap)[0], notes(cap)
+    worker_killed(phase, d, ip, why, container.kill, lambda: containers(engine, s))  # SIGKILL, as `docker kill`
     release_leaves_nothing(ip, d, engine)
 
 
