@@ -130,8 +130,13 @@ class Jobs:
     def __init__(self) -> None:
         self.all: dict[int, Job] = {}
 
+    @property
+    def next_number(self) -> int:
+        """The number the next job gets (the last one's is one less)."""
+        return len(self.all) + 1
+
     def start(self, session: str, spec: str, output: JobOutput, body: Callable[[Job], Any]) -> Job:
-        job = Job(len(self.all) + 1, session, spec, output)
+        job = Job(self.next_number, session, spec, output)
         self.all[job.number] = job
 
         def run() -> None:
@@ -202,7 +207,7 @@ class BackgroundCells:
 
     def _start_job(self, args: Any, cell: str) -> None:
         spec = args.spec or self.default_gpu
-        number = len(self.jobs.all) + 1
+        number = self.jobs.next_number
         out = JobOutput(
             f"[jupyter-gpu] job {number} running in the background on {spec}: its output follows here; "
             f"`%gpu wait {number}`, `%gpu cancel {number}`",
@@ -233,7 +238,7 @@ class BackgroundCells:
     def _wait(self, rest: str) -> Any:
         """Wait for a background job (the last one by default): its output so far, then
         the rest as it comes; its remote error, if it failed, is this cell's."""
-        job = self._job(rest or str(len(self.jobs.all)))
+        job = self._job(rest or str(self.jobs.next_number - 1))
         shown = 0
         while True:
             ended = job.done.wait(WAIT_POLL_S)
