@@ -48,3 +48,16 @@ def test_a_headless_run_gets_jupyters_usual_error_from_a_remote_input(daemon, tm
     except CellExecutionError as e:
         assert e.ename == "StdinNotImplementedError"
         assert "raw_input was called, but this frontend does not support input requests." in e.evalue
+
+
+def test_an_input_reply_that_is_not_one_bounded_string_is_refused(daemon):
+    from jupyter_gpu.client import DaemonError
+    from kernel_worker import protocol as P
+
+    client = daemon.client()
+    for content in ({"value": 5}, {"value": "x" * (1024**2 + 1)}, {"error": ["a"]}, {}):
+        try:
+            client.call(P.Msg.INPUT_REPLY, content, session="s", timeout=10)
+            raise AssertionError(f"{str(content)[:40]} was accepted")
+        except DaemonError as e:
+            assert (e.code, str(e)) == (P.Err.BAD_MESSAGE, "an input reply is one string of at most 1048576")

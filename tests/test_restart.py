@@ -154,3 +154,26 @@ def test_another_kernel_attaches_to_a_dead_kernel_s_running_cell(daemon_factory,
     result, cap = run(ip, "%%gpu any --pull made\nprint(made)")  # the worker's variables are this kernel's now
     assert result.success and cap.stdout == "on the worker\n", (cap.stdout, result.error_in_exec)
     assert ip.user_ns["made"] == "on the worker"
+
+
+def test_attach_to_a_hostile_or_unknown_name_is_refused_and_touches_nothing(daemon_factory, make_shell):
+    from jupyter_gpu.client import DaemonError
+    from kernel_worker import protocol as P
+
+    d = daemon_factory()
+    ip = make_shell(d)
+    assert run(ip, "%%gpu any\nkept = 'here'")[0].success
+    result, _ = run(ip, "%gpu attach ../x")  # refused before it is sent
+    assert (
+        not result.success and str(result.error_in_exec) == "usage: %gpu attach [SESSION]; '../x' is not a session id"
+    )
+    client = d.client()
+    for name in ("..", "../x", "a/b", "x" * 500, "nobody-has-this"):
+        try:
+            client.call(P.Msg.ATTACH, {"session": name}, session="other", timeout=10)
+            raise AssertionError(f"attach to {name!r} was accepted")
+        except DaemonError as e:
+            assert e.code == P.Err.NO_SESSION, e.code
+            assert str(e).startswith(f"you have no session {name[:40]!r} on this daemon"), str(e)
+    result, cap = run(ip, "%%gpu any\nprint(kept)")  # the notebook's session is untouched
+    assert result.success and cap.stdout == "here\n"
