@@ -146,12 +146,15 @@ class Attach:
 
     def worker_ready(self, s: Session, content: dict) -> None:
         """An adopted worker is back. If it names the cell it runs (or ran last), that
-        cell is this session's current request again; its output follows from its journal."""
+        cell is this session's current request again; its output follows from its journal.
+        A cell that already ended leaves the session idle: the notebook may send its next
+        cell at once, before the journal (that cell's DONE) has been relayed."""
         running = content.get("running")
         rid = running.get("id") if isinstance(running, dict) else None
         if isinstance(rid, str) and P.ID_RE.match(rid) and rid:
             s.current = P.Message(P.Msg.EXECUTE, {}, s.id, id=rid)
-            s.state = "busy"
+            if not running.get("done"):
+                s.state = "busy"
             elapsed = running.get("elapsed_s")
             s.cell_started = time.monotonic() - (elapsed if isinstance(elapsed, (int, float)) else 0.0)
             s.cell_done.clear()
