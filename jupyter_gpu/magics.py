@@ -14,7 +14,7 @@ import cloudpickle
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Bool, Enum, Float, Unicode, observe
+from traitlets import Bool, Dict, Enum, Float, Unicode, observe
 
 from jupyter_gpu import connect, notebook
 from jupyter_gpu.cell_notes import CellNotes
@@ -68,6 +68,14 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
         "user, or the docker backend), sync that directory to a per-user workspace on the daemon's host before each "
         "cell and run the cell there (only changed files travel; c.WorkdirSync sets excludes and limits). "
         "%%gpu --no-sync turns it off for one cell.",
+    ).tag(config=True)
+    default_budget = Float(
+        0.0, help="USD a %%gpu cell may spend before the daemon interrupts it, if it gives no --budget (0: none)."
+    ).tag(config=True)
+    budgets = Dict(
+        {},
+        help="Your own spending limits, lower than the host's: notebook_per_day, user_per_day, user_per_month (USD). "
+        "The daemon enforces them as the operator's c.Budgets.*: a cell past one is refused or interrupted.",
     ).tag(config=True)
     keepalive_interval = Float(
         10.0,
@@ -172,6 +180,7 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
         default=None,
         help="Interrupt the cell after this many seconds (killed if it ignores it).",
     )
+    @argument("--budget", type=float, default=None, help="Interrupt the cell when it has cost this many USD.")
     @argument("--no-wait", action="store_true", help="Fail at once instead of queueing when no such GPU is free.")
     @argument("--image", default=None, help="Container image for this session (docker backend).")
     @argument("--volume", action="append", default=[], help="NAME:/path[:ro] volume to mount (docker backend).")
@@ -229,6 +238,8 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
             "code": cell,
             "pull": pull,
             "timeout": args.timeout,
+            "budget": args.budget or self.default_budget or None,
+            "budgets": self.budgets,
             "no_wait": args.no_wait,
             "image": image,
             "volumes": args.volume or chosen.get("volumes", []),
@@ -352,7 +363,7 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
         %gpu release         stop this notebook's worker now and free its GPUs
         %gpu pull a,b        copy worker variables into the notebook
         %gpu push a,b        send notebook variables to the worker
-        %gpu cost            this session's cells and total spend
+        %gpu cost [--plot]   this session's cells and total spend; --plot: per cell and per day, inline
         %gpu attach [SESSION]  take over a session a kernel left (its running cell's output, then live)
         %gpu pip install SPEC...  packages for every worker of yours (installed on the daemon's host)
         %gpu jobs            this notebook's background cells (%%gpu ... --background)

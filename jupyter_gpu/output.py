@@ -148,19 +148,50 @@ def device_label(info: dict) -> str:
 
 def cost_parts(cost: dict, session: bool = True) -> list[str]:
     """The pieces of a cost line; ``session`` adds what the session has cost so far."""
-    parts = [device_label(cost)]
-    parts.append(f"{cost.get('wall_s', 0.0):.2f} s")
-    parts.append(_usd(cost.get("usd", 0.0)) + ("" if cost.get("price_per_hour") else " (no price set)"))
-    if cost.get("peak_memory_bytes") is not None:
-        parts.append(f"peak {_bytes(cost['peak_memory_bytes'])}")
-    if cost.get("mean_util") is not None:
-        parts.append(f"util {cost['mean_util']:.0f}%")
+    parts = [device_label(cost), duration(cost.get("wall_s", 0.0))]
+    money = _usd(cost.get("usd", 0.0)) + ("" if cost.get("price_per_hour") else " (no price set)")
+    if cost.get("budget_usd"):
+        money += f" of {_usd(cost['budget_usd'])}"
+    parts += [money, *readings(cost, "peak_memory_bytes", "mean_util")]
+    for name, usd in (cost.get("compare") or {}).items():
+        parts.append(f"{name} {_usd(usd)}")
     if session and cost.get("price_per_hour"):
         total = f"session {_usd(cost.get('session_usd', 0.0))}"
         if cost.get("session_idle_s", 0) >= 1:
             total += f" (warm idle {cost['session_idle_s']:.0f} s, {_usd(cost.get('session_idle_usd', 0.0))})"
         parts.append(total)
+    if cost.get("stopped"):
+        parts.append(f"stopped: {cost['stopped']}")
     return parts
+
+
+def readings(r: dict, memory_key: str, util_key: str) -> list[str]:
+    """GPU memory, utilisation and energy as a line shows them; a simulated GPU has none
+    and says so rather than show a made-up number."""
+    out = []
+    if r.get(memory_key) is not None:
+        out.append(f"peak {_bytes(r[memory_key])}" if memory_key.startswith("peak") else _memory(r))
+    if r.get(util_key) is not None:
+        out.append(f"util {r[util_key]:.0f}%")
+    if r.get("energy_j") is not None:
+        kwh = r["energy_j"] / 3.6e6
+        out.append(f"{kwh:.2f} kWh" if kwh >= 0.01 else f"{kwh * 1000:.2f} Wh")
+    if not out and r.get("simulated"):
+        out.append("no reading")
+    return out
+
+
+def _memory(r: dict) -> str:
+    return f"{_bytes(r['memory_used_bytes'])} / {_bytes(r.get('memory_bytes') or 0)}"
+
+
+def duration(seconds: float) -> str:
+    """``0.42 s``, ``14 min 02 s``, ``2 h 05 min``: as precise as a cell's length deserves."""
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 LINE_STYLE = (
@@ -268,6 +299,6 @@ def format_cost(c: dict) -> str:
     lines = [f"  cell {i}: " + " · ".join(cost_parts(cell, session=False)) for i, cell in enumerate(cells, 1)]
     lines.append(
         f"cells: {len(cells)}, ${c['cells_usd']:.4f} of GPU time; "
-        f"session total (warm idle included): ${c['live_usd'] + c['released_usd']:.4f}"
+        f"session total (warm idle included): ${c['total_usd']:.4f}"
     )
     return "\n".join(lines)

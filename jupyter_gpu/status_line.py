@@ -16,19 +16,23 @@ from typing import Any
 from IPython.display import DisplayHandle, display
 
 from jupyter_gpu.notebook import ENV_SESSION_NAME
-from jupyter_gpu.output import _bytes, _usd, device_label, line_bundle
+from jupyter_gpu.output import _usd, device_label, duration, line_bundle, readings
 
 MODES = ("auto", "widget", "html", "off")
 
 
 def describe(p: dict, final: str = "") -> str:
-    """``H100 ×1 · 12.3 s · $0.0102 · util 97% · 31.2 GiB / 80.0 GiB``."""
-    parts = [device_label(p), f"{p.get('elapsed_s', 0.0):.1f} s"]
-    parts.append(_usd(p.get("usd", 0.0)) + " so far" * (not final))
-    if p.get("util") is not None:
-        parts.append(f"util {p['util']:.0f}%")
-    if p.get("memory_used_bytes") is not None:
-        parts.append(f"{_bytes(p['memory_used_bytes'])} / {_bytes(p.get('memory_bytes') or 0)}")
+    """``H100 ×1 · 12.3 s · $0.0102 of $2.00 · util 97% · 31.2 GiB / 80.0 GiB · last run: 42 s, $0.05``."""
+    parts = [device_label(p), duration(p.get("elapsed_s", 0.0))]
+    money = _usd(p.get("usd", 0.0)) + " so far" * (not final)
+    if p.get("budget_usd"):
+        money += f" of {_usd(p['budget_usd'])}"
+    parts += [money, *readings(p, "memory_used_bytes", "util")]
+    last = p.get("estimate")
+    if isinstance(last, dict) and not final:
+        parts.append(f"last run: {duration(last.get('wall_s', 0.0))}, {_usd(last.get('usd', 0.0))}")
+    if p.get("stopping"):
+        parts.append(f"stopping: {p['stopping']}")
     return ("running: " if not final else f"{final}: ") + " · ".join(parts)
 
 
@@ -103,6 +107,7 @@ class StatusLine:
                 final["util"] = cost["mean_util"]
             if cost.get("peak_memory_bytes") is not None:
                 final["memory_used_bytes"] = cost["peak_memory_bytes"]
+            final["energy_j"] = cost.get("energy_j", final.get("energy_j"))
         display(
             _bundle(describe(final, "stopped" if failed else "finished")), raw=True, display_id=self._id, update=True
         )

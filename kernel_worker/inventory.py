@@ -101,41 +101,80 @@ def discover() -> list[GPU]:
 
 @dataclass
 class Sample:
-    """Accumulated telemetry for a set of GPUs over one cell."""
+    """Accumulated telemetry for a set of GPUs over one cell (real GPUs only: a simulated
+    GPU has no readings, and none are made up for it)."""
 
     peak_memory_bytes: int = 0
     util_sum: float = 0.0
     count: int = 0
     last_util: float | None = None
     last_memory_bytes: int | None = None
+    energy_j: float | None = None  # since the first sample
+    _energy_mj: float | None = None  # the GPUs' energy counter at the first sample
+    _power_at: float = 0.0  # when the last power reading was taken (for GPUs with no energy counter)
 
     @property
     def mean_util(self) -> float | None:
         return self.util_sum / self.count if self.count else None
 
+    def figures(self) -> dict:
+        """What a cell's cost line and ledger record keep: peak memory, mean utilisation, energy."""
+        if not self.count:
+            return {"peak_memory_bytes": None, "mean_util": None, "energy_j": None}
+        return {"peak_memory_bytes": self.peak_memory_bytes, "mean_util": self.mean_util, "energy_j": self.energy_j}
 
-def read(g: GPU, busy: bool) -> tuple[float | None, int | None]:
-    """(utilisation %, memory in use) now. A simulated GPU has no memory reading and
-    reports 100 % while a cell runs on it, 0 % otherwise (it says it is simulated)."""
+
+@dataclass
+class Reading:
+    util: float | None = None  # %
+    memory_used_bytes: int | None = None
+    energy_mj: float | None = None  # the driver's counter since it loaded (Volta and later)
+    power_w: float | None = None
+
+
+def read(g: GPU) -> Reading:
+    """One GPU's readings now; a simulated GPU has none."""
     if g.simulated:
-        return (100.0 if busy else 0.0), None
+        return Reading()
     import pynvml
 
+    out = Reading()
     try:
         h = pynvml.nvmlDeviceGetHandleByUUID(g.uuid)
-        return float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu), int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+        out.util = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+        out.memory_used_bytes = int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
     except pynvml.NVMLError:
-        return None, None
+        return Reading()
+    try:
+        out.energy_mj = float(pynvml.nvmlDeviceGetTotalEnergyConsumption(h))
+    except pynvml.NVMLError:
+        try:
+            out.power_w = pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0
+        except pynvml.NVMLError:
+            pass
+    return out
 
 
-def sample(gpus: list[GPU], into: Sample) -> None:
-    """Add one reading of utilisation and memory in use (real GPUs only)."""
-    readings = [read(g, True) for g in gpus if not g.simulated]
-    if not readings or any(u is None for u, _ in readings):
+def sample(gpus: list[GPU], into: Sample, now: float) -> None:
+    """Add one reading of utilisation, memory in use and energy (real GPUs only)."""
+    readings = [read(g) for g in gpus if not g.simulated]
+    if not readings or any(r.util is None for r in readings):
         return
-    used = sum(m or 0 for _, m in readings)
-    util = sum(u or 0.0 for u, _ in readings) / len(readings)
+    used = sum(r.memory_used_bytes or 0 for r in readings)
+    util = sum(r.util or 0.0 for r in readings) / len(readings)
     into.peak_memory_bytes = max(into.peak_memory_bytes, used)
     into.util_sum += util
     into.count += 1
     into.last_util, into.last_memory_bytes = util, used
+    if all(r.energy_mj is not None for r in readings):
+        total = sum(r.energy_mj or 0.0 for r in readings)
+        if into._energy_mj is None:
+            into._energy_mj, into.energy_j = total, 0.0
+        else:
+            into.energy_j = (total - into._energy_mj) / 1000.0
+    elif all(r.power_w is not None for r in readings):  # no counter: integrate the power readings
+        if into._power_at:
+            into.energy_j = (into.energy_j or 0.0) + sum(r.power_w or 0.0 for r in readings) * (now - into._power_at)
+        else:
+            into.energy_j = 0.0
+        into._power_at = now

@@ -1,84 +1,68 @@
-"""Every GPU-second, accounted for: what each cell cost, and what a session held in all
-(warm idle time included) when it was released. Prices are configuration.
+"""Every GPU-second, accounted for: what each cell cost, what a session held idle between
+cells, and what the warm pool held for nobody. Prices and billing rules are the
+operator's (``c.Ledger.*``); the records are a sqlite database in the daemon's state
+directory (``ledger_db``), so spend per notebook, user and day survives restarts and
+budgets can be summed from it.
 
-Records carry wall-clock time, user and notebook, and are appended to a JSON-lines file
-in the daemon's state directory, so spend per notebook and per day survives restarts.
+Writes leave the hot path: a cell's record is built at once (its cost line needs it)
+and committed right after the cell's DONE has been relayed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
-import io
 import json
 import os
 import time
 from typing import Any
 
-from kernel_worker.session import Session
+from traitlets import Dict, Float
+from traitlets.config import LoggingConfigurable
 
-DEFAULT_PRICES = {
-    # USD per GPU-hour; typical on-demand list prices, late 2026. Override per host.
-    "H200": 3.79,
-    "H100": 2.99,
-    "A100-80GB": 1.79,
-    "A100-40GB": 1.29,
-    "L40S": 0.99,
-    "A10G": 0.75,
-    "L4": 0.58,
-    "T4": 0.35,
-    "cpu": 0.0,
-}
-
+from kernel_worker import ledger_db as db
+from kernel_worker.prices import DEFAULT_PRICES, billed_seconds
+from kernel_worker.session import WARM_PREFIX, Session
 
 UNKNOWN_NOTEBOOK = "(unnamed notebook)"
-ROTATED = ".1"  # suffix of the ledger's previous file
+POOL_NOTEBOOK = "(warm pool)"
+DB_NAME = "ledger.sqlite"
+OLD_FILES = ("ledger.jsonl.1", "ledger.jsonl")  # the JSON-lines ledger before sqlite, oldest first
+DAY_S = 86400.0
 
 
-class Ledger:
-    """Cost records per session id, kept after the session is released."""
+class Ledger(LoggingConfigurable):
+    prices = Dict(
+        DEFAULT_PRICES, help="USD per device-hour by model name (H100, A100-80GB, ..., cpu) on this host."
+    ).tag(config=True)
+    compare_with = Dict(
+        {},
+        help='Other rates the cost line and reports also show, e.g. {"cloud": {"H100": 3.95}}: what the same '
+        "GPU-seconds would have cost there (the seconds as billed here).",
+    ).tag(config=True)
+    increment_s = Float(
+        0.0, help="Bill in whole increments of this many seconds, rounded up, as some clouds do (0: exact)."
+    ).tag(config=True)
+    minimum_s = Float(
+        0.0, help="Least a session is billed for, in seconds (as a cloud's per-instance minimum); 0: none."
+    ).tag(config=True)
+    retention_days = Float(
+        400.0, help="Ledger records older than this many days are deleted (at start and once a day)."
+    ).tag(config=True)
 
-    def __init__(self, prices: dict[str, float], path: str = "", max_bytes: int = 0):
-        self.prices = prices
-        self.path = path
-        self.max_bytes = max_bytes  # rotate the file past this size (0: never)
-        self.cells: dict[str, list[dict]] = {}
-        current = _load(path) if path else []
-        self.history: list[dict] = (_load(path + ROTATED) if path else []) + current
-        for record in self.history:  # %gpu cost after a restart still counts the cells before it
-            if isinstance(record, dict) and isinstance(record.get("session"), str):
-                self.cells.setdefault(record["session"], []).append(record)
-        self._in_current = len(current)  # records of history that are in the current file
-        self._file: Any = None  # kept open: an open and close per cell cost the hot path
-        self._size = 0  # bytes in the current file
+    def __init__(self, state_dir: str, **kw: Any):
+        super().__init__(**kw)
+        self.path = os.path.join(state_dir, DB_NAME)
+        self.db = db.connect(self.path)
+        moved = db.migrate_jsonl(self.db, [os.path.join(state_dir, f) for f in OLD_FILES], _load_jsonl)
+        if moved:
+            self.log.info("moved %d records from ledger.jsonl into %s", moved, self.path)
+        self._pending: list[tuple] = []
+        self._totals: dict[tuple, float] = {}  # (user, first day, notebook or None) -> usd, kept current
+        self._pruned_day = ""
+        self.prune()
 
-    def _keep(self, s: Session, record: dict) -> dict:
-        record.update(at=time.time(), user=s.user, notebook=s.notebook, session=s.id)
-        self.cells.setdefault(s.id, []).append(record)
-        self.history.append(record)
-        if self.path:
-            if self._file is None:
-                self._file = _open_for_append(self.path)
-                self._size = self._file.tell()
-            line = json.dumps(record) + "\n"  # ASCII: characters are bytes
-            self._file.write(line)
-            self._file.flush()  # one write(2) per record: a killed daemon loses nothing written
-            self._in_current += 1
-            self._size += len(line)
-            if self.max_bytes and self._size > self.max_bytes:
-                self._rotate()
-        return record
-
-    def _rotate(self) -> None:
-        """Keep one old file: spend reports reach back that far, and the disk stays bounded."""
-        self.close()
-        os.replace(self.path, self.path + ROTATED)
-        self.history = self.history[-self._in_current :]
-        self._in_current = 0
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    # ------------------------------------------------------------------ prices
 
     def price(self, s: Session | None) -> float:
         """USD per hour for what ``s`` holds (device price times GPU count)."""
@@ -87,18 +71,35 @@ class Ledger:
         return float(self.prices.get(s.device, 0.0)) * max(1, len(s.gpus))
 
     def usd(self, s: Session | None, seconds: float) -> float:
-        """What holding ``s``'s devices for ``seconds`` costs."""
+        """What holding ``s``'s devices for ``seconds`` costs, as it accrues (not rounded)."""
         return self.price(s) * seconds / 3600
 
-    def cell(self, s: Session, request: str = "") -> dict:
+    def billed(self, seconds: float) -> float:
+        return billed_seconds(seconds, self.increment_s)
+
+    def compare(self, device: str, count: int, seconds: float) -> dict[str, float]:
+        """What ``seconds`` of ``count`` ``device`` would cost at each comparison rate."""
+        out = {}
+        for name, rates in self.compare_with.items():
+            if isinstance(rates, dict) and device in rates:
+                out[str(name)] = float(rates[device]) * max(1, count) * seconds / 3600
+        return out
+
+    # ------------------------------------------------------------------ records
+
+    def cell(self, s: Session, request: str = "", source: str = "", telemetry: dict | None = None) -> dict:
         """Close the cell ``s`` is running and return its cost line's numbers. A cell is
         billed once: its DONE may come again from a worker that outlived a daemon restart."""
-        billed = [c for c in self.cells.get(s.id, [])[-1:] if request and c.get("request") == request]
-        if billed:
-            return billed[0]
+        if request:
+            self.flush()
+            done = db.billed(self.db, s.id, request)
+            if done is not None:
+                return done
         now = time.monotonic()
         wall = now - s.cell_started
         s.busy_s += wall
+        seconds = self.billed(wall)
+        s.billed_s += seconds
         held = now - s.started_at
         price = self.price(s)
         idle = max(0.0, held - s.busy_s)
@@ -108,100 +109,122 @@ class Ledger:
             "count": len(s.gpus),
             "simulated": any(g.simulated for g in s.gpus),
             "wall_s": wall,
-            "usd": price * wall / 3600,
+            "seconds": seconds,
+            "usd": price * seconds / 3600,
             "price_per_hour": price,
-            "peak_memory_bytes": s.telemetry.peak_memory_bytes if s.telemetry.count else None,
-            "mean_util": s.telemetry.mean_util,
+            **(telemetry or {}),
             "session_held_s": held,
             "session_usd": price * held / 3600,
             "session_idle_s": idle,
             "session_idle_usd": price * idle / 3600,
             "request": request,
+            "spec": s.request.text,
         }
+        compare = self.compare(s.device, len(s.gpus), seconds)
+        if compare:
+            cell["compare"] = compare
         s.cells.append(cell)
-        return self._keep(s, cell)
+        return self._keep(s, cell, source)
 
     def release(self, s: Session) -> None:
-        """The session let its GPUs go: record everything it held, idle time included."""
+        """The session let its GPUs go: bill its warm idle time (topped up to the host's
+        minimum). A warm pool worker's idle time is the host's, billed to nobody."""
         held = time.monotonic() - s.started_at
-        self._keep(
-            s,
-            {
-                "kind": "release",
-                "device": s.device,
-                "count": len(s.gpus),
-                "held_s": held,
-                "idle_s": max(0.0, held - s.busy_s),
-                "usd": 0.0,
-                "released_usd": self.usd(s, held),
-            },
-        )
+        if s.id.startswith(WARM_PREFIX):
+            self.pool(s, held)
+            return
+        seconds = max(self.billed(max(0.0, held - s.busy_s)), self.minimum_s - s.billed_s)
+        record = {"kind": "idle", "device": s.device, "count": len(s.gpus), "seconds": seconds, "held_s": held}
+        self._keep(s, {**record, "usd": self.usd(s, seconds)})
+
+    def pool(self, w: Session, seconds: float) -> None:
+        """A warm worker's time on its GPUs before a session took it (or it was let go)."""
+        record = {"kind": "pool", "device": w.device, "count": len(w.gpus), "seconds": seconds}
+        self._write({**record, "usd": self.usd(w, seconds), "user": db.POOL_USER, "notebook": POOL_NOTEBOOK})
+
+    def _keep(self, s: Session, record: dict, source: str = "") -> dict:
+        record.update(user=s.user, notebook=s.notebook, session=s.id)
+        self._write(record, source, s.request.text)
+        return record
+
+    def _write(self, record: dict, source: str = "", spec: str = "") -> None:
+        record.setdefault("session", "")
+        record["at"] = at = time.time()
+        record["day"] = day = db.day_of(at)
+        for (user, first, notebook), usd in self._totals.items():
+            if user == record["user"] and day >= first and notebook in (None, record["notebook"]):
+                self._totals[(user, first, notebook)] = usd + record["usd"]
+        self._pending.append(db.row(record, source, spec))
+        if len(self._pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)  # after the DONE is on its way
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            rows, self._pending = self._pending, []
+            db.insert(self.db, rows)
+        today = db.day_of(time.time())
+        if today != self._pruned_day:
+            self.prune()
+
+    def prune(self) -> None:
+        self._pruned_day = db.day_of(time.time())
+        gone = db.prune(self.db, time.time() - self.retention_days * DAY_S)
+        if gone:
+            self.log.info("ledger: deleted %d records older than %g days (retention_days)", gone, self.retention_days)
+        self._totals.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self.db.close()
+
+    # ------------------------------------------------------------------ questions
+
+    def spent(self, user: str, first_day: str, notebook: str | None = None) -> float:
+        """What ``user`` (in ``notebook``, if given) was billed from ``first_day`` on; kept
+        in memory once asked, so a budget checked every second costs no query."""
+        key = (user, first_day, notebook)
+        if key not in self._totals:
+            self.flush()
+            self._totals[key] = db.total(self.db, user, first_day, notebook)
+        return self._totals[key]
+
+    def estimate(self, s: Session, source: str) -> dict | None:
+        """The last run of this cell source on this spec in this notebook, if any."""
+        if not source:
+            return None
+        self.flush()
+        return db.last_run(self.db, s.user, s.notebook, source, s.request.text)
 
     def summary(self, session: str, live: Session | None) -> dict:
         """``%gpu cost``: the session's cells, and what it has held so far."""
-        cells = self.cells.get(session, [])
+        self.flush()
+        records = db.session_records(self.db, session)
+        cells = [r for r in records if r.get("kind") == "cell"]
         held = (time.monotonic() - live.started_at) if live else 0.0
         return {
             "cells": cells,
             "cells_usd": sum(c["usd"] for c in cells),
             "live_held_s": held,
             "live_usd": self.usd(live, held),
-            "released_usd": sum(c.get("released_usd", 0.0) for c in cells),
+            "total_usd": sum(r["usd"] for r in records) + self.unbilled(live),
         }
 
-    def spend(self, user: str | None, since: float, live: list[Session]) -> dict:
-        """What ``user`` (everyone: None) spent since ``since`` (unix time), per notebook and
-        per day (the daemon host's local dates). Spend is what sessions held, idle time
-        included: released sessions by their release record, live ones so far."""
-        now = time.time()
-        notebooks: dict[str, dict] = {}
-        days: dict[str, float] = {}
-
-        def add(notebook: str, at: float, usd: float, held_s: float, cells: int) -> None:
-            nb = notebooks.setdefault(
-                notebook or UNKNOWN_NOTEBOOK,
-                {"notebook": notebook or UNKNOWN_NOTEBOOK, "usd": 0.0, "held_s": 0.0, "cells": 0, "last": 0.0},
-            )
-            nb["usd"] += usd
-            nb["held_s"] += held_s
-            nb["cells"] += cells
-            nb["last"] = max(nb["last"], at)
-            day = datetime.date.fromtimestamp(at).isoformat()
-            days[day] = days.get(day, 0.0) + usd
-
-        for r in self.history:
-            if r.get("at", 0.0) < since or (user is not None and r.get("user") != user):
-                continue
-            if r.get("kind") == "release":
-                add(r.get("notebook", ""), r["at"], r.get("released_usd", 0.0), r.get("held_s", 0.0), 0)
-            elif r.get("kind") == "cell":
-                add(r.get("notebook", ""), r["at"], 0.0, 0.0, 1)
-        for s in live:
-            if user is None or s.user == user:
-                held = time.monotonic() - s.started_at
-                add(s.notebook, now, self.usd(s, held), held, 0)
-        return {
-            "since": since,
-            "now": now,
-            "total_usd": sum(days.values()),
-            "notebooks": sorted(notebooks.values(), key=lambda n: -n["usd"]),
-            "days": [{"day": d, "usd": u} for d, u in sorted(days.items())],
-        }
+    def unbilled(self, s: Session | None) -> float:
+        """What a live session has accrued and not yet been billed for: its running
+        cell so far and its warm idle time so far."""
+        return self.usd(s, unbilled_s(s)) if s is not None else 0.0
 
 
-def _open_for_append(path: str) -> Any:
-    """The ledger file, positioned to append whole lines: a torn last line (a crash
-    mid-write) is ended first, so the next record is not glued onto it."""
-    f = open(path, "a+b")
-    if f.tell() > 0:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) != b"\n":
-            f.write(b"\n")
-    return io.TextIOWrapper(f, encoding="utf-8", write_through=True)
+def unbilled_s(s: Session) -> float:
+    """Seconds ``s`` has held its devices that no record covers yet."""
+    return max(0.0, time.monotonic() - s.started_at - s.busy_s)
 
 
-def _load(path: str) -> list[dict]:
-    """Earlier records; a torn last line (a crash mid-write) is skipped, not fatal."""
+def _load_jsonl(path: str) -> list[dict]:
+    """Records of the old JSON-lines ledger; a torn line (a crash mid-write) is skipped."""
     out = []
     try:
         with open(path) as f:
@@ -215,3 +238,8 @@ def _load(path: str) -> list[dict]:
     except FileNotFoundError:
         pass
     return out
+
+
+def local_midnight(at: float) -> float:
+    d = datetime.date.fromtimestamp(at)
+    return datetime.datetime.combine(d, datetime.time()).timestamp()

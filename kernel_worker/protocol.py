@@ -149,6 +149,7 @@ class Err:
     WORKSPACE = "workspace"  # a sync or fetch refused: a bad relpath, the quota, a missing file
     PIP = "pip"  # a package install refused (a bad requirement) or failed (pip's exit status)
     RESTARTED = "daemon_restarted"  # the daemon that was serving a request is gone, and so is the request
+    BUDGET = "budget"  # a cell refused before it started, or stopped, at a spending limit
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")

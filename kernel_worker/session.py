@@ -12,6 +12,8 @@ from kernel_worker import inventory, scheduler
 from kernel_worker import protocol as P
 from kernel_worker.inventory import GPU
 
+WARM_PREFIX = "warm-"  # a warm pool worker's id, and its holder name in the scheduler
+
 
 @dataclass(eq=False)
 class Session:
@@ -30,7 +32,12 @@ class Session:
     started_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)
-    busy_s: float = 0.0
+    busy_s: float = 0.0  # seconds its cells ran
+    billed_s: float = 0.0  # seconds its cells were billed (rounded as the host bills)
+    budgets: dict = field(default_factory=dict)  # the limits its notebook asked for (daemon.budgets)
+    stopped: str = ""  # why the daemon stopped its running cell (a budget), for its cost line
+    source: str = ""  # a hash of the running cell's code: its estimate next time
+    estimate: dict | None = None  # the running cell's last run (same source, spec, notebook)
     cells: list[dict] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     telemetry: inventory.Sample = field(default_factory=inventory.Sample)

@@ -138,8 +138,8 @@ def test_gpu_assignment_is_pinned_and_cost_line_shows_price(shell):
     [cold] = notes(cap)
     assert re.fullmatch(r"cold start \d+\.\d\d s", cold) and cap.stderr == ""
     expected = [f"⏱ A100-80GB ×1 (simulated) · {c['wall_s']:.2f} s · ${c['usd']:.4f}"]
-    if c["mean_util"] is not None:
-        expected.append(f"util {c['mean_util']:.0f}%")
+    assert c["mean_util"] is None and c["peak_memory_bytes"] is None and c["energy_j"] is None
+    expected.append("no reading")  # a simulated GPU has no readings, and none are made up
     session = f"session ${c['session_usd']:.4f}"
     if c["session_idle_s"] >= 1:  # a slow cold start counts as warm idle time
         session += f" (warm idle {c['session_idle_s']:.0f} s, ${c['session_idle_usd']:.4f})"

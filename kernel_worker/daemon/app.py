@@ -42,7 +42,9 @@ from kernel_worker import inventory, keys, scheduler
 from kernel_worker import protocol as P
 from kernel_worker.backends import Backend, backend_class
 from kernel_worker.daemon import paths
+from kernel_worker.daemon.accounting import Accounting
 from kernel_worker.daemon.attach import Attach
+from kernel_worker.daemon.budgets import Budgets
 from kernel_worker.daemon.errors import StartRefused
 from kernel_worker.daemon.front import Front
 from kernel_worker.daemon.packages import Packages
@@ -55,7 +57,7 @@ from kernel_worker.daemon.sessions import Sessions
 from kernel_worker.daemon.telemetry import Telemetry
 from kernel_worker.daemon.workdirs import Workdirs
 from kernel_worker.daemon.workers import Workers
-from kernel_worker.ledger import DEFAULT_PRICES, Ledger
+from kernel_worker.ledger import Ledger
 
 
 class WorkerDaemon(LoggingConfigurable):
@@ -122,9 +124,6 @@ class WorkerDaemon(LoggingConfigurable):
         help="Requests the daemon takes from one connection before it reads the next (ZeroMQ's receive high-water "
         "mark per peer): a flooding client waits on its own side, in its own memory.",
     ).tag(config=True)
-    ledger_max_bytes = Int(
-        64 * 1024**2, help="Size at which ledger.jsonl is rotated to ledger.jsonl.1 (one old file is kept)."
-    ).tag(config=True)
     keep_warm = Dict(
         value_trait=Int(),
         help="Workers kept started ahead, per GPU model (e.g. {'H100': 1}); the next session asking for that "
@@ -133,9 +132,6 @@ class WorkerDaemon(LoggingConfigurable):
     ).tag(config=True)
     pump_batch = Int(64, help="Messages handled per socket before other daemon tasks get a turn.").tag(config=True)
     flush_ms = Float(5.0, help="Milliseconds a worker batches stream output before sending it.").tag(config=True)
-    prices = Dict(DEFAULT_PRICES, help="USD per device-hour by model name (H100, A100-80GB, ..., cpu).").tag(
-        config=True
-    )
     max_message_bytes = Int(
         4 * 1024**3,
         help="Largest request (all frames) a client may send. ZeroMQ cuts off a connection whose single frame is "
@@ -236,7 +232,8 @@ class WorkerDaemon(LoggingConfigurable):
         self.key = paths.load_or_make_key(self.state_dir)
         self.signer = P.Signer(self.key)
         self.limits = P.Limits(self.max_header_bytes, P.Limits.max_frames, self.max_message_bytes)
-        self.ledger = Ledger(self.prices, os.path.join(self.state_dir, "ledger.jsonl"), self.ledger_max_bytes)
+        self.ledger = Ledger(state_dir=self.state_dir, parent=self, log=self.log)
+        self.budgets = Budgets(self)
         # Every answer to a ping names it: a notebook sees at once that it talks to a new daemon.
         self.incarnation = f"{uuid.uuid4().hex[:12]}@{time.time():.0f}"
         self.daemon_id = hashlib.sha1(os.path.abspath(self.state_dir).encode()).hexdigest()[:12]
@@ -258,6 +255,7 @@ class WorkerDaemon(LoggingConfigurable):
         self.reaper = Reaper(self)
         self.services = Services(self)
         self.telemetry = Telemetry(self)
+        self.accounting = Accounting(self)
         self.workdirs = Workdirs(self)
         self.backend_instance.workspace_for = self.workdirs.mount_for
         sv, ss, wd = self.services, self.sessions, self.workdirs

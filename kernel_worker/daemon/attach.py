@@ -159,6 +159,8 @@ class Attach:
             s.cell_started = time.monotonic() - (elapsed if isinstance(elapsed, (int, float)) else 0.0)
             s.cell_done.clear()
             self.journal(s).reset(rid)  # its output follows to the notebook's routing id, kept in the record
+            if s.state == "busy":
+                self.d.accounting.watch(s, s.current)  # its limits hold across the restart
         claim, s.claim = s.claim, None
         if claim is None:
             return

@@ -4,17 +4,17 @@ session that needs them for something a warm worker cannot serve gets them back.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import TYPE_CHECKING
 
 from kernel_worker import inventory, scheduler
 from kernel_worker import protocol as P
-from kernel_worker.session import Session
+from kernel_worker.session import WARM_PREFIX, Session
 
 if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
 
-WARM_PREFIX = "warm-"  # a warm worker's id, and its holder name in the scheduler
 
 
 class WarmPool:
@@ -60,6 +60,7 @@ class WarmPool:
         else:
             return None
         self.warm.remove(w)
+        self.d.ledger.pool(w, time.monotonic() - w.started_at)  # the host's time, until now
         w.releasing = True  # its watcher stands down; s gets its own below
         s.wid, s.key, s.signer, s.handle, s.gpus, s.versions = w.wid, w.key, w.signer, w.handle, w.gpus, w.versions
         s.ready, s.last_heard = w.ready, w.last_heard

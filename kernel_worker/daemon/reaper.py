@@ -33,6 +33,8 @@ class Reaper:
                     d.sessions.release_now(s, orphaned)
                 elif s.state == "idle" and now - s.last_active > d.idle_timeout:
                     d.sessions.release_now(s, f"it was idle for more than {d.idle_timeout:g} s (idle_timeout)")
+                elif s.state == "idle" and (over := d.budgets.idle_over(s)):
+                    d.sessions.release_now(s, over, code=P.Err.BUDGET)
                 elif s.state != "starting" and now - s.last_heard > d.worker_heartbeat_timeout:
                     why = f"its worker sent no heartbeat for {d.worker_heartbeat_timeout:g} s and was stopped"
                     d.sessions.release_now(s, why, code=P.Err.WORKER_DIED)
@@ -68,13 +70,24 @@ class Reaper:
             return
         note = f"\n[jupyter-gpu] cell passed --timeout {timeout:g} s: interrupting\n"
         self.d.attach.relay(s, msg.reply(P.Msg.STREAM, {"name": "stderr", "text": note}))
+        await self._interrupt(s, f"the cell passed --timeout {timeout:g} s", P.Err.TIMEOUT)
+
+    async def stop_cell(self, s: Session, msg: P.Message, why: str, short: str, code: str) -> None:
+        """Stop a running cell for a reason of the daemon's (a budget): the reason goes to
+        its live status line at once and into its cost line."""
+        s.stopped = why
+        self.d.attach.relay(s, msg.reply(P.Msg.PROGRESS, {**self.d.telemetry.reading(s), "stopping": why}))
+        await self._interrupt(s, short, code)
+
+    async def _interrupt(self, s: Session, why: str, code: str) -> None:
+        """SIGINT; a cell that ignores it for ``interrupt_grace`` seconds loses its worker."""
         await self.d.backend_instance.signal(s.handle, signal.SIGINT)
         try:
             await asyncio.wait_for(s.cell_done.wait(), self.d.interrupt_grace)
         except asyncio.TimeoutError:
             await self.d.sessions.release(
                 s,
-                f"the cell passed --timeout {timeout:g} s and did not stop within {self.d.interrupt_grace:g} s of an "
-                "interrupt, so its worker was killed; variables defined on it are lost",
-                code=P.Err.TIMEOUT,
+                f"{why} and did not stop within {self.d.interrupt_grace:g} s of an interrupt, so its worker was "
+                "killed; variables defined on it are lost",
+                code=code,
             )

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kernel_worker import protocol as P
 from kernel_worker import scheduler
 from kernel_worker.daemon import paths
+from kernel_worker.daemon.budgets import BudgetError, Budgets
 from kernel_worker.daemon.errors import UnsafePath
 from kernel_worker.daemon.pool import WARM_PREFIX
 from kernel_worker.inventory import GPU
@@ -56,6 +57,7 @@ class Records:
             "notebook": s.notebook,
             "held_since": time.time() - (time.monotonic() - s.started_at),
             "client": s.client.hex(),  # its notebook's routing id: a running cell's output goes on to it
+            "budgets": s.budgets,  # the limits its notebook asked for: they hold across a restart
         }
         path = self.path(s.wid)
         with os.fdopen(paths.open_private(path + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC), "w") as f:
@@ -143,6 +145,10 @@ class Records:
         s.ready = asyncio.get_running_loop().create_future()
         s.ready.add_done_callback(lambda f: setattr(s, "state", "idle") if s.state == "adopting" else None)
         s.started_at = time.monotonic() - max(0.0, time.time() - float(record.get("held_since", time.time())))
+        try:
+            s.budgets = Budgets.asked({"budgets": record.get("budgets") or {}})
+        except BudgetError as e:
+            self.log.warning("session %s: its record's budgets are not valid (%s); the host's hold", sid, e)
         try:
             s.client = bytes.fromhex(str(record.get("client", "")))
         except ValueError:

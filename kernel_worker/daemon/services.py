@@ -4,13 +4,15 @@ asking user may see it, a session's cost, spend reports, and volumes."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from typing import TYPE_CHECKING
 
-from kernel_worker import inventory
+from kernel_worker import inventory, ledger_db
 from kernel_worker import protocol as P
 from kernel_worker.backends.base import NO_VOLUMES, VolumeError
+from kernel_worker.daemon import spend
 from kernel_worker.daemon.pool import WARM_PREFIX
 
 if TYPE_CHECKING:
@@ -48,10 +50,25 @@ class Services:
         summary = self.d.ledger.summary(msg.session, self.d.sessions.live.get(msg.session))
         self.d.front.reply(ident, msg, summary)
 
-    def spend(self, ident: bytes, msg: P.Message, user: str) -> None:
-        since = float(msg.content.get("since", 0.0) or 0.0)
+    async def spend(self, ident: bytes, msg: P.Message, user: str) -> None:
+        since, by = msg.content.get("since", 0.0) or 0.0, msg.content.get("by") or ""
+        if isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since):
+            self.d.front.fail(ident, msg, P.Err.BAD_MESSAGE, "since is unix seconds")
+            return
+        if by and by not in spend.BY:
+            self.d.front.fail(
+                ident, msg, P.Err.BAD_MESSAGE, f"by is one of {', '.join(spend.BY)}, not {str(by)[:20]!r}"
+            )
+            return
         who = None if self._everyone(msg, user) else user
-        self.d.front.reply(ident, msg, self.d.ledger.spend(who, since, list(self.d.sessions.live.values())))
+        ledger, now = self.d.ledger, time.time()
+        parts = [spend.live(s, ledger, now) for s in self.d.sessions.live.values() if who in (None, s.user)]
+        ledger.flush()
+        groups = await asyncio.to_thread(ledger_db.read_groups, ledger.path, who, float(since))  # 1M rows: ~1 s
+        parts += [spend.Part(*g) for g in groups]
+        reply = spend.build(parts, float(since), now, str(by), ledger.compare_with)
+        reply["budgets"] = self.d.budgets.report(user)
+        self.d.front.reply(ident, msg, reply)
 
     async def volumes(self, ident: bytes, msg: P.Message, user: str) -> None:
         b = self.d.backend_instance
@@ -95,7 +112,7 @@ class Services:
             warm = holder is not None and holder.startswith(WARM_PREFIX)
             s = live.get(holder or "")
             leaving = holder is not None and s is None and not warm  # its worker is being stopped
-            util, used = inventory.read(g, busy=s is not None and s.state == "busy")
+            reading = inventory.read(g)  # a simulated GPU has none
             gpus.append(
                 {
                     **g.to_json(),
@@ -103,8 +120,8 @@ class Services:
                     "user": s.user if s else d.sessions.owners.get(holder) if leaving else None,
                     "releasing": leaving,
                     "warm": warm,
-                    "util": util,
-                    "memory_used_bytes": used,
+                    "util": reading.util,
+                    "memory_used_bytes": reading.memory_used_bytes,
                 }
             )
         sessions = [

@@ -86,7 +86,11 @@ class Sessions:
                 front.fail(ident, msg, P.Err.NO_SUCH_GPU if bad else P.Err.BAD_SPEC, str(e))
                 return
         if s is not None and (req is None or self.d.scheduler.satisfies(req, s.gpus)):
-            self.begin(s, ident, msg)
+            refused = self.d.accounting.refusal(s, msg)
+            if refused:
+                front.fail(ident, msg, P.Err.BUDGET, refused)
+            else:
+                self.begin(s, ident, msg)
             return
         assert req is not None
         over = self._over_limit(user, req, replacing=s)
@@ -96,6 +100,10 @@ class Sessions:
         old = s
         key = P.new_key()
         s = Session(msg.session, req, key, P.Signer(key), client=ident, current=msg, user=user, notebook=_notebook(msg))
+        refused = self.d.accounting.refusal(s, msg)
+        if refused:  # before it takes a GPU
+            front.fail(ident, msg, P.Err.BUDGET, refused)
+            return
         self.add(s)  # registered now: a second request finds it starting
         self.d.spawn(self._start_then_begin(old, s, ident, msg))
 
@@ -188,6 +196,7 @@ class Sessions:
         if s.late and msg.type == P.Msg.EXECUTE:
             self.d.attach.deliver_late(s, msg)
         if msg.type == P.Msg.EXECUTE:
+            self.d.accounting.begin(s, msg)
             if any(not g.simulated for g in s.gpus):
                 self.d.spawn(self.d.telemetry.sample(s), s.tasks)
             timeout = msg.content.get("timeout")
@@ -206,7 +215,7 @@ class Sessions:
         if s.wid != s.id and msg.content.get("bulk"):
             self.d.workers.move_bulk(msg.content["bulk"], s.wid, s.id)
         if msg.type == P.Msg.DONE:
-            msg.content["cost"] = self.d.ledger.cell(s, msg.parent)
+            msg.content["cost"] = self.d.accounting.done(s, msg)
         if msg.type in (P.Msg.DONE, P.Msg.VALUES, P.Msg.NEED):
             s.state = "idle"
             s.current = None

@@ -1,8 +1,9 @@
 """What a running cell's notebook hears while it runs: GPU samples (pynvml, for real
 GPUs) and a progress message every ``progress_interval`` from one daemon timer (no task
-per cell): elapsed time, dollars so far, utilisation and memory.
+per cell): elapsed time, dollars so far (and of what budget), utilisation and memory,
+and what the cell cost the last time it ran.
 
-A simulated GPU never invents readings: it says 100 % while a cell runs, no memory."""
+A simulated GPU never invents readings: it has none, and the notebook says so."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class Telemetry:
     async def sample(self, s: Session) -> None:
         """Sample ``s``'s GPUs until its cell ends."""
         while s.state == "busy":
-            inventory.sample(s.gpus, s.telemetry)
+            inventory.sample(s.gpus, s.telemetry, time.monotonic())
             try:
                 await asyncio.wait_for(s.cell_done.wait(), self.d.telemetry_interval)
             except asyncio.TimeoutError:
@@ -45,16 +46,23 @@ class Telemetry:
                 if elapsed >= interval:
                     self.d.attach.relay(s, msg.reply(P.Msg.PROGRESS, self.reading(s, elapsed)))
 
-    def reading(self, s: Session, elapsed: float) -> dict:
+    def reading(self, s: Session, elapsed: float | None = None) -> dict:
         t = s.telemetry
-        simulated = any(g.simulated for g in s.gpus)
-        return {
+        elapsed = time.monotonic() - s.cell_started if elapsed is None else elapsed
+        out = {
             "elapsed_s": elapsed,
             "usd": self.d.ledger.usd(s, elapsed),
             "device": s.device,
             "count": len(s.gpus),
-            "simulated": simulated,
-            "util": (100.0 if s.gpus else None) if simulated else t.last_util,
+            "simulated": any(g.simulated for g in s.gpus),
+            "util": t.last_util,
             "memory_used_bytes": t.last_memory_bytes,
             "memory_bytes": sum(g.memory_bytes for g in s.gpus),
+            "energy_j": t.energy_j,
         }
+        if s.estimate:
+            out["estimate"] = s.estimate
+        cell_budget = self.d.budgets.limits(s).get("cell")
+        if cell_budget:
+            out["budget_usd"] = cell_budget[0]
+        return out
