@@ -35,6 +35,16 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cost(args: argparse.Namespace) -> int:
+    from jupyter_gpu import cost_report
+
+    try:
+        return cost_report.run_cli(args, lambda content: _client(args).call(P.Msg.SPEND, content, timeout=60))
+    except cost_report.ReportError as e:
+        print(f"jupyter gpu cost: {e}", file=sys.stderr)
+        return 1
+
+
 def _volumes(args: argparse.Namespace) -> int:
     from jupyter_gpu.output import format_volumes
 
@@ -203,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--client", action="store_true", help="your own client key pair instead of the daemon's")
     k.add_argument("--keys-dir", default="", help="where the keys live (default: <jupyter config>/jupyter_gpu)")
     sub.add_parser("image", help="`jupyter gpu image build --from IMAGE`: add what the executor needs to an image")
+    from jupyter_gpu.cost_report import add_cli as add_cost
+
+    add_cost(sub)
     vol = sub.add_parser("volumes", help="your volumes on the daemon's host (docker backend)")
     vol.add_argument("op", choices=["ls", "du", "create", "rm"], help="list, list with sizes, create, remove")
     vol.add_argument("name", nargs="?", default="", help="volume name (create, rm)")
@@ -212,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     from jupyter_gpu.client import DaemonError
 
     try:
-        return {"status": _status, "stop": _stop, "volumes": _volumes, "keys": _keys}[args.command](args)
+        commands = {"status": _status, "stop": _stop, "volumes": _volumes, "keys": _keys, "cost": _cost}
+        return commands[args.command](args)
     except DaemonError as e:  # one actionable line, never a traceback
         print(f"jupyter gpu {args.command}: {e}", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
 """``%gpu SUBCOMMAND``: this notebook's remote session from a line magic: status,
-release, pull, push, cost, volumes, connect, attach, jobs, wait, cancel. A mixin of ``GPUMagics``, whose client,
+release, pull, push, cost, volumes, connect, attach, jobs, wait, cancel, pip. A mixin of ``GPUMagics``, whose client,
 session and remote namespace these use."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 import platform
 from typing import Any
 
-from jupyter_gpu import notebook, output
+from jupyter_gpu import notebook, output, pip_sync
 from jupyter_gpu.output import Relay
 from jupyter_gpu.status_line import StatusLine
 from kernel_worker import protocol as P
@@ -20,6 +20,9 @@ class GPUCellError(Exception):
 
     def _render_traceback_(self) -> list[str]:
         return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
+
+MOST_PINS = 60  # per `%gpu pip install` request (the daemon takes 64 specifiers at most)
 
 
 def names_in(text: str) -> list[str]:
@@ -55,17 +58,95 @@ class Commands:
 
     def _pip(self, rest: str) -> None:
         """``%gpu pip install SPEC...``: into your package directory on the daemon's host, which
-        every later worker of yours has on its path (pip's output shows as it runs)."""
-        op, _, specs = rest.partition(" ")
+        every later worker of yours has on its path (pip's output shows as it runs).
+        ``%gpu pip sync``: the notebook's versions of what it imported, where the worker's differ."""
+        op, _, specs = rest.strip().partition(" ")
+        if op == "sync" and not specs.strip():
+            return self._pip_sync()
         if op != "install" or not specs.split():
-            raise GPUCellError("usage: %gpu pip install SPEC... (e.g. %gpu pip install pandas==2.2.3)")
-        content = {"args": specs.split(), "python": platform.python_version()}
-        relay = Relay()
-        reply = self._request(P.Message(P.Msg.PIP, content, self.session_id), relay)
+            raise GPUCellError("usage: %gpu pip install SPEC... (e.g. %gpu pip install pandas==2.2.3) | %gpu pip sync")
+        reply = self._pip_install(specs.split(), platform.python_version())
         print(
             f"installed into {reply.content.get('dir')} on the daemon's host: every later worker of yours has it "
             "(a worker started before sees new packages too)"
         )
+
+    def _pip_install(self, args: list[str], python: str) -> P.Message:
+        content = {"args": args, "python": python}
+        return self._request(P.Message(P.Msg.PIP, content, self.session_id), Relay())
+
+    def _pip_sync(self) -> None:
+        """Ask the worker its versions of the packages the notebook imported (and what they
+        need), install the notebook's where they differ, say what changed and what was left."""
+        self._after_jobs()
+        history = getattr(getattr(self.shell, "history_manager", None), "input_hist_raw", None)
+        plan = pip_sync.plan(
+            pip_sync.cell_imports(history or self.shell.user_ns.get("In", []), self.shell.transform_cell)
+        )
+        for line in plan.left:
+            print(f"left: {line}")
+        if not plan.wanted:
+            print("nothing to sync: this notebook has imported no installed package yet")
+            return
+        probe = self._pip_probe(plan)
+        pins, changes, same = pip_sync.to_install(plan, probe.get("have") or {})
+        if same:
+            print(f"the same on the worker already: {', '.join(same)}")
+        if not pins:
+            print("nothing to install: the worker has the notebook's version of every package it imported")
+            return
+        print(f"installing on the daemon's host, for the worker's Python {probe.get('python')}: {', '.join(changes)}")
+        python = str(probe.get("python", ""))
+        failed: list[str] = []
+        for chunk in [pins[i : i + MOST_PINS] for i in range(0, len(pins), MOST_PINS)]:
+            try:
+                self._pip_install([*chunk, "--no-deps"], python)
+            except GPUCellError:  # one version the index lacks fails the lot: then one at a time
+                if len(chunk) == 1:
+                    failed += chunk
+                    continue
+                for pin in chunk:
+                    try:
+                        self._pip_install([pin, "--no-deps"], python)
+                    except GPUCellError:
+                        failed.append(pin)
+        done = [c for c, pin in zip(changes, pins) if pin not in failed]
+        if done:
+            print(f"installed: {', '.join(done)}")
+        installed = {pin.partition("==")[0] for pin in pins if pin not in failed}
+        loaded = probe.get("loaded") or []
+        stale = [m for d, ms in plan.modules.items() if d in installed for m in ms if m in loaded]
+        if stale:
+            print(
+                f"the running worker imported {', '.join(stale)} before: it keeps the old version until "
+                "`%gpu release` (the next worker starts with the new one)"
+            )
+        if failed:
+            raise GPUCellError(
+                f"pip could not install {', '.join(failed)} (see its output above): the daemon's package index may "
+                "lack that version; pick one it has with `%gpu pip install NAME==VERSION`"
+            )
+
+    def _pip_probe(self, plan: pip_sync.Plan) -> dict:
+        """The worker's versions of ``plan.wanted``, from a one-line probe run there."""
+        relay, out = Relay(), []
+
+        def on_message(m: P.Message) -> None:
+            if m.type == P.Msg.STARTED:
+                self._worker_image = None  # a worker started for the probe has the default image
+            elif m.type == P.Msg.STREAM and m.content.get("name") == "stdout":
+                out.append(str(m.content.get("text", "")))
+            elif m.type not in (P.Msg.QUEUED, P.Msg.PROGRESS):
+                relay(m)
+
+        msg = P.Message(P.Msg.EXECUTE, {"code": pip_sync.probe_code(plan)}, self.session_id)
+        self._request(msg, on_message)
+        if relay.error is not None:
+            raise relay.error
+        found = pip_sync.read_probe("".join(out))
+        if not found:
+            raise GPUCellError("the worker did not say which packages it has; nothing was installed")
+        return found
 
     def _pull(self, rest: str) -> None:
         self._after_jobs()
@@ -109,8 +190,14 @@ class Commands:
         if reply.content.get("loaded"):
             self.remote.shipped_ok(prints)
 
-    def _cost(self, _: str) -> None:
-        print(output.format_cost(self._request(P.Message(P.Msg.COST, {}, self.session_id)).content))
+    def _cost(self, rest: str) -> None:
+        summary = self._request(P.Message(P.Msg.COST, {}, self.session_id)).content
+        print(output.format_cost(summary))
+        if rest:  # --plot: per cell and per day, as an inline PNG (jupyter_gpu.cost_report)
+            from jupyter_gpu.cost_report import notebook_plot
+
+            spend = lambda content: self._request(P.Message(P.Msg.SPEND, content, self.session_id)).content  # noqa: E731
+            notebook_plot(rest, summary, spend, self._notebook or notebook.display_name())
 
     def _connect(self, rest: str) -> None:
         parts = rest.split()

@@ -26,6 +26,13 @@ from kernel_worker import protocol as P
 
 LIVE_UPDATE_S = 0.2  # a display updated in place is redrawn at most this often
 WAIT_POLL_S = 0.1  # `%gpu wait` shows a job's new output this often
+# A background cell's input() / getpass(): nobody is there to type (the notebook runs other
+# cells), so the remote cell gets at once what Jupyter gives a frontend without stdin.
+NO_STDIN = {
+    "error": "StdinNotImplementedError",
+    "message": "raw_input was called, but this frontend does not support input requests: a background cell "
+    "(%%gpu --background) cannot ask the notebook's user; run the cell without --background to answer input()",
+}
 
 
 class JobOutput(Relay):
@@ -59,6 +66,8 @@ class JobOutput(Relay):
             self._rich(c.get("data") or {})
             if msg.type == P.Msg.RESULT:
                 super().__call__(msg)
+        elif msg.type == P.Msg.INPUT_REQUEST and self.answer is not None:
+            self.answer(msg, NO_STDIN)
         elif msg.type == P.Msg.ERROR:
             super().__call__(msg)
             self._stream("stderr", "\n".join(self.error._render_traceback_()) + "\n", keep=False)
@@ -215,6 +224,10 @@ class BackgroundCells:
         )
         self._keep_alive(self.session_id)
         client = self.client.twin()
+        session = self.session_id
+        out.answer = lambda question, content: client.send(
+            P.Message(P.Msg.INPUT_REPLY, content, session, parent=question.id)
+        )
 
         def body(job: Job) -> None:
             self._notes, self._queue_note = [], None

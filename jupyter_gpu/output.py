@@ -151,7 +151,7 @@ def cost_parts(cost: dict, session: bool = True) -> list[str]:
     parts = [device_label(cost), duration(cost.get("wall_s", 0.0))]
     money = _usd(cost.get("usd", 0.0)) + ("" if cost.get("price_per_hour") else " (no price set)")
     if cost.get("budget_usd"):
-        money += f" of {_usd(cost['budget_usd'])}"
+        money += f" of ${cost['budget_usd']:.2f}"
     parts += [money, *readings(cost, "peak_memory_bytes", "mean_util")]
     for name, usd in (cost.get("compare") or {}).items():
         parts.append(f"{name} {_usd(usd)}")

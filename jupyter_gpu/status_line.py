@@ -26,7 +26,7 @@ def describe(p: dict, final: str = "") -> str:
     parts = [device_label(p), duration(p.get("elapsed_s", 0.0))]
     money = _usd(p.get("usd", 0.0)) + " so far" * (not final)
     if p.get("budget_usd"):
-        money += f" of {_usd(p['budget_usd'])}"
+        money += f" of ${p['budget_usd']:.2f}"
     parts += [money, *readings(p, "memory_used_bytes", "util")]
     last = p.get("estimate")
     if isinstance(last, dict) and not final:

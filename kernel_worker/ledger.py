@@ -27,6 +27,7 @@ from kernel_worker.session import WARM_PREFIX, Session
 UNKNOWN_NOTEBOOK = "(unnamed notebook)"
 POOL_NOTEBOOK = "(warm pool)"
 DB_NAME = "ledger.sqlite"
+PENDING_NAME = "ledger.pending"
 OLD_FILES = ("ledger.jsonl.1", "ledger.jsonl")  # the JSON-lines ledger before sqlite, oldest first
 DAY_S = 86400.0
 
@@ -57,7 +58,14 @@ class Ledger(LoggingConfigurable):
         moved = db.migrate_jsonl(self.db, [os.path.join(state_dir, f) for f in OLD_FILES], _load_jsonl)
         if moved:
             self.log.info("moved %d records from ledger.jsonl into %s", moved, self.path)
-        self._pending: list[tuple] = []
+        # Records not yet in the database, one JSON line each, written before the cell's
+        # DONE is relayed (a write(2), not a commit): a daemon killed before its commit
+        # loses none. Replayed (and emptied) at start.
+        pending = os.path.join(state_dir, PENDING_NAME)
+        replayed = [r for r in _load_jsonl(pending, key="uid") if isinstance(r.get("row"), list)]
+        db.insert(self.db, [r["row"] for r in replayed if len(r["row"]) == len(db.ALL_COLUMNS)])
+        self._journal = os.open(pending, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_APPEND, 0o600)
+        self._pending: list[list] = []
         self._totals: dict[tuple, float] = {}  # (user, first day, notebook or None) -> usd, kept current
         self._pruned_day = ""
         self.prune()
@@ -154,7 +162,9 @@ class Ledger(LoggingConfigurable):
         for (user, first, notebook), usd in self._totals.items():
             if user == record["user"] and day >= first and notebook in (None, record["notebook"]):
                 self._totals[(user, first, notebook)] = usd + record["usd"]
-        self._pending.append(db.row(record, source, spec))
+        row = db.row(record, source, spec)
+        os.write(self._journal, (json.dumps({"uid": record["uid"], "row": row}) + "\n").encode())
+        self._pending.append(row)
         if len(self._pending) == 1:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)  # after the DONE is on its way
@@ -165,6 +175,7 @@ class Ledger(LoggingConfigurable):
         if self._pending:
             rows, self._pending = self._pending, []
             db.insert(self.db, rows)
+            os.ftruncate(self._journal, 0)  # committed: nothing is pending
         today = db.day_of(time.time())
         if today != self._pruned_day:
             self.prune()
@@ -179,6 +190,7 @@ class Ledger(LoggingConfigurable):
     def close(self) -> None:
         self.flush()
         self.db.close()
+        os.close(self._journal)
 
     # ------------------------------------------------------------------ questions
 
@@ -223,8 +235,9 @@ def unbilled_s(s: Session) -> float:
     return max(0.0, time.monotonic() - s.started_at - s.busy_s)
 
 
-def _load_jsonl(path: str) -> list[dict]:
-    """Records of the old JSON-lines ledger; a torn line (a crash mid-write) is skipped."""
+def _load_jsonl(path: str, key: str = "at") -> list[dict]:
+    """Records of a JSON-lines file (the old ledger; pending records), each with ``key``;
+    a torn line (a crash mid-write) is skipped."""
     out = []
     try:
         with open(path) as f:
@@ -233,7 +246,7 @@ def _load_jsonl(path: str) -> list[dict]:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(record, dict) and isinstance(record.get("at"), (int, float)):
+                if isinstance(record, dict) and record.get(key) is not None:
                     out.append(record)
     except FileNotFoundError:
         pass

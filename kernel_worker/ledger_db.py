@@ -12,11 +12,13 @@ import datetime
 import json
 import os
 import sqlite3
+import uuid
 from collections.abc import Iterable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records(
     id INTEGER PRIMARY KEY,
+    uid TEXT NOT NULL UNIQUE,
     at REAL NOT NULL,
     day TEXT NOT NULL,
     kind TEXT NOT NULL,
@@ -38,10 +40,9 @@ CREATE INDEX IF NOT EXISTS records_session ON records(session, request);
 CREATE INDEX IF NOT EXISTS records_source ON records(user, notebook, source, spec, at) WHERE source != '';
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-COLUMNS = ("at", "day", "kind", "user", "notebook", "session", "request", "device", "count", "seconds", "usd")
-INSERT = (
-    f"INSERT INTO records({', '.join(COLUMNS)}, source, spec, detail) VALUES ({', '.join('?' * (len(COLUMNS) + 3))})"
-)
+COLUMNS = ("uid", "at", "day", "kind", "user", "notebook", "session", "request", "device", "count", "seconds", "usd")
+ALL_COLUMNS = (*COLUMNS, "source", "spec", "detail")
+INSERT = f"INSERT OR IGNORE INTO records({', '.join(ALL_COLUMNS)}) VALUES ({', '.join('?' * len(ALL_COLUMNS))})"
 MIGRATED = "migrated_jsonl"
 POOL_USER = ""  # a warm pool worker's idle time is the host's
 
@@ -65,13 +66,14 @@ def connect(path: str) -> sqlite3.Connection:
     return db
 
 
-def row(record: dict, source: str = "", spec: str = "") -> tuple:
-    """A record as the row ``insert`` writes: its columns, then the whole record as JSON."""
-    values = tuple(record.get(c, "") for c in COLUMNS)
-    return (*values, source, spec, json.dumps(record))
+def row(record: dict, source: str = "", spec: str = "") -> list:
+    """A record as the row ``insert`` writes: its columns, then the whole record as JSON.
+    Its ``uid`` makes a second insert of it (a replayed pending line) a no-op."""
+    record.setdefault("uid", uuid.uuid4().hex)
+    return [*(record.get(c, "") for c in COLUMNS), source, spec, json.dumps(record)]
 
 
-def insert(db: sqlite3.Connection, rows: Iterable[tuple]) -> None:
+def insert(db: sqlite3.Connection, rows: Iterable[list]) -> None:
     with db:
         db.executemany(INSERT, rows)
 
@@ -163,28 +165,28 @@ def migrate_jsonl(db: sqlite3.Connection, paths: list[str], load) -> int:  # noq
     return len(rows)
 
 
-def _from_jsonl(r: dict) -> tuple | None:
+def _from_jsonl(r: dict) -> list | None:
     """An old record as a row: a release becomes the session's warm idle time."""
-    kind = r.get("kind")
-    base = {
-        "at": float(r["at"]),
-        "day": day_of(float(r["at"])),
-        "user": str(r.get("user", "")),
-        "notebook": str(r.get("notebook", "")),
-        "session": str(r.get("session", "")),
-        "request": str(r.get("request", "")),
-        "device": str(r.get("device", "")),
-        "count": int(r.get("count", 0) or 0),
-    }
     try:
-        if kind == "cell":
+        at = float(r["at"])
+        base = {
+            "at": at,
+            "day": day_of(at),
+            "user": str(r.get("user", "")),
+            "notebook": str(r.get("notebook", "")),
+            "session": str(r.get("session", "")),
+            "request": str(r.get("request", "")),
+            "device": str(r.get("device", "")),
+            "count": int(r.get("count", 0) or 0),
+        }
+        if r.get("kind") == "cell":
             record = {**r, **base, "seconds": float(r.get("wall_s", 0.0)), "usd": float(r.get("usd", 0.0))}
-        elif kind == "release":
+        elif r.get("kind") == "release":
             held, idle = float(r.get("held_s", 0.0)), float(r.get("idle_s", 0.0))
             usd = float(r.get("released_usd", 0.0)) * idle / held if held > 0 else 0.0
             record = {**base, "kind": "idle", "seconds": idle, "usd": usd}
         else:
             return None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return row(record)

@@ -79,3 +79,16 @@ def test_a_headless_run_waits_for_a_background_cell_so_no_output_is_lost(daemon,
     assert "".join(o.get("text", "") for o in outs if o.output_type == "stream") == "line 0\nline 1\nline 2\n"
     notes = [json.dumps(o.get("metadata", {})) for o in outs if o.output_type == "display_data"]
     assert any("a headless run: ran in the foreground" in n for n in notes), outs
+
+
+def test_input_in_a_background_cell_gets_jupyters_usual_error_instead_of_waiting(daemon):
+    with kernel(daemon.connection_file, env=IN_A_FRONTEND) as (km, kc):
+        code = "%%gpu any --background\nprint('asking', flush=True)\nname = input('name? ')\nprint('never')"
+        assert krun(kc, code)[1] == "ok"  # returns at once, as any background cell
+        reply = kc.execute_interactive("%gpu wait 1", timeout=KERNEL_TIMEOUT)["content"]
+        assert reply["status"] == "error" and reply["ename"] == "StdinNotImplementedError", reply
+        assert "raw_input was called, but this frontend does not support input requests" in reply["evalue"]
+        assert "run the cell without --background" in reply["evalue"]
+        out, status = krun(kc, "%gpu jobs")
+        assert status == "ok" and out.startswith("job 1: any failed"), out
+        assert krun(kc, "%%gpu any\nprint('the session serves on')") == ("the session serves on\n", "ok")

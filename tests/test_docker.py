@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from support import dockerd
 from support.daemons import docker_args
 from support.shells import run
@@ -206,3 +208,38 @@ def test_a_daemon_stopped_while_its_pool_starts_a_container_leaves_none(engine, 
     d.stop()  # taking the warm worker set the pool refilling: stop while that container is made
     left = containers(engine)
     assert left == [], [(c.labels, c.status) for c in left]
+
+
+def _owner_and_mode(path) -> tuple[int, str]:
+    st = os.lstat(path)
+    return st.st_uid, oct(st.st_mode & 0o777)
+
+
+def _mounted_dir_is_the_workers_alone(mounted: Path, uid: int) -> None:
+    """What the container mounts is the worker uid's, 0700; what holds it stays the daemon's, 0700."""
+    assert _owner_and_mode(mounted) == (uid, "0o700"), mounted
+    assert _owner_and_mode(mounted.parent) == (0, "0o700"), mounted.parent
+    assert _owner_and_mode(mounted.parent.parent) == (0, "0o700"), mounted.parent.parent
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="a daemon can run workers as another uid only as root")
+def test_cells_as_another_uid_import_from_their_package_dir_and_no_one_else_can_read_it(
+    engine, daemon_factory, make_shell
+):
+    d = daemon_factory(*docker_args(engine, "--DockerBackend.user=65534:65534"))
+    ip = make_shell(d)
+    result, cap = run(ip, "%gpu pip install pyjokes==0.8.3")  # a small pure-Python wheel from the index
+    assert result.success, (cap.stdout, result.error_in_exec)
+    code = "%%gpu cpu --no-sync\nimport os, importlib.metadata as m, pyjokes\nprint(os.getuid(), m.version('pyjokes'))"
+    result, cap = run(ip, code)
+    assert result.success and cap.stdout == "65534 0.8.3\n", (cap.stdout, result.error_in_exec)
+    packages = next((Path(default_state_dir(d.connection_file)) / "packages").glob("*/py*"))
+    _mounted_dir_is_the_workers_alone(packages, 65534)
+    assert all(os.stat(p).st_mode & 0o004 for p in packages.rglob("*.py"))  # for uid 65534, behind the 0700 dir
+    # The same daemon, its workers as its own uid again: the directory is handed back.
+    d.stop()
+    d = daemon_factory(*docker_args(engine))
+    ip = make_shell(d)
+    result, cap = run(ip, code)
+    assert result.success and cap.stdout == "0 0.8.3\n", (cap.stdout, result.error_in_exec)
+    _mounted_dir_is_the_workers_alone(packages, 0)

@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
-from support.daemons import docker_args
+from support.daemons import docker_args, printed
 from support.logs import LogWatcher
 from support.paths import ROOT
 from support.procs import stop_process, wait_listening
@@ -138,6 +138,18 @@ def page(browser):
     page.screenshot(path=str(OUTPUT / "lab-last.png"))
 
 
+def use_dark_theme(page, sidebar) -> None:
+    """Settings > Theme > JupyterLab Dark, through the menus, until the sidebar has taken it."""
+    light = sidebar.evaluate("e => getComputedStyle(e).backgroundColor")
+    page.locator(".lm-MenuBar-item", has_text="Settings").click()
+    page.locator(".lm-Menu-item", has_text=re.compile(r"^Theme$")).hover()
+    page.get_by_role("menuitem", name="JupyterLab Dark", exact=True).click()
+    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'")
+    page.wait_for_function(
+        "([el, before]) => getComputedStyle(el).backgroundColor !== before", arg=[sidebar.element_handle(), light]
+    )
+
+
 def test_sidebar_end_to_end_in_chromium(lab_factory, engine, page):
     from playwright.sync_api import expect
 
@@ -174,7 +186,7 @@ def test_sidebar_end_to_end_in_chromium(lab_factory, engine, page):
     expect(code_cell.locator(".jupyter-widgets", has_text="running: A100-80GB ×1 (simulated)")).to_be_visible()
     held = sidebar.locator(".jp-gpu-gpu", has_text="A100-80GB")
     expect(held.locator(".jp-gpu-holder")).to_have_text("yours")
-    expect(held.get_by_text("util 100%")).to_be_visible()
+    expect(held.get_by_text("no reading")).to_be_visible()  # a simulated GPU's readings are not made up
     expect(sidebar.locator(".jp-gpu-session")).to_contain_text("A100-80GB · busy")
     sidebar.screenshot(path=str(OUTPUT / "lab-sidebar-running.png"))
     page.screenshot(path=str(OUTPUT / "lab-running.png"))
@@ -211,13 +223,8 @@ def test_sidebar_end_to_end_in_chromium(lab_factory, engine, page):
         return sidebar.evaluate("e => getComputedStyle(e).backgroundColor")
 
     light = background()
-    page.locator(".lm-MenuBar-item", has_text="Settings").click()
-    page.locator(".lm-Menu-item", has_text=re.compile(r"^Theme$")).hover()
-    page.get_by_role("menuitem", name="JupyterLab Dark", exact=True).click()
-    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'")
-    page.wait_for_function(
-        "([el, before]) => getComputedStyle(el).backgroundColor !== before", arg=[sidebar.element_handle(), light]
-    )
+    use_dark_theme(page, sidebar)
+    assert background() != light
     # Readable: its text turns light (Lab's --jp-ui-font-color1) once the theme has applied.
     page.wait_for_function(
         "el => Number(getComputedStyle(el).color.match(/\\d+/)[0]) > 200",
@@ -250,3 +257,82 @@ def test_sidebar_on_the_process_backend_says_volumes_need_docker(lab_factory, pa
     expect(sidebar.get_by_text("Volumes need the docker backend")).to_be_visible()
     expect(sidebar.get_by_label("new volume name")).to_have_count(0)
     expect(sidebar.locator(".jp-gpu-error")).to_have_count(0)
+
+
+def usd(x: float) -> str:
+    """Dollars as the sidebar writes them (model.ts formatUsd)."""
+    return f"${x:.4f}" if x < 1 else f"${x:.2f}"
+
+
+# The computed colour of one of Lab's CSS variables, as getComputedStyle writes colours.
+LAB_COLOUR = """name => {
+    const probe = document.createElement('div');
+    probe.style.color = `var(${name})`;
+    document.body.append(probe);
+    const colour = getComputedStyle(probe).color;
+    probe.remove();
+    return colour;
+}"""
+
+
+def test_sidebar_spend_chart_and_budget_in_chromium(lab_factory, page, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from kernel_worker import protocol as P
+
+    lab = lab_factory("--simulate-gpus=H100:1", "--Budgets.user_per_day=5")
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    # Something spent today: a cell on the H100, its session released (nothing live moves the sum).
+    client = lab["daemon"].client()
+    sid = uuid.uuid4().hex
+    printed(client, sid, "x = 1", gpu="H100", notebook=str(lab["root"] / "e2e.ipynb"))
+    assert client.call(P.Msg.RELEASE, session=sid) == {"released": True}
+    spend = json.loads(
+        page.request.get(
+            f"{lab['url']}/jupyter-gpu/api/cost?days=14", headers={"Authorization": f"token {lab['token']}"}
+        ).text()
+    )
+    today = spend["today_usd"]
+    assert today > 0 and len(spend["days"]) == 14
+
+    sidebar = open_sidebar(page, lab)
+    section = sidebar.locator(".jp-gpu-spend")
+    expect(section.get_by_text(f"Today: {usd(today)}", exact=True)).to_be_visible()
+    bars = section.locator("svg.jp-gpu-chart-svg rect.jp-gpu-chart-bar")
+    expect(bars).to_have_count(14)
+    days = [bars.nth(i).get_attribute("data-day") for i in range(14)]
+    assert days == [d["day"] for d in spend["days"]]  # the host's 14 days, oldest first
+    today_bar = section.locator("rect.jp-mod-today")
+    expect(today_bar).to_have_attribute("data-day", spend["days"][-1]["day"])
+    expect(today_bar).not_to_have_class(re.compile("jp-mod-zero"))
+    assert today_bar.bounding_box()["height"] > 40  # the only day with spend: full height (48 px)
+    expect(section.locator("rect.jp-mod-zero")).to_have_count(13)
+    [budget] = spend["budgets"]
+    assert (budget["scope"], budget["limit_usd"]) == ("you, today", 5.0)
+    expect(section.locator(".jp-gpu-budget")).to_have_text(
+        f"Budget (you, today): {usd(budget['left_usd'])} left of $5.00"
+    )
+    shot = tmp_path / "sidebar-spend.png"
+    section.screenshot(path=str(shot))
+    box = section.bounding_box()
+    with Image.open(shot) as im:
+        im.load()  # decodes: a whole PNG, as big as the section on screen
+        assert abs(im.width - box["width"]) <= 1 and abs(im.height - box["height"]) <= 1 and im.height > 48
+
+    # Lab's own colours, in both themes: the bars are its brand colour.
+    def bar_colour() -> tuple[str, str]:
+        return today_bar.evaluate("e => getComputedStyle(e).fill"), page.evaluate(LAB_COLOUR, "--jp-brand-color1")
+
+    fill, brand = bar_colour()
+    assert fill == brand
+    use_dark_theme(page, sidebar)
+    fill, brand = bar_colour()
+    assert fill == brand
+    section.screenshot(path=str(tmp_path / "sidebar-spend-dark.png"))
+    assert not errors, errors
+    print(f"screenshots: {shot}, {tmp_path / 'sidebar-spend-dark.png'}")

@@ -77,7 +77,7 @@ async def test_gpus_show_live_state_and_who_holds_them(jp_fetch, gpu_daemon):
         ("A100-80GB", True, None),
         ("A100-80GB", True, None),
     ]
-    assert all(g["util"] == 0.0 for g in host["gpus"])
+    assert all(g["util"] is None and g["memory_used_bytes"] is None for g in host["gpus"])  # simulated: no reading
 
     # A notebook starts a long cell on the H100.
     client = gpu_daemon.client()
@@ -88,7 +88,8 @@ async def test_gpus_show_live_state_and_who_holds_them(jp_fetch, gpu_daemon):
 
     async def h100_busy():
         g = (await api(jp_fetch, "gpus"))["gpus"][0]
-        return g if g["util"] == 100.0 else None
+        busy = [s for s in (await api(jp_fetch, "sessions"))["sessions"] if s["state"] == "busy"]
+        return g if g["session"] and busy else None
 
     g = await until(h100_busy, "the H100 to show as busy")
     assert g["session"] == sid and g["user"] == getpass.getuser()  # our own session: id and user both shown
@@ -104,7 +105,7 @@ async def test_gpus_show_live_state_and_who_holds_them(jp_fetch, gpu_daemon):
     assert type(e.value) is DaemonError and e.value.code == P.Err.RELEASED
     assert str(e.value).startswith(f"session {sid} ended: ")
     host = await api(jp_fetch, "gpus")
-    assert host["gpus"][0]["session"] is None and host["gpus"][0]["util"] == 0.0
+    assert host["gpus"][0]["session"] is None and host["gpus"][0]["util"] is None
     assert (await api(jp_fetch, "sessions"))["sessions"] == []
     code, message = await api_error(jp_fetch, f"sessions/{sid}", "DELETE")
     assert code == 404 and "no session" in message
@@ -152,6 +153,38 @@ async def test_cost_per_notebook_and_day(jp_fetch, gpu_daemon, make_shell, monke
     assert (await api(jp_fetch, "cost", since=str(time.time() + 60)))["notebooks"] == []
     code, message = await api_error(jp_fetch, "cost", since="yesterday")
     assert (code, message) == (400, "since must be unix seconds, not 'yesterday'")
+
+
+async def test_cost_over_the_last_days_by_key(jp_fetch, gpu_daemon):
+    client = gpu_daemon.client()
+    sid = uuid.uuid4().hex
+    done = client.request(P.Message(P.Msg.EXECUTE, {"gpu": "H100", "code": "x = 1", "notebook": "/w/a.ipynb"}, sid))
+    assert done.type == P.Msg.DONE
+    assert client.call(P.Msg.RELEASE, session=sid) == {"released": True}
+
+    spend = await api(jp_fetch, "cost", days="14", by="gpu")
+    # What the sidebar's chart draws: the last 14 local days, today included, zero-filled.
+    first = datetime.date.fromtimestamp(spend["since"])
+    assert spend["since"] == _midnight_before(spend["since"])
+    days = [d["day"] for d in spend["days"]]
+    assert days == [(first + datetime.timedelta(days=n)).isoformat() for n in range(14)]
+    assert days[-1] == datetime.date.fromtimestamp(spend["now"]).isoformat()  # the window ends today
+    assert [d["usd"] > 0 for d in spend["days"]] == [False] * 13 + [True]
+    assert spend["today_usd"] == pytest.approx(spend["days"][-1]["usd"], rel=1e-9)
+    assert sum(d["usd"] for d in spend["days"]) == pytest.approx(spend["total_usd"], rel=1e-9)
+    [row] = spend["rows"]
+    assert row["key"] == "H100" and row["cells"] == 1 and row["usd"] == pytest.approx(spend["total_usd"], rel=1e-9)
+    assert isinstance(spend["budgets"], list)
+
+    for params, says in [
+        ({"days": "0"}, "days must be a whole number from 1 to 366, not '0'"),
+        ({"days": "367"}, "days must be a whole number from 1 to 366, not '367'"),
+        ({"days": "1.5"}, "days must be a whole number from 1 to 366, not '1.5'"),
+        ({"days": "-3"}, "days must be a whole number from 1 to 366, not '-3'"),
+        ({"by": "week"}, "by must be one of notebook, user, gpu, day, not 'week'"),
+        ({"days": "7", "since": "0"}, "give since or days, not both"),
+    ]:
+        assert await api_error(jp_fetch, "cost", **params) == (400, says), params
 
 
 async def test_volumes_need_docker_and_say_so(jp_fetch, gpu_daemon):

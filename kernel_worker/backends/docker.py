@@ -95,7 +95,9 @@ class DockerBackend(DockerVolumes, Backend):
         "the socket and bulk directories the worker shares (0700) and the bulk files same-host notebooks write "
         "(0600), so everything works; under a root daemon that is uid 0, though with no capabilities and "
         "no-new-privileges: run the daemon as a non-root user in the docker group to have cells run as that user. "
-        "Another uid (e.g. 65534:65534) needs a root daemon, which hands it the session's directories at start; "
+        "Another uid (e.g. 65534:65534) needs a root daemon, which hands it the session's directories at start "
+        "and the user's workspace and package directories (each still 0700, inside the daemon's own 0700 "
+        "directories, so no other user of the host reaches them); "
         "then values of 1 MiB or more sent by notebooks running as root on this host cannot be loaded, and "
         "workers are not adopted after a daemon restart (the daemon does not yet hand over bulk files and "
         "re-bound sockets).",
@@ -169,6 +171,8 @@ class DockerBackend(DockerVolumes, Backend):
         """The uid and gid cells run as: DockerBackend.user, else the daemon's own."""
         m = UID_GID_RE.fullmatch(self.user)
         return (int(m.group(1)), int(m.group(2))) if m else (os.getuid(), os.getgid())
+
+    worker_owner = ids  # who must own the user's directories a container mounts (see docker_owner)
 
     def _reserved_paths(self) -> list[str]:
         """Container paths of the operator's extra_mounts: no volume goes on, above or under them."""

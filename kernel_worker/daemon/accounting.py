@@ -31,6 +31,7 @@ class Accounting:
             asked = Budgets.asked(msg.content)
         except BudgetError as e:
             return str(e)
+        self.d.budgets.own[s.user] = asked
         if asked != s.budgets:
             s.budgets = asked
             if s.state != "starting":
@@ -48,13 +49,14 @@ class Accounting:
         self.watch(s, msg)
 
     def watch(self, s: Session, msg: P.Message) -> None:
-        if self.d.budgets.limits(s):
+        if self.d.budgets.limits(s) and not self.d.budgets.free(s):
             self.d.spawn(self.d.budgets.watch(s, msg), s.tasks)
 
     def done(self, s: Session, msg: P.Message) -> dict:
         figures = s.telemetry.figures()
         if s.stopped:
             figures["stopped"] = s.stopped
+            self.d.log.info("session %s: billed a cell the daemon stopped: %s", s.id, s.stopped)
         cell_budget = self.d.budgets.limits(s).get("cell")
         if cell_budget:
             figures["budget_usd"] = cell_budget[0]

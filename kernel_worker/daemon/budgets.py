@@ -56,6 +56,7 @@ class Budgets(LoggingConfigurable):
     def __init__(self, daemon: WorkerDaemon, **kw: object):
         super().__init__(parent=daemon, **kw)
         self.d = daemon
+        self.own: dict[str, dict] = {}  # user -> the limits their last cell asked for
 
     # ------------------------------------------------------------------ limits
 
@@ -108,14 +109,18 @@ class Budgets(LoggingConfigurable):
         held = [s] if scope == CELL else self._mine(s.user, s.notebook if scope == "notebook_per_day" else None)
         return sum(self.d.ledger.price(o) for o in held) / 3600
 
-    def reached(self, s: Session, scopes: tuple = (CELL, *SHARED)) -> tuple[str, float] | None:
-        """The first limit ``s`` has reached (scope, spent), or None; and so also when the
-        next could be reached: see ``seconds_left``."""
+    def free(self, s: Session) -> bool:
+        """Work that costs nothing is never refused or stopped: stopping it saves nothing."""
+        return not self.d.ledger.price(s) if s.gpus else s.request.is_cpu
+
+    def reached(self, s: Session, scopes: tuple = (CELL, *SHARED), starting: bool = False) -> tuple[str, float] | None:
+        """The first limit ``s`` has reached (scope, spent), or None. A cell ``starting``
+        would cost: nothing may be left, not even a millisecond's worth."""
         for scope, (limit, _) in self.limits(s).items():
             if scope in scopes:
                 spent = self.spent(s, scope)
-                rate = self._rate(s, scope)
-                if limit - spent <= rate * CROSSED_S or (rate == 0 and spent >= limit):
+                rate = 1.0 if starting else self._rate(s, scope)
+                if limit - spent <= rate * CROSSED_S:
                     return scope, spent
         return None
 
@@ -141,15 +146,14 @@ class Budgets(LoggingConfigurable):
         else:
             how = f"it resets {WHEN[scope]}; you set it yourself: raise c.GPUMagics.budgets[{scope!r}]"
         act = "the cell was interrupted" if stopping else "nothing ran and no GPU was taken"
-        return f"{head}; {act}. {how.capitalize()}"
+        return f"{head}; {act}. {how[0].upper()}{how[1:]}"
 
     def report(self, user: str) -> list[dict]:
         """The budget lines of ``user``'s spend report: the host's daily and monthly limits,
-        or the user's own lower ones (as their live sessions asked)."""
+        or the user's own lower ones (as their last cell asked)."""
         out = []
         for scope in ("user_per_day", "user_per_month"):
-            asked = [o.budgets[scope] for o in self._mine(user, None) if scope in o.budgets]
-            limits = [x for x in (getattr(self, scope), *asked) if x > 0]
+            limits = [x for x in (getattr(self, scope), self.own.get(user, {}).get(scope, 0.0)) if x > 0]
             if limits:
                 limit, spent = min(limits), self.spent_by(user, None, scope)
                 left = max(0.0, limit - spent)
@@ -160,7 +164,9 @@ class Budgets(LoggingConfigurable):
 
     def refusal(self, s: Session) -> str:
         """Why a cell of ``s`` may not start (a shared limit has nothing left), or ""."""
-        hit = self.reached(s, SHARED)
+        if self.free(s):
+            return ""
+        hit = self.reached(s, SHARED, starting=True)
         return self.text(s, hit[0], hit[1], stopping=False) if hit else ""
 
     async def watch(self, s: Session, msg: P.Message) -> None:
@@ -173,6 +179,9 @@ class Budgets(LoggingConfigurable):
                 scope, spent = hit
                 why = self.text(s, scope, spent, stopping=True)
                 await self.d.reaper.stop_cell(s, msg, why, f"the cell reached {WORDS[scope]}", P.Err.BUDGET)
+                over = self.idle_over(s) if scope != CELL and not s.releasing else ""
+                if over:  # idle, it would go on costing: its GPUs go now, not at the reaper's next look
+                    self.d.sessions.release_now(s, over, code=P.Err.BUDGET)
                 return
             wait = min(max(self.seconds_left(s), 0.0), self.d.progress_interval)
             try:
@@ -183,7 +192,7 @@ class Budgets(LoggingConfigurable):
 
     def idle_over(self, s: Session) -> str:
         """Why an idle session should be let go (its owner has nothing left), or ""."""
-        hit = self.reached(s, SHARED)
+        hit = None if self.free(s) else self.reached(s, SHARED)
         if hit is None:
             return ""
         limit, _ = self.limits(s)[hit[0]]

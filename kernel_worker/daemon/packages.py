@@ -16,6 +16,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from kernel_worker import protocol as P
+from kernel_worker.backends.docker_owner import handed_dir, worker_owner
 from kernel_worker.daemon import paths
 from kernel_worker.workspace import Workspaces
 
@@ -37,11 +38,12 @@ class Packages:
         self.log = daemon.log
 
     def dir_for(self, user: str, python: str = "") -> str:
-        """``user``'s package directory for a Python ``X.Y`` (the daemon's by default)."""
+        """``user``'s package directory for a Python ``X.Y`` (the daemon's by default): 0700,
+        owned by the uid workers run as (a container mounts it; see ``docker_owner``)."""
         python = python if PYTHON_RE.fullmatch(python or "") else f"{sys.version_info[0]}.{sys.version_info[1]}"
         root = paths.private_dir(os.path.join(self.d.state_dir, "packages"))
         mine = paths.private_dir(paths.child(root, Workspaces.user_part(user)))
-        return paths.private_dir(paths.child(mine, f"py{python}"))
+        return handed_dir(paths.child(mine, f"py{python}"), worker_owner(self.d.backend_instance))
 
     async def install(self, ident: bytes, msg: P.Message, user: str) -> None:
         args = msg.content.get("args")
@@ -63,6 +65,7 @@ class Packages:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            umask=0o022,  # readable by the uid workers run as; the 0700 directory keeps everyone else out
         )
         try:
             await asyncio.wait_for(self._relay(proc, ident, msg), self.d.pip_timeout)

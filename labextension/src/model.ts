@@ -37,10 +37,76 @@ export interface IVolume {
   in_use_by: string[];
 }
 
+export interface IDaySpend {
+  day: string;
+  usd: number;
+}
+
+/** A budget the daemon enforces, in the words it gives (e.g. scope "you, today"). */
+export interface IBudget {
+  scope: string;
+  limit_usd: number;
+  spent_usd: number;
+  left_usd: number;
+}
+
+/** GET cost?days=N: the last N local days of the daemon's host, today included. */
 export interface ISpend {
+  since: number;
+  now: number;
   total_usd: number;
+  today_usd?: number;
   notebooks: { notebook: string; usd: number; cells: number }[];
-  days: { day: string; usd: number }[];
+  /** Every day of the window, zero-filled, ascending (YYYY-MM-DD). */
+  days: IDaySpend[];
+  budgets?: IBudget[];
+}
+
+/** The days the sidebar's chart shows, today included. */
+export const CHART_DAYS = 14;
+
+const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+
+/** "Nov 24" for "2026-11-24" (the day as the daemon's host dates it; no time zone applied). */
+export function dayLabel(day: string): string {
+  const m = /^\d{4}-(\d{2})-(\d{2})$/.exec(day);
+  return m ? `${MONTHS[Number(m[1]) - 1] ?? m[1]} ${Number(m[2])}` : day;
+}
+
+export interface IBar {
+  day: string;
+  usd: number;
+  /** In chart units, out of the chart's height; a day with no spend gets a 1-unit stub. */
+  height: number;
+  /** The tooltip: "Nov 24: $0.0123". */
+  label: string;
+}
+
+/** One bar per day, the largest day as tall as the chart. */
+export function chartBars(days: IDaySpend[], height: number): IBar[] {
+  const max = Math.max(0, ...days.map(d => d.usd));
+  return days.map(d => ({
+    day: d.day,
+    usd: d.usd,
+    height: d.usd > 0 && max > 0 ? Math.max(2, (d.usd / max) * height) : 1,
+    label: `${dayLabel(d.day)}: ${formatUsd(d.usd)}`
+  }));
+}
+
+/** What was spent today: the daemon's figure, else (an older daemon) the window's last day. */
+export function todaySpend(spend: ISpend): number {
+  if (typeof spend.today_usd === 'number') {
+    return spend.today_usd;
+  }
+  return spend.days.length ? spend.days[spend.days.length - 1].usd : 0;
+}
+
+/** "Budget (you, today): $0.75 left of $1.00", or what went over it. */
+export function budgetText(b: IBudget): string {
+  if (b.left_usd <= 0) {
+    return `Budget (${b.scope}): ${formatUsd(b.spent_usd)} of ${formatUsd(b.limit_usd)}, none left`;
+  }
+  return `Budget (${b.scope}): ${formatUsd(b.left_usd)} left of ${formatUsd(b.limit_usd)}`;
 }
 
 /** What `%%gpu` with no GPU argument uses, kept in notebook metadata under this key. */

@@ -15,10 +15,12 @@ import {
   IGPU,
   plural,
   pollInterval,
+  todaySpend,
   utilPercent
 } from './model';
 import { SidebarState } from './state';
 import { NotebookChoice } from './choice';
+import { Budgets, SpendChart } from './spendChart';
 
 const MAX_INTERVAL_MS = 60_000;
 
@@ -56,7 +58,7 @@ function GPURow(props: { gpu: IGPU; mine: string[] }): JSX.Element {
         <div className="jp-gpu-bar-fill" style={{ width: `${util ?? 0}%` }} />
       </div>
       <div className="jp-gpu-detail">
-        {util === null ? 'util —' : `util ${util.toFixed(0)}%`} · {memory}
+        {util !== null ? `util ${util.toFixed(0)}%` : g.simulated ? 'no reading' : 'util —'} · {memory}
       </div>
     </li>
   );
@@ -159,11 +161,16 @@ function Volumes(props: { state: SidebarState }): JSX.Element {
 function Spend(props: { state: SidebarState }): JSX.Element {
   const spend = props.state.spend;
   return (
-    <>
+    <div className="jp-gpu-spend">
       <ErrorLine text={props.state.errors.spend.current} />
       {spend ? (
         <>
-          <div className="jp-gpu-total">Today: {formatUsd(spend.total_usd)}</div>
+          <div className="jp-gpu-total">Today: {formatUsd(todaySpend(spend))}</div>
+          <SpendChart days={spend.days} />
+          <Budgets budgets={spend.budgets ?? []} />
+          <div className="jp-gpu-detail">
+            Last {plural(spend.days.length, 'day')}: {formatUsd(spend.total_usd)}
+          </div>
           <ul className="jp-gpu-list">
             {spend.notebooks.slice(0, 5).map(n => (
               <li key={n.notebook} className="jp-gpu-detail" title={n.notebook}>
@@ -173,7 +180,7 @@ function Spend(props: { state: SidebarState }): JSX.Element {
           </ul>
         </>
       ) : null}
-    </>
+    </div>
   );
 }
 

@@ -2,7 +2,7 @@
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { requestAPI } from './api';
-import { ErrorOnce, IGPU, ISession, ISpend, IVolume } from './model';
+import { CHART_DAYS, ErrorOnce, IGPU, ISession, ISpend, IVolume } from './model';
 
 export type Section = 'host' | 'volumes' | 'spend' | 'action';
 
@@ -35,7 +35,7 @@ export class SidebarState {
       requestAPI<{ sessions: ISession[] }>('sessions', 'list sessions'),
       // Asked only of a backend known to have volumes (the first poll learns which).
       this.loaded && !this.hasVolumes ? noVolumes : requestAPI<{ volumes: IVolume[] }>('volumes', 'list volumes'),
-      requestAPI<ISpend>('cost', 'read spend')
+      requestAPI<ISpend>(`cost?days=${CHART_DAYS}`, 'read spend')
     ]);
     this.fetchedAt = Date.now();
     this.loaded = true;

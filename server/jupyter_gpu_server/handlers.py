@@ -11,7 +11,6 @@ whose message the sidebar shows as is.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import os
 import threading
@@ -25,11 +24,13 @@ from traitlets import Float
 
 from jupyter_gpu.client import DaemonError, DaemonLost
 from jupyter_gpu.connect import DaemonTarget, TargetError
+from jupyter_gpu.cost_report import BY, midnight_days_ago
 from kernel_worker import protocol as P
 
 API_PATH = "jupyter-gpu/api"
 AUTH_RESOURCE = "jupyter_gpu"  # what the server's Authorizer is asked about
 VERBS = ("get", "post", "put", "patch", "delete")
+MAX_DAYS = 366  # GET cost?days=N: at most a year back
 
 # A daemon's refusal, as the HTTP status the sidebar acts on.
 STATUS_FOR = {
@@ -184,19 +185,35 @@ class VolumeHandler(GPUHandler):
 
 
 class CostHandler(GPUHandler):
+    """``GET cost?days=N&by=KEY`` (or ``since=UNIX``): the daemon's spend report over the
+    last N local days, today included (default 1: since midnight)."""
+
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        raw = self.get_query_argument("since", "")
+        raw, days = self.get_query_argument("since", ""), self.get_query_argument("days", "")
+        if raw and days:
+            raise GPUError(400, "give since or days, not both")
         try:
-            since = float(raw) if raw else start_of_today()
+            since = float(raw) if raw else midnight_days_ago(self._days(days))
         except ValueError:
             raise GPUError(400, f"since must be unix seconds, not {raw[:40]!r}") from None
-        self.reply(await self.daemon(P.Msg.SPEND, {"since": since}))
+        content: dict[str, Any] = {"since": since}
+        by = self.get_query_argument("by", "")
+        if by:
+            if by not in BY:
+                raise GPUError(400, f"by must be one of {', '.join(BY)}, not {by[:40]!r}")
+            content["by"] = by
+        self.reply(await self.daemon(P.Msg.SPEND, content))
 
-
-def start_of_today() -> float:
-    return datetime.datetime.combine(datetime.date.today(), datetime.time()).timestamp()
+    @staticmethod
+    def _days(raw: str) -> int:
+        n = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 3 else 0
+        if not raw:
+            return 1
+        if not 1 <= n <= MAX_DAYS:
+            raise GPUError(400, f"days must be a whole number from 1 to {MAX_DAYS}, not {raw[:40]!r}")
+        return n
 
 
 ROUTES: list[tuple[str, type[GPUHandler]]] = [
