@@ -16,6 +16,7 @@ import os
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 # Buffers at least this large go through a bulk file when the peer shares the host.
 BULK_MIN = 1024 * 1024
@@ -96,3 +97,15 @@ def discard(moved: dict, directory: str) -> None:
                 os.unlink(os.path.join(directory, name))
             except FileNotFoundError:
                 pass
+
+
+def valid_refs(moved: Any, nframes: int) -> bool:
+    """A request's ``bulk`` field: frame index -> a file of this session's bulk directory."""
+    if not isinstance(moved, dict):
+        return False
+    for k, ref in moved.items():
+        if not (k.isdigit() and int(k) < nframes and isinstance(ref, dict)):
+            return False
+        if not valid_name(ref.get("file")) or not isinstance(ref.get("size"), int):
+            return False
+    return True

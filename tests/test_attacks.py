@@ -5,6 +5,7 @@ while the daemon keeps serving another session."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def test_a_session_id_that_is_not_a_plain_name_is_refused_and_nothing_is_removed
         msg = P.Message(type, {"gpu": "cpu", "code": "1"}, sid)
         text = _fails(lambda: keeper.request(msg, timeout=30), P.Err.BAD_MESSAGE, "is not allowed")
         assert "letters, digits, '_' or '-', starting with a letter or digit" in text
-    assert (state / "daemon.key").is_file() and (state / "ledger.jsonl").is_file()
+    assert (state / "daemon.key").is_file() and (state / "ledger.sqlite").is_file()
     assert printed(keeper, "keeper", "print(kept + 1)") == "2\n"
 
 
@@ -253,19 +254,24 @@ def test_sessions_and_queue_places_per_user_are_bounded_by_default(daemon_factor
 
 
 def test_the_notebook_name_is_bounded_in_status_and_ledger(daemon_factory):
-    d = daemon_factory("--WorkerDaemon.ledger_max_bytes=8192")
+    d = daemon_factory()
     client = d.client()
     long = "nb/" + "x" * 1_000_000 + "\x1b[31m"
     for i in range(20):
         assert _execute(client, "named", f"v = {i}", notebook=long).content["ok"]
     st = client.call(P.Msg.STATUS)
     assert [len(s["notebook"]) for s in st["sessions"]] == [512]
-    ledger = Path(default_state_dir(d.connection_file)) / "ledger.jsonl"
-    rotated = Path(f"{ledger}.1")
-    assert rotated.is_file() and rotated.stat().st_size < 8192 + 2048  # one record past the limit at most
-    assert not ledger.exists() or ledger.stat().st_size < 8192 + 2048
-    spend = client.call(P.Msg.SPEND, {"since": 0})
-    assert all(len(nb["notebook"]) <= 512 for nb in spend["notebooks"])
+    spend = client.call(P.Msg.SPEND, {"since": 0})  # also: every record is committed by now
+    assert [len(nb["notebook"]) for nb in spend["notebooks"]] == [512]
+    assert "\x1b" not in spend["notebooks"][0]["notebook"]
+    ledger = Path(default_state_dir(d.connection_file)) / "ledger.sqlite"
+    db = sqlite3.connect(ledger)
+    assert db.execute("SELECT COUNT(*), MAX(LENGTH(notebook)), MAX(LENGTH(detail)) FROM records").fetchone() == (
+        20,
+        512,
+        pytest.approx(1500, abs=1000),  # a record is its figures and that name, never the megabyte
+    )
+    db.close()
 
 
 def test_others_queue_places_show_whose_but_not_their_session_ids(daemon_factory, tmp_path):

@@ -66,7 +66,12 @@ class Services:
         ledger.flush()
         groups = await asyncio.to_thread(ledger_db.read_groups, ledger.path, who, float(since))  # 1M rows: ~1 s
         parts += [spend.Part(*g) for g in groups]
+        notebook = msg.content.get("notebook")
+        if isinstance(notebook, str) and notebook:  # one notebook's spend (`%gpu cost --plot`)
+            parts = [p for p in parts if p.notebook == notebook]
         reply = spend.build(parts, float(since), now, str(by), ledger.compare_with)
+        if isinstance(notebook, str) and notebook:
+            reply["notebook"] = notebook
         reply["budgets"] = self.d.budgets.report(user)
         self.d.front.reply(ident, msg, reply)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kernel_worker import bulk, inventory, scheduler
 from kernel_worker import protocol as P
@@ -58,7 +58,7 @@ class Sessions:
             self.d.front.fail(ident, msg, P.Err.BAD_MESSAGE, f"{msg.type} needs a session id")
             return
         moved = msg.content.get("bulk")
-        if moved is not None and not _valid_bulk(moved, len(msg.buffers)):
+        if moved is not None and not bulk.valid_refs(moved, len(msg.buffers)):
             self.d.front.fail(ident, msg, P.Err.BAD_MESSAGE, "bad bulk buffer references")
             return
         self._run(ident, msg, user)
@@ -399,14 +399,3 @@ def _notebook(msg: P.Message) -> str:
     and printable."""
     text = str(msg.content.get("notebook") or "")[:NOTEBOOK_MAX_CHARS]
     return "".join(c if c.isprintable() else "?" for c in text)
-
-
-def _valid_bulk(moved: Any, nframes: int) -> bool:
-    if not isinstance(moved, dict):
-        return False
-    for k, ref in moved.items():
-        if not (k.isdigit() and int(k) < nframes and isinstance(ref, dict)):
-            return False
-        if not bulk.valid_name(ref.get("file")) or not isinstance(ref.get("size"), int):
-            return False
-    return True
