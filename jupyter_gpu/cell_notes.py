@@ -17,6 +17,7 @@ class CellNotes:
     _per_thread: Any
     _had_worker: bool
     _worker_image: Any
+    _restored: Any  # SnapshotCommands'
     remote: Any
 
     @property
@@ -45,9 +46,12 @@ class CellNotes:
             self._notes.append(text)
 
     def _started(self, info: dict) -> None:
-        """A new worker for this notebook: whatever the old one held is gone."""
+        """A new worker for this notebook: whatever the old one held is gone, unless it
+        came back from a snapshot."""
         self.remote.reset()
-        if info.get("previous") or self._had_worker:
+        if info.get("restored") and self._restored(info["restored"]):
+            pass
+        elif info.get("previous") or self._had_worker:
             why = info.get("previous") or "the daemon no longer knows it"
             self._note(f"the previous worker is gone ({why}); its variables are lost")
         if info.get("waited_s", 0) >= MIN_WAIT_SHOWN_S:

@@ -113,6 +113,12 @@ class RemoteNamespace:
         self.shipped.clear()
         self.made.clear()
 
+    def restored(self, names: list[str]) -> None:
+        """A new worker started from a snapshot: it holds ``names`` again, as its own."""
+        self.remote.update(names)
+        self.made.update(names)
+        self.gone.difference_update(names)
+
     def lost(self, names: list[str], user_ns: dict) -> list[str]:
         """Names a cell reads that existed only on a worker that is gone."""
         return [n for n in names if n in self.gone and n not in user_ns and n not in self.remote]

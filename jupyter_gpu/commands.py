@@ -49,12 +49,18 @@ class Commands:
             output.format_status(self._request(P.Message(P.Msg.STATUS, {}, self.session_id)).content, self.session_id)
         )
 
-    def _release(self, _: str) -> None:
-        released = self._request(P.Message(P.Msg.RELEASE, {}, self.session_id)).content.get("released")
-        self.remote.reset()
+    def _release(self, rest: str) -> None:
+        """``%gpu release [--keep]``: --keep first snapshots the namespace, which the next cell restores."""
+        keep = rest.strip() == "--keep"
+        if rest.strip() and not keep:
+            raise GPUCellError("usage: %gpu release [--keep]")
+        released = self._request(P.Message(P.Msg.RELEASE, {"keep": keep}, self.session_id)).content.get("released")
+        if not keep:  # kept: the next worker holds the same names again (or says it could not)
+            self.remote.reset()
         self._had_worker = False  # released on purpose: the next start is no surprise
         self._worker_image = None
-        print("released: worker stopped, GPUs returned" if released else "nothing to release")
+        kept = "; its namespace was snapshotted: the next %%gpu cell restores it" * keep
+        print(f"released: worker stopped, GPUs returned{kept}" if released else "nothing to release")
 
     def _pip(self, rest: str) -> None:
         """``%gpu pip install SPEC...``: into your package directory on the daemon's host, which

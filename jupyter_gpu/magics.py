@@ -26,6 +26,7 @@ from jupyter_gpu.jobs import BackgroundCells, Job, Jobs
 from jupyter_gpu.keepalive import Keepalive
 from jupyter_gpu.notebook import IMAGE_FROM_METADATA, cell_image
 from jupyter_gpu.output import Relay, image_text, show_cost, show_deferred, show_note, show_notes
+from jupyter_gpu.snapshot_commands import SnapshotCommands
 from jupyter_gpu.status_line import MODES, StatusLine
 from jupyter_gpu.workdir import WorkdirSync
 from jupyter_gpu.workdir_wire import WorkdirWire, WorkspaceCells
@@ -41,7 +42,7 @@ def _ordinal(n: int) -> str:
 
 
 @magics_class
-class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, connect.DaemonTarget):
+class GPUMagics(Commands, SnapshotCommands, CellNotes, WorkspaceCells, BackgroundCells, Magics, connect.DaemonTarget):
     default_gpu = Unicode("any", help="GPU request used when a %%gpu cell names none (H100, A100:2, any, cpu...).").tag(
         config=True
     )
@@ -190,6 +191,7 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
         help="Return at once; the cell runs on, its output arriving in this cell (%%gpu jobs / wait / cancel).",
     )
     @argument("--no-sync", action="store_true", help="Do not sync the notebook's directory to the worker.")
+    @argument("--fresh", action="store_true", help="A new worker starts empty, not from the notebook's snapshot.")
     @argument(
         "--fetch",
         action="append",
@@ -240,6 +242,7 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
             "timeout": args.timeout,
             "budget": args.budget or self.default_budget or None,
             "budgets": self.budgets,
+            "fresh": args.fresh,
             "no_wait": args.no_wait,
             "image": image,
             "volumes": args.volume or chosen.get("volumes", []),
@@ -360,7 +363,8 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
         """Manage this notebook's remote session.
 
         %gpu status          GPUs of the host, sessions, queue
-        %gpu release         stop this notebook's worker now and free its GPUs
+        %gpu release [--keep]  stop this notebook's worker now and free its GPUs (--keep: snapshot it first)
+        %gpu snapshot / snapshots / restore [ID]  the namespace's snapshots (taken on idle release)
         %gpu pull a,b        copy worker variables into the notebook
         %gpu push a,b        send notebook variables to the worker
         %gpu cost [--plot]   this session's cells and total spend; --plot: per cell and per day, inline
@@ -390,6 +394,9 @@ class GPUMagics(Commands, CellNotes, WorkspaceCells, BackgroundCells, Magics, co
             "wait": self._wait,
             "cancel": self._cancel,
             "fetch": self._fetch,
+            "snapshot": self._snapshot,
+            "snapshots": self._snapshots,
+            "restore": self._restore,
         }
         if cmd not in handlers:
             raise GPUCellError(f"unknown %gpu command {cmd!r}; use one of: {', '.join(handlers)}")

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from IPython.display import clear_output, display
 
 from kernel_worker import protocol as P
+from kernel_worker.prices import limit_text
 
 
 class RemoteResult:
@@ -151,7 +152,7 @@ def cost_parts(cost: dict, session: bool = True) -> list[str]:
     parts = [device_label(cost), duration(cost.get("wall_s", 0.0))]
     money = _usd(cost.get("usd", 0.0)) + ("" if cost.get("price_per_hour") else " (no price set)")
     if cost.get("budget_usd"):
-        money += f" of ${cost['budget_usd']:.2f}"
+        money += f" of {limit_text(cost['budget_usd'])}"
     parts += [money, *readings(cost, "peak_memory_bytes", "mean_util")]
     for name, usd in (cost.get("compare") or {}).items():
         parts.append(f"{name} {_usd(usd)}")
@@ -297,6 +298,7 @@ def format_cost(c: dict) -> str:
     """``%gpu cost``: each cell's cost line, then the session's total."""
     cells = [x for x in c["cells"] if x.get("kind") == "cell"]
     lines = [f"  cell {i}: " + " · ".join(cost_parts(cell, session=False)) for i, cell in enumerate(cells, 1)]
+    lines += [f"  {r['kind']}: {r['seconds']:.2f} s, {_usd(r['usd'])}" for r in c.get("snapshots", [])]
     lines.append(
         f"cells: {len(cells)}, ${c['cells_usd']:.4f} of GPU time; "
         f"session total (warm idle included): ${c['total_usd']:.4f}"

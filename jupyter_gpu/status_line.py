@@ -17,6 +17,7 @@ from IPython.display import DisplayHandle, display
 
 from jupyter_gpu.notebook import ENV_SESSION_NAME
 from jupyter_gpu.output import _usd, device_label, duration, line_bundle, readings
+from kernel_worker.prices import limit_text
 
 MODES = ("auto", "widget", "html", "off")
 
@@ -26,7 +27,7 @@ def describe(p: dict, final: str = "") -> str:
     parts = [device_label(p), duration(p.get("elapsed_s", 0.0))]
     money = _usd(p.get("usd", 0.0)) + " so far" * (not final)
     if p.get("budget_usd"):
-        money += f" of ${p['budget_usd']:.2f}"
+        money += f" of {limit_text(p['budget_usd'])}"
     parts += [money, *readings(p, "memory_used_bytes", "util")]
     last = p.get("estimate")
     if isinstance(last, dict) and not final:

@@ -1,13 +1,15 @@
 """The notebook's side of the workspace sync: what of the notebook's directory travels to a
 worker that does not share its host.
 
-``scan`` walks the directory and returns a ``Manifest`` (relpath -> size, sha256, mode);
+``scan`` walks the directory and returns a ``Manifest`` (relpath -> size, content hash
+(xxh3-128: it only tells the notebook's own versions of a file apart), mode);
 ``plan`` compares it with what the workspace already has (``Workspaces.have`` on the
 daemon) and names the files to send; ``contents`` reads them; the daemon's
 ``Workspaces.apply`` writes them. Only changed content travels, and an unchanged tree costs
-one ``lstat`` per file: a stat cache ((size, mtime_ns, ctime_ns, inode) -> sha256) keeps
+one ``lstat`` per file: a stat cache ((size, mtime_ns, ctime_ns, inode) -> hash) keeps
 hashes between scans. ctime is in the key because a tool that restores mtimes (``cp -p``,
-``tar``, ``rsync -t``) cannot restore it.
+``tar``, ``rsync -t``) cannot restore it. The stats also let a daemon on the same host copy
+a file itself (``WorkdirWire``), only while it is still the file that was hashed.
 
 A hash is not cached while the file's mtime is within ``RACY_NS`` of the scan (git's
 "racy clean" problem: a write in the same timestamp tick would leave the stat
@@ -24,7 +26,9 @@ limits (``max_file_bytes``, ``max_files``, ``max_total_bytes``, in walk order).
 
 What the scan reads to hash a file (up to ``KEEP_BYTES`` in all) stays in the Manifest for
 ``contents``: a file that had to be hashed has changed, so it is about to be sent, and
-reading it once instead of twice is most of the cost of a first sync.
+reading it once instead of twice is much of the cost of a first sync. ``scan(keep=False)``
+(a daemon on this host, which copies the files itself) reads into one reused buffer per
+thread instead: no memory is allocated, nor faulted in, for the bytes.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ import operator
 import os
 import socket
 import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
+import xxhash
 from traitlets import Int, List, Unicode
 from traitlets.config import Configurable
 
@@ -55,10 +61,12 @@ DEFAULT_EXCLUDES = (  # tools' own directories and files, never wanted on a work
     "*.pyc *.pyo *.swp .DS_Store"
 ).split()
 _CHUNK = 1024 * 1024
+_BUFFERS = threading.local()  # one read buffer per hashing thread (scan(keep=False))
 _NAME = operator.attrgetter("name")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO swapped in must not block
-Entry = tuple  # (size, sha256 hex, mode)
+Entry = tuple  # (size, content hash hex, mode)
+content_hash = xxhash.xxh3_128_hexdigest  # bytes-like -> 32 hex digits
 StatKey = tuple  # (size, mtime_ns, ctime_ns, ino)
 
 
@@ -70,11 +78,12 @@ def notebook_key(path: str) -> str:
 
 @dataclass
 class Manifest:
-    """One scan of a directory. ``entries`` (relpath -> (size, sha256, mode)) is what the
+    """One scan of a directory. ``entries`` (relpath -> (size, hash, mode)) is what the
     daemon's ``Workspaces.apply`` takes; ``left_out`` (relpath, why) what ``message`` tells."""
 
     root: str
     entries: dict[str, Entry] = field(default_factory=dict)
+    root_id: tuple = ()  # (st_dev, st_ino) of root as scanned: a daemon copying from it checks it
     left_out: list[tuple[str, str]] = field(default_factory=list)
     stats: dict[str, StatKey] = field(default_factory=dict, repr=False)
     hashed: int = 0  # files this scan hashed; the rest came from the stat cache
@@ -102,8 +111,8 @@ def _read_all(fd: int, size: int) -> bytes:
 
 
 def _hash_file(path: str, keep: bool) -> tuple[str, bytes | None, StatKey, StatKey]:
-    """(sha256, the contents if ``keep``, stat before, stat after) of the file at ``path``,
-    opened without following a symlink. Module-level so a test can count calls."""
+    """(content hash, the contents if ``keep``, stat before, stat after) of the file at
+    ``path``, opened without following a symlink. Module-level so a test can count calls."""
     fd = os.open(path, _FILE_FLAGS)
     try:
         before = os.fstat(fd)
@@ -112,14 +121,14 @@ def _hash_file(path: str, keep: bool) -> tuple[str, bytes | None, StatKey, StatK
         data = None
         if keep:
             data = _read_all(fd, before.st_size)
-            sha = hashlib.sha256(data).hexdigest()
+            sha = content_hash(data)
         else:
-            h = hashlib.sha256()
-            with open(fd, "rb", buffering=0, closefd=False) as f:
-                buf = bytearray(_CHUNK)
-                view = memoryview(buf)
-                while k := f.readinto(view):
-                    h.update(view[:k])
+            view = getattr(_BUFFERS, "view", None)
+            if view is None:
+                view = _BUFFERS.view = memoryview(bytearray(_CHUNK))
+            h = xxhash.xxh3_128()
+            while k := os.readv(fd, [view]):
+                h.update(view[:k])
             sha = h.hexdigest()
         return sha, data, _skey(before), _skey(os.fstat(fd))
     finally:
@@ -164,16 +173,21 @@ class WorkdirSync(Configurable):
             self._rules[key] = rules
         return rules
 
-    def scan(self, root: str) -> Manifest:
+    def scan(self, root: str, keep: bool = True) -> Manifest:
         """What of ``root`` would be synced, and what is left out and why (OSError if ``root``
         itself cannot be read: an empty manifest would empty the workspace). Walks directory by
         directory (a directory's files by name, then its subdirectories), which is also the
         order in which the limits leave files out. Hashes only files whose stat changed
-        since the last scan (in threads when there is much to hash)."""
+        since the last scan (in threads when there is much to hash), keeping what it read
+        for ``contents`` if ``keep``."""
         root = os.path.abspath(root)
-        os.close(os.open(root, _DIR_FLAGS))  # no directory, no sync: raise rather than empty the workspace
+        fd = os.open(root, _DIR_FLAGS)  # no directory, no sync: raise rather than empty the workspace
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
         started = time.time_ns()
-        m = Manifest(root)
+        m = Manifest(root, root_id=(st.st_dev, st.st_ino))
         entries, stats, left_out = m.entries, m.stats, m.left_out
         most_bytes, most_files, most_total = self.max_file_bytes, self.max_files, self.max_total_bytes
         count = total = 0
@@ -237,7 +251,7 @@ class WorkdirSync(Configurable):
                 stack.extend(reversed(subdirs))
             finally:
                 os.close(dfd)
-        self._hash(root, misses, m, cache, started)
+        self._hash(root, misses, m, cache, started, KEEP_BYTES if keep else 0)
         self._cache[root] = cache  # only what this scan saw: removed files leave the cache
         return m
 
@@ -263,10 +277,10 @@ class WorkdirSync(Configurable):
             excluded = self._matchers[layers] = _matcher(layers)
         return layers, excluded
 
-    def _hash(self, root: str, misses: list, m: Manifest, cache: dict, started: int) -> None:
-        budget, jobs = KEEP_BYTES, []
+    def _hash(self, root: str, misses: list, m: Manifest, cache: dict, started: int, budget: int) -> None:
+        jobs = []
         for rel, st in misses:  # keep contents for the send that follows, in path order, up to KEEP_BYTES
-            keep = st.st_size <= budget
+            keep = 0 < budget and st.st_size <= budget
             budget -= st.st_size if keep else 0
             jobs.append((rel, st, keep))
 
@@ -279,9 +293,11 @@ class WorkdirSync(Configurable):
             except OSError as e:
                 return rel, st, e
 
-        if len(jobs) > 1 and sum(st.st_size for _, st in misses) > 8 * _CHUNK:  # hashlib and reads release the GIL
-            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-                results = list(pool.map(one, jobs))
+        if len(jobs) > 1 and sum(st.st_size for _, st in misses) > 8 * _CHUNK:  # reads release the GIL
+            n = min(8, os.cpu_count() or 1)
+            batches = [jobs[i : i + 16] for i in range(0, len(jobs), 16)]  # few futures, not one a file
+            with ThreadPoolExecutor(n) as pool:
+                results = [r for batch in pool.map(lambda b: [one(j) for j in b], batches) for r in batch]
         else:
             results = [one(j) for j in jobs]
         for rel, st, res in results:
@@ -305,7 +321,7 @@ class WorkdirSync(Configurable):
 
     def plan(self, manifest: Manifest, remote_have: Mapping[str, str]) -> list[str]:
         """The relpaths whose content the workspace lacks (``remote_have``: relpath ->
-        sha256, from ``Workspaces.have``), in the manifest's order. Files the manifest no
+        content hash, from ``Workspaces.have``), in the manifest's order. Files the manifest no
         longer lists are not named: ``Workspaces.apply`` removes them."""
         return [rel for rel, e in manifest.entries.items() if remote_have.get(rel) != e[1]]
 
@@ -341,7 +357,7 @@ class WorkdirSync(Configurable):
             finally:
                 os.close(fd)
             if not (before == after == manifest.stats.get(rel)):
-                sha = hashlib.sha256(data).hexdigest()
+                sha = content_hash(data)
                 mode = manifest.entries.get(rel, (0, "", 0o644))[2]
                 manifest.entries[rel] = (len(data), sha, mode)
                 manifest.stats[rel] = after

@@ -5,7 +5,10 @@ files back after it, and the words for the cost line.
 An unchanged tree costs a scan (one ``lstat`` per file, hashes from the stat cache) and
 no message at all: the last manifest synced to each daemon and workspace is kept, and a
 scan equal to it skips the exchange. Otherwise one SYNC names the manifest; the daemon
-answers with what it lacks; a second SYNC carries only those files.
+answers with what it lacks; a second SYNC carries only those files. On the daemon's own
+host (``local``: the notebook reads the daemon's bulk directory) the second SYNC names the
+notebook's directory and each lacking file's stat instead, and the daemon copies them in
+the kernel; what changed since it was hashed is sent as bytes in a third.
 """
 
 from __future__ import annotations
@@ -27,28 +30,47 @@ class WorkdirWire:
     def __init__(self, sync: WorkdirSync) -> None:
         self.sync = sync
         self.last: dict[tuple, dict] = {}  # (daemon url, session, key) -> manifest entries synced there
-        self.stats = {"scans": 0, "requests": 0, "files": 0, "bytes": 0}
+        self.stats = {"scans": 0, "requests": 0, "files": 0, "bytes": 0, "copied": 0}
 
-    def push(self, request: Request, where: tuple, session: str, key: str, root: str) -> str:
+    def push(self, request: Request, where: tuple, session: str, key: str, root: str, local: bool = False) -> str:
         """Make the workspace ``key`` hold ``root``; what was left out and why ('' if nothing,
-        and '' when nothing had to be exchanged: it was said when it was)."""
-        m = self.sync.scan(root)
+        and '' when nothing had to be exchanged: it was said when it was). ``local``: the
+        daemon shares this host, so it may copy the files itself."""
+        m = self.sync.scan(root, keep=not local)
         self.stats["scans"] += 1
         tag = (*where, session, key)
         if self.last.get(tag) == m.entries:
             return ""
         self.last.pop(tag, None)  # until this sync is known to have landed
-        reply = self._send(request, session, key, m.entries, {})
+        reply = self._send(request, session, key, m.entries, {}, {"local": True} if local else None)
         need = reply.content.get("need") or []
+        stats = {rel: m.stats[rel] for rel in need if m.stats.get(rel)} if reply.content.get("local") is True else {}
+        if stats:  # the daemon copies these from root itself, if still as hashed; names what it could not
+            rest = self.sync.contents(m, [rel for rel in need if rel not in stats])  # changed while hashed
+            src = {"copy": {"root": m.root, "dev": m.root_id[0], "ino": m.root_id[1]}}
+            frame = json.dumps(stats, separators=(",", ":")).encode()
+            need = list(self._send(request, session, key, m.entries, rest, src, frame).content.get("need") or [])
+            self.stats["files"] += len(stats) - len(need)
+            self.stats["copied"] += len(stats) - len(need)
         if need:
             contents = self.sync.contents(m, need)  # may update entries (changed since the scan)
             self._send(request, session, key, m.entries, contents)
         self.last[tag] = dict(m.entries)
         return self.sync.message(m.left_out).removeprefix("jupyter-gpu: ")
 
-    def _send(self, request: Request, session: str, key: str, entries: dict, files: dict) -> P.Message:
+    def _send(
+        self,
+        request: Request,
+        session: str,
+        key: str,
+        entries: dict,
+        files: dict,
+        extra: dict | None = None,
+        *stats: bytes,
+    ) -> P.Message:
         manifest = json.dumps(entries, separators=(",", ":")).encode()
-        msg = P.Message(P.Msg.SYNC, {"key": key, "files": list(files)}, session, buffers=[manifest, *files.values()])
+        content = {"key": key, "files": list(files), **(extra or {})}
+        msg = P.Message(P.Msg.SYNC, content, session, buffers=[manifest, *stats, *files.values()])
         self.stats["requests"] += 1
         self.stats["files"] += len(files)
         self.stats["bytes"] += sum(len(d) for d in files.values())
@@ -127,7 +149,8 @@ class WorkspaceCells:
         root = os.getcwd()
         try:
             request = lambda m: self._request(m, None, client)  # noqa: E731
-            note = self.workdir.push(request, (client.url,), self.session_id, key, root)
+            local = directory is not None  # the daemon's bulk directory is ours too: the same host
+            note = self.workdir.push(request, (client.url,), self.session_id, key, root, local)
         except OSError as e:
             raise GPUCellError(
                 f"could not read the notebook's directory {root} to sync it to the worker: {e}. Nothing was run "

@@ -145,6 +145,14 @@ class Ledger(LoggingConfigurable):
         record = {"kind": "idle", "device": s.device, "count": len(s.gpus), "seconds": seconds, "held_s": held}
         self._keep(s, {**record, "usd": self.usd(s, seconds)})
 
+    def timed(self, s: Session, kind: str, seconds: float) -> dict:
+        """A snapshot's write or restore: the GPUs are held meanwhile, billed apart from cells."""
+        s.busy_s += seconds  # not warm idle time
+        billed = self.billed(seconds)
+        s.billed_s += billed
+        record = {"kind": kind, "device": s.device, "count": len(s.gpus), "seconds": billed}
+        return self._keep(s, {**record, "usd": self.usd(s, billed)})
+
     def pool(self, w: Session, seconds: float) -> None:
         """A warm worker's time on its GPUs before a session took it (or it was let go)."""
         record = {"kind": "pool", "device": w.device, "count": len(w.gpus), "seconds": seconds}
@@ -218,6 +226,7 @@ class Ledger(LoggingConfigurable):
         held = (time.monotonic() - live.started_at) if live else 0.0
         return {
             "cells": cells,
+            "snapshots": [r for r in records if r.get("kind") in ("snapshot", "restore")],
             "cells_usd": sum(c["usd"] for c in cells),
             "live_held_s": held,
             "live_usd": self.usd(live, held),

@@ -36,3 +36,8 @@ def billed_seconds(seconds: float, increment_s: float = 0.0, minimum_s: float = 
     if increment_s > 0:
         seconds = math.ceil(seconds / increment_s - 1e-9) * increment_s
     return max(seconds, minimum_s)
+
+
+def limit_text(usd: float) -> str:
+    """A spending limit as its owner wrote it: ``$2.00``, ``$0.002``."""
+    return f"${usd:.2f}" if round(usd, 2) == usd else f"${usd:.6g}"

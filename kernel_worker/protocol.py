@@ -56,6 +56,7 @@ class Msg:
     SYNC = "sync"  # the notebook's directory to its workspace: a manifest, then the files the daemon lacks
     FETCH = "fetch"  # files from the workspace back to the notebook's directory
     PIP = "pip"  # install packages for the user's workers, on the daemon's host (pip's output streams back)
+    SNAPSHOT = "snapshot"  # a notebook's namespace snapshots: take one now, list them, pick one to restore
     # daemon -> client
     WELCOME = "welcome"
     QUEUED = "queued"
@@ -77,6 +78,7 @@ class Msg:
     NEED = "need"  # the worker lacks values the request assumed it holds: nothing ran
     INPUT_REQUEST = "input_request"  # a remote cell called input() or getpass(): ask the notebook's user
     # executor <-> daemon only
+    RESTORE = "restore"  # load a snapshot of a namespace (SNAPSHOT, to an executor: write one)
     READY = "ready"
     HEARTBEAT = "heartbeat"
 
@@ -98,10 +100,11 @@ CLIENT_REQUESTS = frozenset(
         Msg.SYNC,
         Msg.FETCH,
         Msg.PIP,
+        Msg.SNAPSHOT,
     }
 )
 # Requests the daemon passes on to the session's executor.
-EXECUTOR_REQUESTS = frozenset({Msg.EXECUTE, Msg.PULL, Msg.PING, Msg.INPUT_REPLY})
+EXECUTOR_REQUESTS = frozenset({Msg.EXECUTE, Msg.PULL, Msg.PING, Msg.INPUT_REPLY, Msg.SNAPSHOT, Msg.RESTORE})
 # What an executor may send. Everything but READY/HEARTBEAT is relayed to the client.
 EXECUTOR_REPLIES = frozenset(
     {
@@ -118,6 +121,7 @@ EXECUTOR_REPLIES = frozenset(
         Msg.NEED,
         Msg.PONG,
         Msg.INPUT_REQUEST,
+        Msg.REPLY,  # to the daemon's own requests (SNAPSHOT, RESTORE); never relayed
     }
 )
 # Replies that end a request: the client stops waiting after one of these.
@@ -150,6 +154,7 @@ class Err:
     PIP = "pip"  # a package install refused (a bad requirement) or failed (pip's exit status)
     RESTARTED = "daemon_restarted"  # the daemon that was serving a request is gone, and so is the request
     BUDGET = "budget"  # a cell refused before it started, or stopped, at a spending limit
+    SNAPSHOT = "snapshot"  # a snapshot refused (none, busy, another user's) or failed
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")

@@ -2,8 +2,8 @@
 the worker does not share the notebook's host, and the worker's current directory.
 
 Layout: ``root/USER/KEY/tree`` is the mirror (the cell's cwd), ``root/USER/KEY/state.json``
-beside it records what the sync itself wrote (relpath -> size, sha256, mode and the
-stat it left), every directory 0700 and checked by ``paths.private_dir``. USER is the
+beside it records what the sync itself wrote (relpath -> size, content hash, mode and
+the stat it left), every directory 0700 and checked by ``paths.private_dir``. USER is the
 user's name, or ``h`` + sha256 when the name is not a plain one (65 characters: longer
 than any plain name, so the two forms never meet); KEY is a hash of the notebook's path.
 
@@ -11,7 +11,8 @@ Every relpath comes from a client and is hostile: ``check_relpath`` is the one r
 files are opened one directory at a time by file descriptor with ``O_NOFOLLOW``, so a
 symlink a cell plants (or swaps in between a plan and its apply) is refused rather than
 followed. Writes go to a temporary name and are renamed over the target: a cell never
-sees half a file.
+sees half a file. On the notebook's host, files may instead be copied from the notebook's
+directory (``apply``'s ``local``), each only while its stat is the one it was hashed with.
 
 What is deleted: a file the manifest no longer has is removed only if the sync wrote it
 and its stat is still what the sync left. Anything a cell wrote or changed is the user's
@@ -32,10 +33,9 @@ import re
 import secrets
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
-from traitlets import Int, Unicode, default
+from traitlets import Bool, Int, Unicode, default
 from traitlets.config import Configurable
 
 from kernel_worker.daemon import paths
@@ -59,9 +59,37 @@ from kernel_worker.workspace_tree import (  # noqa: F401 -- re-exported: the one
     check_relpath,
     glob_regex,
     human,
+    land,
     shown,
     write_files,
 )
+
+
+class Local(NamedTuple):
+    """A same-host sync's source: the notebook's directory (an absolute path, and its
+    ``st_dev`` and ``st_ino`` as the notebook saw them) and, for each file to copy from
+    it, the stat (size, mtime_ns, ctime_ns, ino) it had when the notebook hashed it."""
+
+    root: str
+    dev: int
+    ino: int
+    stats: Mapping[str, Stat]
+
+
+def open_source(local: Local) -> Tree | None:
+    """The notebook's directory as a Tree to copy from, if it is the very directory the
+    notebook scanned (same device and inode: same host, same view of it), else None."""
+    if not local.root.startswith("/") or "\x00" in local.root:
+        return None
+    try:
+        tree = Tree(local.root, private=False)
+    except OSError:
+        return None
+    st = os.fstat(tree._fds[""])
+    if (st.st_dev, st.st_ino) != (local.dev, local.ino):
+        tree.__exit__()
+        return None
+    return tree
 
 
 class Workspaces(Configurable):
@@ -80,6 +108,12 @@ class Workspaces(Configurable):
     ).tag(config=True)
     max_files = Int(100_000, help="Most files one notebook's manifest may list.").tag(config=True)
     max_fetch_bytes = Int(2 * 1000**3, help="Most bytes one fetch may bring back to the notebook.").tag(config=True)
+    copy_local = Bool(
+        True,
+        help="On the notebook's own host, copy the files a sync needs from the notebook's directory (in the kernel, "
+        "checked unchanged since the notebook hashed them) instead of receiving them over the socket; only for "
+        "connections as the daemon's own OS user (ipc, loopback), never for CurveZMQ users.",
+    ).tag(config=True)
 
     @default("root")
     def _root(self) -> str:
@@ -136,12 +170,14 @@ class Workspaces(Configurable):
     def _save(self, user: str, key: str, st: dict[str, list]) -> None:
         base = self._base(user, key)
         tmp = os.path.join(base, _TMP_PREFIX + secrets.token_hex(8))
-        with os.fdopen(paths.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w") as f:
-            json.dump({"v": 1, "files": st}, f, separators=(",", ":"))
+        data = memoryview(json.dumps({"v": 1, "files": st}, separators=(",", ":")).encode())
+        with os.fdopen(paths.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb", buffering=0) as f:
+            while data:
+                data = data[f.write(data) :]
         os.replace(tmp, os.path.join(base, STATE))
 
     def have(self, user: str, key: str) -> dict[str, str]:
-        """relpath -> sha256 of the synced files still exactly as the sync left them (one
+        """relpath -> content hash of the synced files still exactly as the sync left them (one
         ``fstatat`` each, relative to its directory's descriptor, no hashing): what the
         notebook need not send again. A file a cell changed or removed is missing here, so
         it is sent again."""
@@ -170,7 +206,9 @@ class Workspaces(Configurable):
 
     # ------------------------------------------------------------------ sync
 
-    def _check_manifest(self, st: dict, manifest: Mapping[str, Sequence], files: Mapping[str, Data]) -> list[str]:
+    def _check_manifest(
+        self, st: dict, manifest: Mapping[str, Sequence], files: Mapping[str, Data], copy: Mapping[str, Stat]
+    ) -> list[str]:
         """Refuse a malformed manifest before anything is written, in one pass (it runs
         before every cell). Returns the relpaths whose only change is the executable bit."""
         if len(manifest) > self.max_files:
@@ -188,14 +226,14 @@ class Workspaces(Configurable):
             except (TypeError, ValueError):
                 size = sha = mode = None
             if type(size) is not int or size < 0 or type(mode) is not int:
-                raise WorkspaceError(f"manifest entry for {shown(rel)} is not (size, sha256, mode)")
+                raise WorkspaceError(f"manifest entry for {shown(rel)} is not (size, hash, mode)")
             if old is not None and sha == old[1]:
                 if rel not in files and (old[2] ^ mode) & 0o111:
                     chmods.append(rel)
                 continue
             if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
-                raise WorkspaceError(f"manifest entry for {shown(rel)} has no sha256")
-            if rel not in files:
+                raise WorkspaceError(f"manifest entry for {shown(rel)} has no content hash")
+            if rel not in files and rel not in copy:
                 raise WorkspaceError(f"no contents sent for {shown(rel)}, which the workspace lacks")
         # A file and a directory of one name cannot both be: only a new name can collide
         # (the state mirrors a real tree), so only then is every name's parent listed.
@@ -210,6 +248,10 @@ class Workspaces(Configurable):
                 raise WorkspaceError(
                     f"{shown(rel)}: {memoryview(data).nbytes} bytes sent, the manifest says {entry[0]}"
                 )
+        for rel, want in copy.items():
+            entry = manifest.get(rel)
+            if entry is None or len(want) != 4 or want[0] != entry[0]:
+                raise WorkspaceError(f"{shown(rel)} is to be copied but its size is not the manifest's")
         return chmods
 
     def usage(self, user: str) -> int:
@@ -217,17 +259,16 @@ class Workspaces(Configurable):
         udir = paths.child(paths.private_dir(self.root), self.user_part(user))
         return sum(s.st_size for rel, s in _walk(udir) if rel.count("/") > 1 or not rel.endswith(STATE))
 
-    def _check_quota(self, user: str, tree: Tree, files: Mapping[str, Data], gone: list[str]) -> None:
-        incoming = sum(memoryview(d).nbytes for d in files.values())
+    def _check_quota(self, user: str, key: str, files: Mapping[str, int], gone: list[str]) -> None:
+        incoming = sum(files.values())  # relpath -> bytes to write
         if not self.quota_bytes or not incoming:
             return
-        freed = 0
-        for rel in [*files, *gone]:
-            try:
-                freed += tree.lstat(rel).st_size
-            except (OSError, BadPath):
-                pass
-        used = self.usage(user)
+        used = freed = 0  # one walk: all of the user's files, and which of this tree's the sync replaces
+        mine, replaced = f"{key}/{TREE}/", {*files, *gone}
+        for rel, s in _walk(paths.child(paths.private_dir(self.root), self.user_part(user))):
+            if rel.count("/") > 1 or not rel.endswith(STATE):
+                used += s.st_size
+                freed += s.st_size if rel.startswith(mine) and rel[len(mine) :] in replaced else 0
         after = used - freed + incoming
         if after > self.quota_bytes:
             raise QuotaExceeded(
@@ -238,27 +279,45 @@ class Workspaces(Configurable):
             )
 
     def apply(
-        self, user: str, key: str, manifest: Mapping[str, Sequence], files: Mapping[str, Data]
+        self,
+        user: str,
+        key: str,
+        manifest: Mapping[str, Sequence],
+        files: Mapping[str, Data],
+        local: Local | None = None,
     ) -> dict[str, list[str]]:
-        """Make ``user``'s workspace for ``key`` hold ``manifest`` (relpath -> (size, sha256,
-        mode)): write ``files`` (relpath -> contents, for entries the workspace lacked),
-        delete what an earlier sync wrote and the manifest no longer lists, unless a cell
-        changed it. Raises BadPath, QuotaExceeded or WorkspaceError before writing anything
-        it can check first. Returns {"written", "deleted", "kept"} relpaths ("kept": synced
-        files a cell changed, now left to the user)."""
+        """Make ``user``'s workspace for ``key`` hold ``manifest`` (relpath -> (size, hash,
+        mode)): write ``files`` (relpath -> contents, for entries the workspace lacked) and,
+        on the notebook's host, copy those of ``local.stats`` from the notebook's directory
+        (only the caller may say that the asker may read it); delete what an earlier sync
+        wrote and the manifest no longer lists, unless a cell changed it. Raises BadPath,
+        QuotaExceeded or WorkspaceError before writing anything it can check first. Returns
+        {"written", "deleted", "kept"} relpaths ("kept": synced files a cell changed, now
+        left to the user), and with ``local`` "need": files that could not be copied (no
+        longer as the notebook hashed them), to be sent."""
         base_tree = self.path(user, key)
+        copy = local.stats if local is not None else {}
         with self._lock(user, key):
             st = self._state(user, key)
-            chmods = self._check_manifest(st, manifest, files)
-            done: dict[str, list[str]] = {"written": [], "deleted": [], "kept": []}
-            gone = [r for r in st if r not in manifest] if len(st) != len(manifest) or files else []
+            chmods = self._check_manifest(st, manifest, files, copy)
+            copy = {r: w for r, w in copy.items() if r not in files}
+            done: dict[str, list[str]] = {"written": [], "deleted": [], "kept": [], **({"need": []} if local else {})}
+            gone = [r for r in st if r not in manifest] if len(st) != len(manifest) or files or copy else []
+            incoming = {r: memoryview(d).nbytes for r, d in files.items()} | {r: w[0] for r, w in copy.items()}
             with Tree(base_tree) as tree:
-                self._check_quota(user, tree, files, gone)
+                self._check_quota(user, key, incoming, gone)
+                src = open_source(local) if copy else None
                 try:
                     self._delete(tree, st, gone, done)
-                    self._write(tree, st, manifest, files, chmods, done)
+                    jobs = [(r, d, manifest[r][2], None) for r, d in files.items()]
+                    jobs += [(r, None, manifest[r][2], w) for r, w in copy.items()] if src else []
+                    if copy and src is None:  # not the directory the notebook scanned: all to be sent
+                        done["need"] += list(copy)
+                    land(tree, src, st, manifest, jobs, chmods, done)
                 finally:
-                    if gone or files or chmods:
+                    if src is not None:
+                        src.__exit__()
+                    if gone or files or copy or chmods:
                         self._bydir.pop((user, key), None)
                         self._save(user, key, st)
             return {k: sorted(v) for k, v in done.items()}
@@ -277,38 +336,6 @@ class Workspaces(Configurable):
                 done["deleted"].append(rel)
             else:
                 done["kept"].append(rel)
-
-    @staticmethod
-    def _write(tree: Tree, st: dict, manifest: Mapping, files: Mapping, chmods: list, done: dict) -> None:
-        """Write ``files`` (in threads when large: os.write releases the GIL) and fix the
-        modes in ``chmods``, recording each in ``st`` as it lands; then raise the first error."""
-        jobs = [(rel, files[rel], manifest[rel][2]) for rel in files]
-        for rel, _, _ in jobs:  # directories first, one thread: the writers only read Tree's cache
-            tree.dir(rel.rpartition("/")[0], create=True)
-
-        def one(job: tuple) -> tuple:
-            try:
-                return job[0], tree.write(*job)
-            except (OSError, WorkspaceError) as e:
-                return job[0], e
-
-        if len(jobs) > 1 and sum(memoryview(d).nbytes for d in files.values()) > 8 * 1024**2:
-            with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-                results = list(pool.map(one, jobs))
-        else:
-            results = [one(j) for j in jobs]
-        results += [(rel, tree.chmod(rel, manifest[rel][2])) for rel in chmods]  # only the executable bit changed
-        error = None
-        for rel, s in results:
-            if isinstance(s, BaseException):
-                error = error or s
-                continue
-            size, sha, mode = manifest[rel]
-            st[rel] = [size, sha, mode, s.st_mtime_ns, s.st_ctime_ns, s.st_ino]
-            if rel in files:
-                done["written"].append(rel)
-        if error is not None:
-            raise error
 
     # ------------------------------------------------------------------ after a cell
 

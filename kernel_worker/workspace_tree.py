@@ -7,11 +7,15 @@ a link. Standard library only."""
 
 from __future__ import annotations
 
+import errno
+import functools
+import itertools
 import os
 import re
 import secrets
 import stat
-from typing import Mapping, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Mapping, Union
 
 MAX_DEPTH = 64  # components in one relpath
 MAX_NAME_BYTES = 255  # one component (NAME_MAX)
@@ -19,13 +23,18 @@ MAX_PATH_BYTES = 4096  # a whole relpath (PATH_MAX)
 TREE, STATE = "tree", "state.json"
 _TMP_PREFIX = ".jgpu-tmp-"
 _KEY_RE = re.compile(r"[0-9a-f]{16,64}")
-_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_SHA_RE = re.compile(r"[0-9a-f]{32}(?:[0-9a-f]{32})?")  # xxh3-128, or sha256 (older notebooks)
 _USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 NOISE = frozenset({"__pycache__", ".ipynb_checkpoints"})  # what Python and Jupyter write by themselves
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 Data = Union[bytes, bytearray, memoryview]
 Stat = tuple  # (size, mtime_ns, ctime_ns, ino)
+_NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # copy_file_range: use sendfile
+
+
+class _Changed(Exception):
+    """A file being copied in changed: nothing is landed."""
 
 
 class WorkspaceError(ValueError):
@@ -58,8 +67,13 @@ def human(n: float) -> str:
 def check_relpath(rel: object) -> str:
     """``rel`` if it is a plain relative path (``a/b/c.txt``), else BadPath saying why. The
     one rule for a file's name, on both sides: the notebook leaves out what fails it."""
-    if not isinstance(rel, str) or not rel:
+    if type(rel) is not str or not rel:
         raise BadPath(f"{shown(rel)} is not a file name")
+    return _check_str(rel)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # a sync checks the same names in each of its requests
+def _check_str(rel: str) -> str:
     parts = rel.split("/")
     try:
         sizes = [len(p.encode("utf-8")) for p in parts]
@@ -161,6 +175,8 @@ class Tree:
         self.root = root
         self.private = private  # 0700 / 0600 (workspaces); else as the umask says (the notebook's directory)
         self._fds = {"": os.open(root, _DIR_FLAGS)}
+        self._tmp = f"{_TMP_PREFIX}{secrets.token_hex(8)}-"  # + a count: unguessable, one token a Tree
+        self._count = itertools.count()
 
     def __enter__(self) -> Tree:
         return self
@@ -198,16 +214,54 @@ class Tree:
         """Write ``data`` to ``rel`` atomically (temporary file renamed over it): 0700 if
         ``mode`` has an executable bit, else 0600 (private trees; else 0777 / 0666 less
         the umask). Returns the file's lstat."""
-        reldir, _, name = rel.rpartition("/")
-        dfd = self.dir(reldir, create=True)
-        tmp = _TMP_PREFIX + secrets.token_hex(8)
-        perm = _perm(mode) if self.private else (0o777 if mode & 0o111 else 0o666)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perm, dir_fd=dfd)
-        try:
+
+        def fill(fd: int) -> None:
             with memoryview(data) as mv, mv.cast("B") as view:
                 done = 0
                 while done < len(view):
                     done += os.write(fd, view[done:])
+
+        return self._land(rel, mode, fill)
+
+    def copy(self, rel: str, src: int, want: Stat, mode: int) -> os.stat_result | None:
+        """Write the file open at ``src`` (freshly opened: at its start) to ``rel`` as
+        ``write`` does, if its stat is ``want`` (size, mtime_ns, ctime_ns, ino) before and
+        after: copied in the kernel (``copy_file_range``, a reflink where the file system
+        can; ``sendfile`` across file systems), never through this process's memory. None,
+        with nothing written, when it is not a regular file, not ``want``, or changes."""
+        before = os.fstat(src)
+        if not stat.S_ISREG(before.st_mode) or _key(before) != tuple(want):
+            return None
+        size = want[0]
+
+        def fill(fd: int) -> None:
+            done = 0
+            while done < size:
+                try:
+                    k = os.copy_file_range(src, fd, size - done)  # both positions advance
+                except OSError as e:  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: not between these two
+                    if e.errno not in _NO_CFR:
+                        raise
+                    k = os.sendfile(fd, src, None, size - done)
+                if not k:
+                    raise _Changed
+                done += k
+            if _key(os.fstat(src)) != tuple(want):  # written to while copied: not landed
+                raise _Changed
+
+        try:
+            return self._land(rel, mode, fill)
+        except _Changed:
+            return None
+
+    def _land(self, rel: str, mode: int, fill: Callable[[int], None]) -> os.stat_result:
+        reldir, _, name = rel.rpartition("/")
+        dfd = self.dir(reldir, create=True)
+        tmp = f"{self._tmp}{next(self._count)}"
+        perm = _perm(mode) if self.private else (0o777 if mode & 0o111 else 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perm, dir_fd=dfd)
+        try:
+            fill(fd)
             if self.private:
                 os.fchmod(fd, perm)
             os.close(fd)
@@ -238,7 +292,8 @@ class Tree:
     def _open(self, rel: str) -> int:
         reldir, _, name = rel.rpartition("/")
         try:
-            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.dir(reldir))
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY  # a FIFO, a tty: harmless
+            return os.open(name, flags, dir_fd=self.dir(reldir))
         except FileNotFoundError:
             raise
         except OSError:
@@ -269,6 +324,62 @@ class Tree:
                 return
             os.close(self._fds.pop(reldir))
             reldir = parent
+
+
+def land(tree: Tree, src: Tree | None, st: dict, manifest: Mapping, jobs: list, chmods: list, done: dict) -> None:
+    """Write or copy (from ``src``) the files of ``jobs`` ((relpath, contents or None,
+    mode, stat to copy)), in threads when large (os.write and copy_file_range release
+    the GIL), and fix the modes in ``chmods``, recording each in ``st`` as it lands;
+    then raise the first error. A copy whose source changed is left out of ``st``."""
+    for rel, data, *_ in jobs:  # directories first, one thread: the threads only read the Trees' caches
+        reldir = rel.rpartition("/")[0]
+        tree.dir(reldir, create=True)
+        if data is None and src is not None:
+            try:
+                src.dir(reldir)  # O_NOFOLLOW, a directory at a time, as the workspace's own
+            except (OSError, BadPath):
+                pass  # (a link, or gone): the file is sent instead
+
+    def one(job: tuple) -> tuple:
+        rel, data, mode, want = job
+        try:
+            if data is not None:
+                return rel, tree.write(rel, data, mode)
+            if src is None or rel.rpartition("/")[0] not in src._fds:
+                return rel, None
+            try:
+                fd = src._open(rel)
+            except (OSError, BadPath):
+                return rel, None
+            try:
+                return rel, tree.copy(rel, fd, want, mode)
+            finally:
+                os.close(fd)
+        except (OSError, WorkspaceError) as e:
+            return rel, e
+
+    if len(jobs) > 1 and sum(manifest[j[0]][0] for j in jobs) > 8 * 1024**2:
+        batches = [jobs[i : i + 16] for i in range(0, len(jobs), 16)]  # few futures, not one a file
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            results = [r for batch in pool.map(lambda b: [one(j) for j in b], batches) for r in batch]
+    else:
+        results = [one(j) for j in jobs]
+    written = len(results)
+    results += [(rel, tree.chmod(rel, manifest[rel][2])) for rel in chmods]  # only the executable bit changed
+    error = None
+    for i, (rel, s) in enumerate(results):
+        if s is None:  # not copied: the source changed since the notebook hashed it
+            done["need"].append(rel)
+            continue
+        if isinstance(s, BaseException):
+            error = error or s
+            continue
+        size, sha, mode = manifest[rel]
+        st[rel] = [size, sha, mode, s.st_mtime_ns, s.st_ctime_ns, s.st_ino]
+        if i < written:
+            done["written"].append(rel)
+    if error is not None:
+        raise error
 
 
 def write_files(

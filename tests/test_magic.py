@@ -184,8 +184,14 @@ def test_cell_ignoring_interrupt_past_timeout_is_killed(daemon_factory, make_she
     assert "did not stop within 1 s of an interrupt" in str(result.error_in_exec)
 
 
-def test_idle_release_frees_the_gpu_and_next_cell_starts_fresh(daemon_factory, make_shell):
-    d = daemon_factory("--simulate-gpus=H100:1", "--idle-timeout=1", "--WorkerDaemon.reap_interval=0.2")
+@pytest.mark.parametrize("snapshots", [True, False], ids=["snapshot", "no-snapshot"])
+def test_idle_release_frees_the_gpu_and_next_cell_restores_or_starts_fresh(daemon_factory, make_shell, snapshots):
+    d = daemon_factory(
+        "--simulate-gpus=H100:1",
+        "--idle-timeout=1",
+        "--WorkerDaemon.reap_interval=0.2",
+        f"--Snapshots.on_idle_release={snapshots}",
+    )
     ip = make_shell(d)
     result, cap = run(ip, "%%gpu H100\nremote_only = 42")
     assert result.success
@@ -193,8 +199,11 @@ def test_idle_release_frees_the_gpu_and_next_cell_starts_fresh(daemon_factory, m
     status = d.client().call(P.Msg.STATUS)
     assert status["sessions"] == [] and status["gpus"][0]["session"] is None
     result, cap = run(ip, "%%gpu H100\nprint('remote_only' in globals())")
-    assert result.success and cap.stdout == "False\n"
-    assert "idle for more than 1 s" in notes(cap)[0]
+    assert result.success and cap.stdout == f"{snapshots}\n"
+    if snapshots:
+        assert notes(cap)[0].startswith("restored 1 name (remote_only) (")
+    else:
+        assert "idle for more than 1 s" in notes(cap)[0]
 
 
 def test_queueing_with_one_gpu_and_two_notebooks(daemon_factory, make_shell):

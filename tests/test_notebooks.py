@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
+from support.orphans import forget_daemon
 from support.paths import ROOT
 
 KERNEL_TIMEOUT = 120
@@ -120,35 +124,93 @@ def test_ipython_syntax_runs_on_the_worker(via_daemon, tmp_path):
     assert "from-a-shell" in text and "per loop" in text
 
 
-def test_quickstart_runs_headless_with_nbconvert(via_daemon, tmp_path):
+@pytest.fixture(params=["demo", "docker"])
+def quickstart_env(request, runtime_dir, daemon_factory) -> Iterator[dict[str, str]]:
+    """The environment examples/quickstart.ipynb runs in. ``demo``: as `make demo` runs it,
+    on the embedded daemon, configured by examples/demo/jupyter_gpu_config.py (a simulated
+    H100 at $2.99 an hour), stopped by its pid afterwards. ``docker``: a daemon with the same
+    simulated H100 (at its default price) on the docker backend."""
+    env = dict(os.environ)
+    if request.param == "docker":
+        from support.daemons import docker_args
+
+        d = daemon_factory("--simulate-gpus=H100:1", *docker_args(request.getfixturevalue("engine")))
+        env["JUPYTER_GPU_CONNECTION_FILE"] = d.connection_file
+        yield env
+        return
+    env.pop("JUPYTER_GPU_CONNECTION_FILE", None)
+    env["JUPYTER_CONFIG_DIR"] = str(ROOT / "examples" / "demo")
+    yield env
+    cf = runtime_dir / "jupyter-gpu-daemon.json"
+    if cf.exists():
+        pidfd = os.pidfd_open(json.loads(cf.read_text())["pid"])
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            assert select.select([pidfd], [], [], 30)[0], "the demo's embedded daemon did not stop"
+        finally:
+            os.close(pidfd)
+    forget_daemon(str(cf))
+
+
+def test_quickstart_tells_the_money_story_headless(quickstart_env, tmp_path):
+    """What a newcomer sees in `make demo`: cost lines in dollars on a simulated H100, the
+    estimate on a cell's second run (in its live status line, which examples/run_headless.py
+    keeps: the cost line replaces it), a cell stopped by its --budget without stopping the
+    run, and the quickstart's own outputs."""
     out = tmp_path / "out.ipynb"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jupyter",
-            "nbconvert",
-            "--to",
-            "notebook",
-            "--execute",
-            str(ROOT / "examples" / "quickstart.ipynb"),
-            "--output",
-            str(out),
-        ],
+        [sys.executable, str(ROOT / "examples" / "run_headless.py"), str(ROOT / "examples" / "quickstart.ipynb"), out],
+        check=False,
         capture_output=True,
         text=True,
-        timeout=KERNEL_TIMEOUT,
+        timeout=KERNEL_TIMEOUT * 2,
+        env=quickstart_env,
     )
     assert proc.returncode == 0, proc.stderr
     nb = nbformat.read(out, 4)
     code = [c for c in nb.cells if c.cell_type == "code"]
+    gpu = [c for c in code if c.source.startswith("%%gpu")]
+    assert len(gpu) == 7
+    costs = cost_lines(*gpu)
+    assert len(costs) == len(gpu)
+    for line in costs:  # in dollars, never "(no price set)"; labelled simulated
+        assert re.match(
+            r"⏱ H100 ×1 \(simulated\) · \d+\.\d\d s · \$\d\.\d{4}( of \$0\.01)? · no reading · session \$", line
+        )
+    assert " · cold start " in costs[0]
+
+    # The same cell twice: the second run's status line says, from its start, what the first took.
+    first, second = (c for c in gpu if "epoch" in c.source)
+    assert first.source == second.source
+    live = [c.metadata.get("jupyter_gpu_demo", {}).get("live", []) for c in (first, second)]
+    assert live[0] and not any("last run" in t for t in live[0])
+    wall, usd = re.search(r" · (\d+\.\d\d s) · (\$\d\.\d{4}) · ", cost_lines(first)[0]).groups()
+    assert live[1] and all(t.startswith("running: H100 ×1 (simulated) · ") for t in live[1])
+    assert all(t.endswith(f" · last run: {wall}, {usd}") for t in live[1]), (live[1], wall, usd)
+    assert "".join(v for k, v in outputs(second) if k == "stdout").endswith("epoch 3: loss 0.333\n")
+
+    # The cell with a budget: stopped by the daemon once its cent was spent, as an interrupt.
+    [stopped] = [c for c in gpu if "--budget" in c.source]
+    assert "raises-exception" in stopped.metadata.tags
+    assert ("error", "KeyboardInterrupt: ") in outputs(stopped)
+    [line] = cost_lines(stopped)
+    assert " of $0.01 · no reading · " in line
+    assert line.endswith(
+        " · stopped: this cell's budget is spent: $0.0100 of $0.01; the cell was interrupted. "
+        "Give the cell a higher --budget (or raise c.GPUMagics.default_budget)"
+    ), line
+    [meta] = [o.metadata["jupyter_gpu"]["cost"] for o in stopped.outputs if o.get("metadata", {}).get("jupyter_gpu")]
+    assert 0.01 <= meta["usd"] < 0.015  # about 12 s at $2.99 an hour; the interrupt's own time billed too
+    # The run went on, and the worker lives on.
+    assert ("stdout", "still warm: b has 1000 values\n") in outputs(gpu[-1])
+
     all_out = [o for c in code for o in outputs(c)]
-    costs = cost_lines(*code)
-    assert len(costs) == 3 and all(c.startswith("⏱ H100 ×1 (simulated)") for c in costs)
     assert any(k == "execute_result:text/plain" and v.startswith("np.float64(") for k, v in all_out)
     assert any(k == "stderr" and "100/100" in v for k, v in all_out)  # tqdm, in place
     assert any(k == "stdout" and "b is local now: ndarray (1000,)" in v for k, v in all_out)
     assert any(k == "display_data:image/png" for k, v in all_out)
+    report = "".join(v for k, v in outputs(code[-1]) if k == "stdout")
+    assert "cells: 7, $0.0" in report and "session total (warm idle included): $0.0" in report
 
 
 def ok(kc, code: str) -> None:

@@ -17,7 +17,8 @@ from support.daemons import docker_args
 from support.shells import notes, run
 
 from jupyter_gpu.client import DaemonClient, DaemonError
-from jupyter_gpu.workdir import notebook_key
+from jupyter_gpu.workdir import WorkdirSync, notebook_key
+from jupyter_gpu.workdir_wire import WorkdirWire
 from kernel_worker import protocol as P
 
 CSV = "a,b\n1,2\n3,4\n"
@@ -169,7 +170,7 @@ def test_hostile_sync_requests_are_refused_and_nothing_is_written(daemon_factory
         (sync_msg("../../etc", {"a": entry(b"a")}), "is not a workspace key"),
         (sync_msg(key, {}, raw=b"[" * 100000), "not JSON"),
         (sync_msg(key, {}, raw=b"[1, 2]"), "is not a JSON object"),
-        (sync_msg(key, {"a": [1, "nope", 0o644]}), "has no sha256"),
+        (sync_msg(key, {"a": [1, "nope", 0o644]}), "has no content hash"),
         (sync_msg(key, {"a": [-1, "0" * 64, 0o644]}), "bad size or mode"),
         (sync_msg(key, {"a": entry(b"abc")}, {"a": b"abcdef"}), "6 bytes sent, the manifest says 3"),
         (sync_msg(key, {"a": entry(b"a")}, {"b": b"a"}), "no contents sent for 'a'"),
@@ -192,6 +193,92 @@ def test_hostile_sync_requests_are_refused_and_nothing_is_written(daemon_factory
     done = c.request(sync_msg(key, {"ok.txt": entry(b"ok")}, {"ok.txt": b"ok"}), timeout=10).content
     assert done["written"] == 1
     assert sorted(p.name for p in root.rglob("*") if p.is_file()) == ["ok.txt", "state.json"]
+
+
+def test_on_the_same_host_the_daemon_copies_the_files_itself(daemon_factory, tmp_path):
+    """The wire's same-host sync against a real daemon: the files never travel, the daemon
+    copies them from the notebook's directory; a file changed after it was hashed is sent
+    as bytes instead; unchanged, no request; one file changed, that file alone."""
+    d = daemon_factory(f"--Workspaces.root={tmp_path}/ws")
+    c = d.client()
+    nb = tmp_path / "nb"
+    blobs = {f"d{i % 4}/f{i}.bin": os.urandom(3000 * i) for i in range(40)}
+    for rel, data in blobs.items():
+        (nb / rel).parent.mkdir(parents=True, exist_ok=True)
+        (nb / rel).write_bytes(data)
+    key = notebook_key(str(nb / "a.ipynb"))
+    replies = []
+
+    def request(msg: P.Message) -> P.Message:
+        reply = c.request(msg, timeout=30)
+        replies.append(reply.content)
+        if len(replies) == 1:  # between the scan and the copy, the notebook writes a file
+            (nb / "d1" / "f1.bin").write_bytes(b"rewritten")
+        return reply
+
+    wire = WorkdirWire(WorkdirSync())
+    assert wire.push(request, ("u",), "s1", key, str(nb), local=True) == ""
+    assert replies[0]["local"] is True and replies[1]["need"] == ["d1/f1.bin"] and len(replies) == 3
+    assert wire.stats == {"scans": 1, "requests": 3, "files": 40, "bytes": len(b"rewritten"), "copied": 39}
+    tree = next((tmp_path / "ws").glob(f"*/{key}/tree"))
+    blobs["d1/f1.bin"] = b"rewritten"
+    assert all((tree / rel).read_bytes() == data for rel, data in blobs.items())
+    d.log.wait_for(r"workspace sync for .*: 39 file\(s\) written \(0 B sent, 39 copied on this host\).*1 to be sent")
+    assert wire.push(request, ("u",), "s1", key, str(nb), local=True) == "" and len(replies) == 3
+    (nb / "d2" / "f2.bin").write_bytes(b"two")
+    wire.push(request, ("u",), "s1", key, str(nb), local=True)
+    assert len(replies) == 5 and wire.stats["copied"] == 40 and (tree / "d2" / "f2.bin").read_bytes() == b"two"
+
+
+def test_hostile_copy_requests_read_nothing_they_should_not(daemon_factory, tmp_path):
+    """A "copy" naming another directory, a link, a relative path, or stats for files the
+    manifest lacks: refused, or nothing copied (each file "needed" instead)."""
+    root = tmp_path / "ws"
+    d = daemon_factory(f"--Workspaces.root={root}")
+    c = d.client()
+    key = "ef" * 16
+    nb = tmp_path / "nb"
+    nb.mkdir()
+    (nb / "a.txt").write_text("notebook's")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "a.txt").write_text("notebook's")
+    os.symlink(nb, tmp_path / "link")
+    st, a = os.stat(nb), os.stat(nb / "a.txt")
+    stats = {"a.txt": [a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino]}
+    manifest = {"a.txt": entry(b"notebook's")}
+
+    def copy(root_: object, frame: object = stats, dev: object = st.st_dev, ino: object = st.st_ino) -> P.Message:
+        raw = json.dumps(frame).encode()
+        content = {"key": key, "files": [], "copy": {"root": root_, "dev": dev, "ino": ino}}
+        return P.Message(P.Msg.SYNC, content, "s1", buffers=[json.dumps(manifest).encode(), raw])
+
+    for where in (str(tmp_path / "elsewhere"), str(tmp_path / "link"), "/"):
+        assert c.request(copy(where), timeout=10).content["need"] == ["a.txt"], where
+    bad = [
+        (copy("nb"), "absolute path"),
+        (copy(str(nb), dev="1"), "absolute path"),
+        (copy(str(nb), {"b.txt": stats["a.txt"]}), "of a manifest file"),
+        (copy(str(nb), {"a.txt": [1, 2, 3]}), "of a manifest file"),
+        (copy(str(nb), {"a.txt": [2, *stats["a.txt"][1:]]}), "not the manifest's"),
+        (copy(str(nb), [1]), "not a JSON object"),
+    ]
+    for msg, text in bad:
+        with pytest.raises(DaemonError) as e:
+            c.request(msg, timeout=10)
+        assert e.value.code == P.Err.WORKSPACE and text in str(e.value), (text, str(e.value))
+    assert [p for p in root.rglob("*") if p.is_file() and p.name != "state.json"] == []
+    assert c.request(copy(str(nb)), timeout=10).content["need"] == []
+    assert next(root.glob(f"*/{key}/tree/a.txt")).read_text() == "notebook's"
+    # An operator may turn copying off: the notebook is told so, and sends the files.
+    off = daemon_factory(f"--Workspaces.root={tmp_path}/ws-off", "--Workspaces.copy_local=False")
+    oc = off.client()
+    with pytest.raises(DaemonError) as e:
+        oc.request(copy(str(nb)), timeout=10)
+    assert "does not copy from the notebook's directory" in str(e.value)
+    wire = WorkdirWire(WorkdirSync())
+    wire.push(lambda m: oc.request(m, timeout=10), ("u",), "s1", key, str(nb), local=True)
+    assert wire.stats["copied"] == 0 and wire.stats["files"] == 1 and wire.stats["requests"] == 2
+    assert next((tmp_path / "ws-off").glob(f"*/{key}/tree/a.txt")).read_text() == "notebook's"
 
 
 def test_another_users_workspace_is_not_reachable(daemon_factory, tmp_path):
@@ -228,6 +315,23 @@ def test_another_users_workspace_is_not_reachable(daemon_factory, tmp_path):
             bob.request(P.Message(P.Msg.FETCH, {"key": key, "paths": [path]}, "s1"), timeout=10)
     # Bob asking to sync the same file is told it lacks it: nothing of alice's counts as his.
     assert bob.request(sync_msg(key, manifest), timeout=10).content["need"] == ["secret.txt"]
+    # A CurveZMQ user is not the daemon's OS user: the daemon reads no path for them.
+    offer = P.Message(
+        P.Msg.SYNC, {"key": key, "files": [], "local": True}, "s1", buffers=[json.dumps(manifest).encode()]
+    )
+    assert bob.request(offer, timeout=10).content["local"] is False
+    stolen = tmp_path / "alice-home"
+    stolen.mkdir()
+    (stolen / "secret.txt").write_bytes(secret)
+    st, f = os.stat(stolen), os.stat(stolen / "secret.txt")
+    where = {"root": str(stolen), "dev": st.st_dev, "ino": st.st_ino}
+    frames = [
+        json.dumps(manifest).encode(),
+        json.dumps({"secret.txt": [len(secret), f.st_mtime_ns, f.st_ctime_ns, f.st_ino]}).encode(),
+    ]
+    with pytest.raises(DaemonError) as e:
+        bob.request(P.Message(P.Msg.SYNC, {"key": key, "files": [], "copy": where}, "s1", buffers=frames), timeout=10)
+    assert e.value.code == P.Err.WORKSPACE and "does not copy from the notebook's directory" in str(e.value)
     assert sorted(p.name for p in root.iterdir()) == ["alice", "bob"]
     assert oct((root / "alice").stat().st_mode & 0o777) == "0o700"
     assert not (root / "bob" / key / "tree" / "secret.txt").exists()

@@ -4,7 +4,6 @@ hostile relpaths, quota, what a cell changed, fetch)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -17,6 +16,7 @@ from jupyter_gpu import workdir
 from jupyter_gpu.workdir import Manifest, Rules, WorkdirSync, notebook_key
 from kernel_worker.workspace import (
     BadPath,
+    Local,
     QuotaExceeded,
     WorkspaceError,
     Workspaces,
@@ -40,7 +40,7 @@ def put(root, rel: str, data: bytes | str = b"x", age: float = 10.0) -> str:
 
 
 def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return workdir.content_hash(data)
 
 
 def synced(tmp_path, files: dict[str, bytes | str], **traits) -> list[str]:
@@ -575,6 +575,91 @@ def test_symlink_swapped_in_between_plan_and_apply(tmp_path, ws):
     assert "top.txt" in done["written"] and not os.path.islink(os.path.join(tree, "top.txt"))
     assert open(victim / "top.txt").read() == "precious"
     assert open(os.path.join(tree, "sub/a.txt")).read() == "new a"
+
+
+def local_sync(w: WorkdirSync, ws: Workspaces, src, meddle=lambda m: None) -> tuple[Manifest, dict]:
+    """A same-host sync as the wire makes it: a scan that keeps nothing, then the daemon
+    copying what it lacks from the notebook's directory (``meddle`` runs in between)."""
+    m = w.scan(str(src), keep=False)
+    send = w.plan(m, ws.have("alice", KEY))
+    meddle(m)
+    local = Local(m.root, *m.root_id, {rel: m.stats[rel] for rel in send})
+    return m, ws.apply("alice", KEY, json.loads(json.dumps(m.entries)), {}, Local(*json.loads(json.dumps(local))))
+
+
+def test_same_host_sync_copies_from_the_notebook_directory(tmp_path, ws):
+    """Nothing read into the notebook's memory; the daemon copies each lacking file, checked
+    against the stat it was hashed with; perms as for written files; unchanged: nothing."""
+    src = tmp_path / "nb"
+    blobs = {f"d{i % 3}/f{i}.bin": os.urandom(1000 * i) for i in range(12)}  # > 8 MB in all: the threads too
+    blobs["big.bin"] = os.urandom(9 * 1024 * 1024)
+    for rel, data in blobs.items():
+        put(src, rel, data)
+    put(src, "tool", "#!/bin/sh")
+    os.chmod(src / "tool", 0o755)
+    w = WorkdirSync()
+    m, done = local_sync(w, ws, src)
+    assert m.kept == {} and m.hashed == 14 and m.entries["big.bin"][1] == sha(blobs["big.bin"])
+    assert done == {"written": sorted([*blobs, "tool"]), "deleted": [], "kept": [], "need": []}
+    tree = ws.path("alice", KEY)
+    assert all(open(os.path.join(tree, rel), "rb").read() == data for rel, data in blobs.items())
+    assert stat.S_IMODE(os.stat(os.path.join(tree, "tool")).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(os.path.join(tree, "big.bin")).st_mode) == 0o600
+    assert ws.have("alice", KEY) == {r: e[1] for r, e in m.entries.items()}
+    m, done = local_sync(w, ws, src)
+    assert m.hashed == 0 and done == {"written": [], "deleted": [], "kept": [], "need": []}
+    assert not [n for n in os.listdir(tree) if n.startswith(".jgpu-tmp-")]
+
+
+def test_same_host_copy_refuses_what_is_no_longer_the_file_that_was_hashed(tmp_path, ws):
+    """A file changed, grown, swapped for a link or a FIFO after the scan, a directory
+    swapped for a link: not copied (named in "need", to be sent), nothing written through a
+    link; another directory in the notebook's place: nothing copied."""
+    src = tmp_path / "nb"
+    for rel in ("same.txt", "edited.txt", "grown.txt", "linked.txt", "fifo.txt", "sub/a.txt"):
+        put(src, rel, rel)
+    secret = tmp_path / "secret"
+    put(secret, "a.txt", "not the notebook's")
+    put(tmp_path, "secret.txt", "not the notebook's")
+
+    def meddle(m):
+        with open(src / "edited.txt", "r+b") as f:  # same size, new mtime and ctime
+            f.write(b"EDITED")
+        with open(src / "grown.txt", "ab") as f:
+            f.write(b"+")
+        os.remove(src / "linked.txt")
+        os.symlink(tmp_path / "secret.txt", src / "linked.txt")
+        os.remove(src / "fifo.txt")
+        os.mkfifo(src / "fifo.txt")  # would block a reader: never opened for reading
+        os.rename(src / "sub", tmp_path / "sub-was")
+        os.symlink(secret, src / "sub")
+
+    _, done = local_sync(WorkdirSync(), ws, src, meddle)
+    assert done["written"] == ["same.txt"]
+    assert done["need"] == ["edited.txt", "fifo.txt", "grown.txt", "linked.txt", "sub/a.txt"]
+    tree = ws.path("alice", KEY)
+    assert sorted(os.listdir(tree)) == ["same.txt", "sub"] and os.listdir(os.path.join(tree, "sub")) == []
+    assert set(ws.have("alice", KEY)) == {"same.txt"}  # the rest is still lacking
+
+    other = tmp_path / "other"  # a directory with the same files is not the one that was scanned
+    put(other, "x.txt", "x")
+    m = WorkdirSync().scan(str(other), keep=False)
+    local = Local(str(src), *m.root_id, {"x.txt": m.stats["x.txt"]})
+    done = ws.apply("alice", KEY, m.entries, {}, local)
+    assert done["need"] == ["x.txt"] and done["written"] == []
+    with pytest.raises(WorkspaceError, match="not the manifest's"):  # a stat that does not fit the manifest
+        ws.apply("alice", KEY, m.entries, {}, Local(m.root, *m.root_id, {"x.txt": (2, 0, 0, 0)}))
+    with pytest.raises(WorkspaceError, match="no contents sent"):  # neither sent nor to be copied
+        ws.apply("alice", KEY, m.entries, {}, Local(m.root, *m.root_id, {}))
+
+
+def test_same_host_copy_counts_against_the_quota(tmp_path):
+    ws = Workspaces(root=str(tmp_path / "workspaces"), quota_bytes=1000)
+    src = tmp_path / "nb"
+    put(src, "big.bin", b"b" * 1200)
+    with pytest.raises(QuotaExceeded):
+        local_sync(WorkdirSync(), ws, src)
+    assert os.listdir(ws.path("alice", KEY)) == []
 
 
 def test_a_directory_a_cell_made_where_the_notebook_has_a_file(tmp_path, ws):

@@ -144,6 +144,11 @@ class Backend(LoggingConfigurable):
         """Return once the worker has ended, however it ended."""
         raise NotImplementedError
 
+    def worker_path(self, host_path: str, bulk_dir: str) -> str:
+        """Where a worker whose bulk directory is ``bulk_dir`` sees ``host_path``: the same
+        path on this host ("" for a worker that cannot see it)."""
+        return host_path
+
     def workspace_cwd(self, host_path: str) -> str:
         """Where a worker sees the workspace at ``host_path``: the same path on this host."""
         return host_path

@@ -213,6 +213,11 @@ class DockerBackend(DockerVolumes, Backend):
     def workspace_cwd(self, host_path: str) -> str:
         return WORKSPACE_TARGET
 
+    def worker_path(self, host_path: str, bulk_dir: str) -> str:
+        """Of the host, a container sees its bulk directory (and mounts): a snapshot goes through it."""
+        rel = os.path.relpath(host_path, bulk_dir)
+        return "" if rel == ".." or rel.startswith("../") else os.path.normpath(os.path.join(BULK_TARGET, rel))
+
     def _workspace_mount(self, spec: WorkerSpec, volumes: list[VolumeSpec]) -> list:
         """The session's own workspace (and no other), read-write at WORKSPACE_TARGET."""
         host = self.workspace_for(spec.session) if self.workspace_for is not None else ""

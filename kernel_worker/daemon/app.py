@@ -54,6 +54,7 @@ from kernel_worker.daemon.reaper import Reaper
 from kernel_worker.daemon.records import Records
 from kernel_worker.daemon.services import Services
 from kernel_worker.daemon.sessions import Sessions
+from kernel_worker.daemon.snapshots import Snapshots
 from kernel_worker.daemon.telemetry import Telemetry
 from kernel_worker.daemon.workdirs import Workdirs
 from kernel_worker.daemon.workers import Workers
@@ -256,6 +257,7 @@ class WorkerDaemon(LoggingConfigurable):
         self.services = Services(self)
         self.telemetry = Telemetry(self)
         self.accounting = Accounting(self)
+        self.snapshots = Snapshots(self)
         self.workdirs = Workdirs(self)
         self.backend_instance.workspace_for = self.workdirs.mount_for
         sv, ss, wd = self.services, self.sessions, self.workdirs
@@ -276,6 +278,7 @@ class WorkerDaemon(LoggingConfigurable):
                 P.Msg.RELEASE: ss.handle_release,
                 P.Msg.SYNC: wd.sync,
                 P.Msg.FETCH: wd.fetch,
+                P.Msg.SNAPSHOT: self.snapshots.handle,
             }
         )
 
@@ -335,7 +338,7 @@ class WorkerDaemon(LoggingConfigurable):
 
     async def _shutdown(self) -> None:
         for s in [*self.sessions.live.values(), *self.pool.warm]:
-            await self.sessions.release(s, "the daemon shut down", code=P.Err.SHUTDOWN)
+            await self.sessions.release(s, "the daemon shut down", code=P.Err.SHUTDOWN, keep=s not in self.pool.warm)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

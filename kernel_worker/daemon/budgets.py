@@ -19,6 +19,7 @@ from traitlets.config import LoggingConfigurable
 
 from kernel_worker import protocol as P
 from kernel_worker.ledger_db import day_of
+from kernel_worker.prices import limit_text
 from kernel_worker.session import Session
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ class Budgets(LoggingConfigurable):
     def text(self, s: Session, scope: str, spent: float, stopping: bool) -> str:
         """Which budget, the figures, and how to raise it."""
         limit, who = self.limits(s)[scope]
-        head = f"{WORDS[scope]} is spent: ${spent:.4f} of ${limit:.2f}"
+        head = f"{WORDS[scope]} is spent: ${spent:.4f} of {limit_text(limit)}"
         if scope == CELL:
             how = "give the cell a higher --budget (or raise c.GPUMagics.default_budget)"
         elif who == "host":
@@ -196,4 +197,5 @@ class Budgets(LoggingConfigurable):
         if hit is None:
             return ""
         limit, _ = self.limits(s)[hit[0]]
-        return f"{WORDS[hit[0]]} is spent (${hit[1]:.4f} of ${limit:.2f}): its GPUs were released so idle time stops"
+        spent = f"${hit[1]:.4f} of {limit_text(limit)}"
+        return f"{WORDS[hit[0]]} is spent ({spent}): its GPUs were released so idle time stops"

@@ -30,9 +30,10 @@ class Reaper:
             for s in list(d.sessions.live.values()):
                 orphaned = d.attach.orphaned(s, now)
                 if orphaned:
-                    d.sessions.release_now(s, orphaned)
+                    d.sessions.release_now(s, orphaned, keep=d.snapshots.on_idle_release)
                 elif s.state == "idle" and now - s.last_active > d.idle_timeout:
-                    d.sessions.release_now(s, f"it was idle for more than {d.idle_timeout:g} s (idle_timeout)")
+                    why = f"it was idle for more than {d.idle_timeout:g} s (idle_timeout)"
+                    d.sessions.release_now(s, why, keep=d.snapshots.on_idle_release)
                 elif s.state == "idle" and (over := d.budgets.idle_over(s)):
                     d.sessions.release_now(s, over, code=P.Err.BUDGET)
                 elif s.state != "starting" and now - s.last_heard > d.worker_heartbeat_timeout:
@@ -46,6 +47,7 @@ class Reaper:
     async def watch(self, s: Session) -> None:
         """End the session cleanly when its worker dies on its own."""
         exit = await self.d.backend_instance.wait(s.handle)
+        self.d.workers.abandon(s.wid, f"the worker {exit.reason}")  # a snapshot it was writing, say
         if s.releasing or s.state == "starting":
             return  # a start in progress sees this task end and fails with the reason itself
         why = f"its worker {exit.reason}"

@@ -124,7 +124,7 @@ class Sessions:
     async def handle_release(self, ident: bytes, msg: P.Message, user: str) -> None:
         s = self.live.get(msg.session)
         if s is not None:
-            await self.release(s, "released by the user", code=P.Err.RELEASED)
+            await self.release(s, "released by the user", code=P.Err.RELEASED, keep=bool(msg.content.get("keep")))
         self.d.front.reply(ident, msg, {"released": s is not None})
 
     async def handle_interrupt(self, ident: bytes, msg: P.Message, user: str) -> None:
@@ -257,6 +257,7 @@ class Sessions:
             if warm is None:
                 await self.d.workers.start(s)
             self.d.records.save(s)
+            restored = await self.d.snapshots.after_start(s, msg)
             mismatch = version_mismatch(msg.content.get("client_versions") or {}, s.versions)
             if mismatch:
                 raise Refused(P.Err.VERSION, mismatch)
@@ -281,6 +282,7 @@ class Sessions:
             "versions": s.versions,
             "idle_timeout": self.d.idle_timeout,
             "price_per_hour": self.d.ledger.price(s),
+            "restored": restored,
         }
         self.d.front.send(ident, msg.reply(P.Msg.STARTED, info))
         return True
@@ -361,19 +363,20 @@ class Sessions:
             if gone is not None and not gone.done():
                 gone.set_result(None)
 
-    async def release(self, s: Session, why: str, code: str = P.Err.RELEASED) -> None:
-        """Stop the worker and return its GPUs; a request in flight gets a FAIL saying why."""
-        task = self.release_now(s, why, code)
+    async def release(self, s: Session, why: str, code: str = P.Err.RELEASED, keep: bool = False) -> None:
+        """Stop the worker and return its GPUs; a request in flight gets a FAIL saying why.
+        ``keep``: an idle worker first writes a snapshot of its namespace."""
+        task = self.release_now(s, why, code, keep)
         if task is not None:
             await task
 
-    def release_now(self, s: Session, why: str, code: str = P.Err.RELEASED) -> asyncio.Task | None:
+    def release_now(self, s: Session, why: str, code: str = P.Err.RELEASED, keep: bool = False) -> asyncio.Task | None:
         """``release``, with the session out of every table before this returns (the
         notebook's next request, however soon, starts a new one) and its worker removed by
         the task returned."""
         if s.releasing:
             return None
-        return self.d.spawn(self._stop(s, self._retire(s, why), why, code))
+        return self.d.spawn(self._stop(s, self._retire(s, why), why, code, keep))
 
     def _retire(self, s: Session, why: str) -> P.Message | None:
         self.log.info("session %s ending: %s", s.id, why)
@@ -386,7 +389,8 @@ class Sessions:
         self.ended[s.id] = why
         return current
 
-    async def _stop(self, s: Session, current: P.Message | None, why: str, code: str) -> None:
+    async def _stop(self, s: Session, current: P.Message | None, why: str, code: str, keep: bool) -> None:
+        await self.d.snapshots.before_stop(s, keep and current is None)
         await self.stop(s)
         if current is not None and s.client:
             self.d.front.fail(s.client, s.answer or current, code, f"session {s.id} ended: {why}")

@@ -7,13 +7,28 @@ The wire (``protocol.Msg.SYNC`` / ``FETCH``), every field checked before it touc
     SYNC  {"key": K, "files": [r, ...]} frames: [manifest, d...] -> REPLY {"need": [], "written": n, ...}
     FETCH {"key": K, "paths": [p, ...]}                          -> REPLY {"files": [r, ...]} frames: [d...]
 
-``manifest`` is UTF-8 JSON, relpath -> [size, sha256, mode], in a frame of its own (a
+``manifest`` is UTF-8 JSON, relpath -> [size, content hash, mode], in a frame of its own (a
 20,000-file tree would not fit ``max_header_bytes``); the daemon parses it as JSON, never
 unpickles it. The first SYNC names what the workspace lacks (its content hash differs);
 when it lacks nothing, that SYNC already applies the manifest (deletions, modes). The
 second carries the lacking files, one frame each, in the order ``files`` names them.
 K names the notebook's workspace inside the asking user's own directory: the user is
 the one the front established for the connection, never a value the client sends.
+
+On the notebook's own host the files need not travel. A first SYNC with ``"local":
+true`` is answered with ``"local": true`` when this daemon copies from the notebook's
+directory (``Workspaces.copy_local``, and the asker is the daemon's own OS user: no
+CurveZMQ, so it proved it can read the daemon's 0600 key file; it may read what the
+daemon may). The second SYNC then names the directory instead of carrying the bytes:
+
+    SYNC  {"key": K, "files": [r...], "copy": {"root": ABS, "dev": D, "ino": I}}
+          frames: [manifest, stats, d...]  -> REPLY {"need": [what could not be copied], ...}
+
+``stats`` is JSON, relpath -> [size, mtime_ns, ctime_ns, ino] as the notebook hashed it.
+The directory must be the one the notebook scanned (``st_dev``, ``st_ino``); each file
+is opened a directory at a time with ``O_NOFOLLOW`` and copied in the kernel only if it
+is a regular file with that stat before and after the copy. What could not be copied is
+named in ``need``, and the notebook sends it as bytes in a third SYNC.
 
 An EXECUTE with ``"workspace": K`` runs in that workspace: the daemon sets the cell's
 ``cwd`` to where the worker sees it (the host path for the process backend, the
@@ -36,7 +51,17 @@ from kernel_worker.daemon import paths
 from kernel_worker.daemon.errors import UnsafePath
 from kernel_worker.daemon.pool import WARM_PREFIX
 from kernel_worker.session import Session
-from kernel_worker.workspace import _KEY_RE, _SHA_RE, Stat, WorkspaceError, Workspaces, check_relpath, human, shown
+from kernel_worker.workspace import (
+    _KEY_RE,
+    _SHA_RE,
+    Local,
+    Stat,
+    WorkspaceError,
+    Workspaces,
+    check_relpath,
+    human,
+    shown,
+)
 
 if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
@@ -70,7 +95,7 @@ class Workdirs:
         self.mounted: dict[str, str] = {}  # worker id -> the workspace host path its container mounts
         self.spares: dict[str, str] = {}  # warm worker id -> the empty directory it mounts
         self.snaps: dict[tuple[str, str], dict[str, Stat]] = {}  # after the last sync or cell
-        self.synced = {"requests": 0, "files": 0, "bytes": 0}  # for the log (and tests)
+        self.synced = {"requests": 0, "files": 0, "bytes": 0, "copied": 0}  # for the log (and tests)
 
     # ------------------------------------------------------------------ helpers
 
@@ -107,7 +132,7 @@ class Workdirs:
         except (ValueError, RecursionError):
             raise WorkspaceError("the manifest is not JSON") from None
         if not isinstance(raw, dict):
-            raise WorkspaceError("the manifest is not a JSON object of relpath -> [size, sha256, mode]")
+            raise WorkspaceError("the manifest is not a JSON object of relpath -> [size, hash, mode]")
         if len(raw) > self.ws.max_files:
             raise WorkspaceError(f"the manifest lists {len(raw)} files, over Workspaces.max_files={self.ws.max_files}")
         known = self.ws._state(user, key)
@@ -116,12 +141,12 @@ class Workdirs:
             if rel not in known:
                 check_relpath(rel)
             if not (isinstance(entry, list) and len(entry) == 3):
-                raise WorkspaceError(f"manifest entry for {shown(rel)} is not [size, sha256, mode]")
+                raise WorkspaceError(f"manifest entry for {shown(rel)} is not [size, hash, mode]")
             size, sha, mode = entry
             if type(size) is not int or size < 0 or type(mode) is not int or not 0 <= mode <= 0o7777:
                 raise WorkspaceError(f"manifest entry for {shown(rel)} has a bad size or mode")
             if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
-                raise WorkspaceError(f"manifest entry for {shown(rel)} has no sha256")
+                raise WorkspaceError(f"manifest entry for {shown(rel)} has no content hash")
             out[rel] = (size, sha, mode)
         return out
 
@@ -131,46 +156,95 @@ class Workdirs:
         try:
             key = self._key(msg.content.get("key"))
             files = msg.content.get("files")
+            copy = self._copy(msg.content.get("copy"))
+            first = 1 + (copy is not None)  # the manifest, and the stats of what to copy
             if (
                 not isinstance(files, list)
                 or not all(isinstance(f, str) for f in files)
-                or len(files) != len(msg.buffers) - 1
+                or len(files) != len(msg.buffers) - first
                 or len(set(files)) != len(files)
             ):
                 raise WorkspaceError(
-                    "a sync carries its manifest in its first frame, then one frame for each file 'files' names "
-                    "(each once)"
+                    "a sync carries its manifest in its first frame (with 'copy', the files' stats in its second), "
+                    "then one frame for each file 'files' names (each once)"
                 )
-            done = await self._io(self._sync, user, key, msg.buffers[0], dict(zip(files, msg.buffers[1:])))
+            local = copy + (msg.buffers[1],) if copy is not None else msg.content.get("local") is True
+            sent = dict(zip(files, msg.buffers[first:]))
+            done = await self._io(self._sync, user, key, msg.buffers[0], sent, local)
         except Exception as e:  # noqa: BLE001 -- every refusal is an error reply
             self._refuse(ident, msg, e)
             return
         self.d.front.reply(ident, msg, done)
 
-    def _sync(self, user: str, key: str, frame: Any, files: dict) -> dict:
-        """In a thread: the lacking relpaths, or (with them, or when none lack) the apply."""
+    def _copies(self) -> bool:
+        """Whether this daemon copies from the notebook's directory: only for its own OS
+        user (without CurveZMQ every client is; with it, a key's user need not be)."""
+        return self.ws.copy_local and not self.d.curve
+
+    @staticmethod
+    def _copy(value: Any) -> tuple | None:
+        """A SYNC's "copy": the notebook's directory (absolute path, st_dev, st_ino)."""
+        if value is None:
+            return None
+        root, dev, ino = (value.get(k) for k in ("root", "dev", "ino")) if isinstance(value, dict) else (0, 0, 0)
+        if not (isinstance(root, str) and root.startswith("/") and len(root) <= 4096 and "\0" not in root):
+            raise WorkspaceError("a sync's 'copy' names the notebook's directory by its absolute path, dev and ino")
+        if type(dev) is not int or type(ino) is not int:
+            raise WorkspaceError("a sync's 'copy' names the notebook's directory by its absolute path, dev and ino")
+        return root, dev, ino
+
+    def _local(self, copy: tuple, manifest: dict) -> Local:
+        """The stats frame of a SYNC with "copy": relpath -> [size, mtime_ns, ctime_ns, ino]."""
+        if not self._copies():
+            raise WorkspaceError("this daemon does not copy from the notebook's directory: send the files")
+        *where, frame = copy
+        view = memoryview(frame)
+        if view.nbytes > MAX_MANIFEST_BYTES:
+            raise WorkspaceError(f"the stats frame is {human(view.nbytes)}, over {human(MAX_MANIFEST_BYTES)}")
+        try:
+            raw = json.loads(bytes(view))
+        except (ValueError, RecursionError):
+            raise WorkspaceError("the stats frame is not JSON") from None
+        if not isinstance(raw, dict) or len(raw) > len(manifest):
+            raise WorkspaceError("the stats frame is not a JSON object of relpath -> [size, mtime, ctime, ino]")
+        stats = {}
+        for rel, v in raw.items():
+            if rel not in manifest or not (isinstance(v, list) and len(v) == 4 and all(type(x) is int for x in v)):
+                raise WorkspaceError(f"stats for {shown(rel)} are not [size, mtime, ctime, ino] of a manifest file")
+            stats[rel] = tuple(v)
+        return Local(*where, stats)
+
+    def _sync(self, user: str, key: str, frame: Any, files: dict, local: tuple | bool = False) -> dict:
+        """In a thread: the lacking relpaths, or (with them, or when none lack) the apply.
+        ``local``: True for a first SYNC that offers to copy, else (root, dev, ino, stats)."""
         manifest = self._manifest(frame, user, key)
-        if not files:
+        if not files and not isinstance(local, tuple):
             have = self.ws.have(user, key)
             need = [rel for rel, e in manifest.items() if have.get(rel) != e[1]]
             if need:
-                return {"need": need}
-        done = self.ws.apply(user, key, manifest, files)
+                return {"need": need, **({"local": self._copies()} if local else {})}
+        copy = self._local(local, manifest) if isinstance(local, tuple) else None
+        done = self.ws.apply(user, key, manifest, files, copy)
         self.snaps[(user, key)] = self.ws.snapshot(user, key)
         sent = sum(memoryview(d).nbytes for d in files.values())
+        copied = len(done["written"]) - len(files)
         self.synced["requests"] += 1
         self.synced["files"] += len(files)
         self.synced["bytes"] += sent
+        self.synced["copied"] += copied
         self.log.info(
-            "workspace sync for %s/%s: %d file(s) written (%s), %d deleted, %d kept",
+            "workspace sync for %s/%s: %d file(s) written (%s sent, %d copied on this host), %d deleted, %d kept%s",
             Workspaces.user_part(user),
             key[:12],
             len(done["written"]),
             human(sent),
+            copied,
             len(done["deleted"]),
             len(done["kept"]),
+            f", {len(done['need'])} to be sent" if done.get("need") else "",
         )
-        return {"need": [], "written": len(done["written"]), "deleted": len(done["deleted"]), "kept": done["kept"]}
+        need = done.get("need", [])
+        return {"need": need, "written": len(done["written"]), "deleted": len(done["deleted"]), "kept": done["kept"]}
 
     # ------------------------------------------------------------------ FETCH
 

@@ -35,6 +35,7 @@ class Workers:
         self.log = daemon.log
         self.by_wid: dict[str, Session] = {}  # for messages from workers
         self.sock: zmq.Socket | None = None
+        self.asked: dict[str, tuple[str, asyncio.Future]] = {}  # the daemon's own requests: id -> (wid, answer)
 
     def open(self, ctx: zmq.Context) -> None:
         self.sock = ctx.socket(zmq.ROUTER)
@@ -172,6 +173,34 @@ class Workers:
             self.d.spawn(self.d.sessions.release(s, why, code=P.Err.WORKER_DIED))
         self.d.pump.schedule()
 
+    async def ask(self, s: Session, msg: P.Message, timeout: float) -> P.Message:
+        """A request of the daemon's own (SNAPSHOT, RESTORE) to ``s``'s worker, and its
+        answer; the worker's output meanwhile goes to the log. Ends with the worker, or
+        after ``timeout`` (asyncio.TimeoutError)."""
+        answer = asyncio.get_running_loop().create_future()
+        self.asked[msg.id] = (s.wid, answer)
+        try:
+            self.send(s, msg)
+            return await asyncio.wait_for(answer, timeout)
+        finally:
+            self.asked.pop(msg.id, None)
+
+    def abandon(self, wid: str, why: str) -> None:
+        """``wid``'s worker is gone: the daemon's requests to it end now, with ``why``."""
+        for answer_wid, answer in list(self.asked.values()):
+            if answer_wid == wid and not answer.done():
+                answer.set_exception(RuntimeError(why))
+
+    def _answered(self, wid: str, msg: P.Message) -> bool:
+        asked = self.asked.get(msg.parent)
+        if asked is None or asked[0] != wid:
+            return False
+        if msg.type in (P.Msg.REPLY, P.Msg.ERROR) and not asked[1].done():
+            asked[1].set_result(msg)
+        elif msg.type == P.Msg.STREAM:
+            self.log.info("worker %s: %s", wid, str(msg.content.get("text", ""))[:2000].rstrip())
+        return True
+
     def _on_message(self, frames: list) -> None:
         wid = frames[0].bytes.decode("utf-8", "replace")
         s = self.by_wid.get(wid)
@@ -193,7 +222,7 @@ class Workers:
             if s.ready is not None and not s.ready.done():
                 s.ready.set_result(msg.content)
             return
-        if msg.type in (P.Msg.HEARTBEAT, P.Msg.PONG):
+        if msg.type in (P.Msg.HEARTBEAT, P.Msg.PONG) or self._answered(wid, msg):
             return
         self.d.sessions.from_worker(s, msg)
 

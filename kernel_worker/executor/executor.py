@@ -20,6 +20,7 @@ from kernel_worker import protocol as P
 from kernel_worker.executor.channel import Channel
 from kernel_worker.executor.imports import ImportCheck
 from kernel_worker.executor.outbox import Outbox, StreamWriter, capture_fds
+from kernel_worker.executor.restore import Restorer
 from kernel_worker.executor.runner import Runner
 from kernel_worker.executor.stdin import RemoteStdin
 
@@ -84,10 +85,14 @@ class Executor:
         signal.signal(signal.SIGINT, self._on_sigint)
         threading.Thread(target=self.channel.flusher, name="jgpu-flush", daemon=True).start()
         self.channel.ready_content = {"versions": _versions(), "ipython": self.runner.shell is not None}
+        shell = self.runner.shell
+        self.restorer = Restorer(lambda: self.ns, self.received, shell.transform_cell if shell else None)
         handlers: dict[str, Callable[[P.Message], P.Message]] = {
             P.Msg.EXECUTE: self.execute,
             P.Msg.PULL: self.pull,
             P.Msg.PING: lambda m: m.reply(P.Msg.PONG),
+            P.Msg.SNAPSHOT: self.restorer.take,
+            P.Msg.RESTORE: self.restorer.restore,
         }
         while True:
             msg = self.channel.next_request()
@@ -104,6 +109,7 @@ class Executor:
                 os._exit(0)
 
     def _values_out(self, names: list, bulk_ok: bool) -> tuple[dict, list]:
+        self.restorer.load(names)  # still in the snapshot it was restored from
         missing = [n for n in names if n not in self.ns]
         if missing:
             raise NameError(f"not defined on the worker: {', '.join(missing)}")
@@ -169,6 +175,7 @@ class Executor:
         if loaded:
             for spec in msg.content.get("values") or []:
                 self.received[spec["name"]] = str(spec.get("fp", ""))
+            self.restorer.before_cell(msg.content.get("code", ""), msg.content.get("assumed"))
             need = self._missing(msg.content.get("assumed"))
             if need:  # the notebook believes we hold these, and we do not: nothing runs
                 return msg.reply(P.Msg.NEED, {"names": need})

@@ -1,0 +1,358 @@
+"""Scale to zero without losing the namespace: before an idle session's worker is stopped
+(and on ``%gpu release --keep``, and before the daemon shuts down) the worker writes its
+namespace to the user's snapshot store; the notebook's next session restores it before
+its first cell runs.
+
+The store: ``root/USER/NOTEBOOK-KEY/ID/`` (every level 0700), the worker's
+``manifest.json`` and data files (``kernel_worker.snapshot``) beside the daemon's own
+``meta.json`` (notebook, device, why, when). A snapshot directory without both is
+incomplete and ignored. Per user, ``quota_bytes`` bounds the store: the oldest go first,
+with a note. A notebook released without a snapshot starts fresh next time (a ``fresh``
+marker), unless a snapshot is asked for by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import time
+from typing import TYPE_CHECKING
+
+from traitlets import Bool, Float, Int, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from kernel_worker import protocol as P
+from kernel_worker.backends.docker_owner import handed_dir, worker_owner
+from kernel_worker.daemon import paths
+from kernel_worker.session import WARM_PREFIX, Session
+from kernel_worker.workspace import Workspaces
+from kernel_worker.workspace_tree import human
+
+if TYPE_CHECKING:
+    from kernel_worker.daemon.app import WorkerDaemon
+
+ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+META = "meta.json"
+MANIFEST = "manifest.json"
+COPY_CHUNK = 16 * 1024**2
+FRESH = "fresh"  # in a notebook's directory: its last session ended without a snapshot
+
+
+class SnapshotRefused(Exception):
+    pass
+
+
+class Snapshots(LoggingConfigurable):
+    root = Unicode(help="Where snapshots are kept, per user and notebook. Default: <state_dir>/snapshots").tag(
+        config=True
+    )
+    on_idle_release = Bool(
+        True, help="Snapshot a session's namespace before an idle release, and restore it at the notebook's next cell."
+    ).tag(config=True)
+    quota_bytes = Int(50 * 1024**3, help="Snapshot bytes kept per user; past it the oldest are deleted.").tag(
+        config=True
+    )
+    keep_per_notebook = Int(3, help="Snapshots kept per notebook (the newest).").tag(config=True)
+    timeout = Float(900.0, help="Seconds a worker may take to write or restore a snapshot before it is given up.").tag(
+        config=True
+    )
+    lazy_bytes = Int(
+        16 * 1024**2,
+        help="Values larger than this are restored when a cell first reads them, not before the first cell.",
+    ).tag(config=True)
+
+    @default("root")
+    def _root(self) -> str:
+        return os.path.join(self.d.state_dir, "snapshots")
+
+    def __init__(self, daemon: WorkerDaemon, **kw: object):
+        self.d = daemon
+        super().__init__(parent=daemon, **kw)
+        self.writing: dict[str, asyncio.Future] = {}  # notebook dir -> done once its snapshot is written
+        self.chosen: dict[str, str] = {}  # session id -> the snapshot `%gpu restore ID` picked for its next start
+
+    # ------------------------------------------------------------------ where
+
+    def notebook_dir(self, user: str, notebook: str, session: str) -> str:
+        """``user``'s directory for this notebook (its session id when it has no name)."""
+        key = hashlib.sha256(f"{notebook or 'session:' + session}".encode("utf-8", "replace")).hexdigest()[:24]
+        udir = paths.private_dir(paths.child(paths.private_dir(self.root), Workspaces.user_part(user)))
+        return paths.private_dir(paths.child(udir, key))
+
+    def _complete(self, nbdir: str) -> list[tuple[str, dict]]:
+        """(id, meta) of the notebook's complete snapshots, newest first."""
+        out = []
+        for name in os.listdir(nbdir) if os.path.isdir(nbdir) else []:
+            if not ID_RE.match(name):
+                continue
+            meta = _read_json(os.path.join(nbdir, name, META))
+            if meta is not None and os.path.isfile(os.path.join(nbdir, name, MANIFEST)):
+                out.append((name, meta))
+        return sorted(out, key=lambda x: x[0], reverse=True)
+
+    def list(self, user: str, notebook: str, session: str) -> list[dict]:
+        nbdir = self.notebook_dir(user, notebook, session)
+        return [{"id": sid, **meta} for sid, meta in self._complete(nbdir)]
+
+    def find(self, user: str, sid: str) -> str:
+        """The directory of ``user``'s snapshot ``sid`` (of any of their notebooks)."""
+        if not isinstance(sid, str) or not ID_RE.match(sid):
+            raise SnapshotRefused(f"{str(sid)[:40]!r} is not a snapshot id (`%gpu snapshots` lists them)")
+        udir = paths.private_dir(paths.child(paths.private_dir(self.root), Workspaces.user_part(user)))
+        for nb in os.listdir(udir):
+            path = os.path.join(udir, nb, sid)
+            if os.path.isfile(os.path.join(path, MANIFEST)) and os.path.isfile(os.path.join(path, META)):
+                return path
+        raise SnapshotRefused(f"you have no snapshot {sid} (`%gpu snapshots` lists this notebook's)")
+
+    def to_restore(self, s: Session, content: dict) -> str:
+        """The snapshot a new session of this notebook starts from, or "" (none, ``--fresh``,
+        or the notebook's last session was released without one)."""
+        if content.get("fresh") or not self.on_idle_release:
+            return ""
+        nbdir = self.notebook_dir(s.user, s.notebook, s.id)
+        if os.path.exists(os.path.join(nbdir, FRESH)):
+            return ""
+        found = self._complete(nbdir)
+        return os.path.join(nbdir, found[0][0]) if found else ""
+
+    # ------------------------------------------------------------------ the notebook's requests
+
+    async def handle(self, ident: bytes, msg: P.Message, user: str) -> None:
+        """``%gpu snapshot`` (take one now), ``%gpu snapshots`` (list this notebook's),
+        ``%gpu restore [ID]`` (into the idle worker now, or at the next start)."""
+        op, s = msg.content.get("op"), self.d.sessions.live.get(msg.session)
+        notebook = str(msg.content.get("notebook") or (s.notebook if s else ""))[:512]
+        if not msg.session:
+            self.d.front.fail(ident, msg, P.Err.BAD_MESSAGE, "snapshot requests need a session id")
+            return
+        try:
+            if op == "list":
+                result: dict = {"snapshots": self.list(user, notebook, msg.session)}
+            elif op == "take":
+                if s is None or s.state != "idle":
+                    why = "is busy: wait for its cell" if s else "has no worker: run a %%gpu cell first"
+                    raise SnapshotRefused(f"nothing to snapshot: this notebook's session {why}")
+                result = await self.take(s, "asked")
+            elif op == "restore":
+                sid = msg.content.get("id")
+                found = self.list(user, notebook, msg.session)
+                if not sid and not found:
+                    raise SnapshotRefused("this notebook has no snapshot to restore (`%gpu snapshots` lists them)")
+                path = self.find(user, sid or found[0]["id"])
+                if s is not None and s.state == "idle":
+                    result = await self.restore(s, path)
+                else:  # the next start begins from it
+                    self.chosen[msg.session] = path
+                    result = {"chosen": os.path.basename(path)}
+            else:
+                raise SnapshotRefused(f"unknown snapshot operation {str(op)[:20]!r}; use take, list, restore")
+        except SnapshotRefused as e:
+            self.d.front.fail(ident, msg, P.Err.SNAPSHOT, str(e))
+            return
+        self.d.front.reply(ident, msg, result)
+
+    # ------------------------------------------------------------------ a session's end and start
+
+    async def before_stop(self, s: Session, keep: bool) -> None:
+        """Before ``s``'s worker is stopped: a snapshot if asked and it can be had (an idle,
+        connected worker of a notebook's session), else the notebook's next session starts
+        fresh. A snapshot that fails is logged; the release goes on."""
+        if s.id.startswith(WARM_PREFIX) or s.handle is None or not s.user:
+            return
+        if keep and s.state == "idle" and s.ready is not None and s.ready.done():
+            try:
+                await self.take(s, "released")
+                return
+            except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 -- reported, never blocks the release
+                self.log.warning("session %s: released without a snapshot: %s", s.id, e)
+        self.forget(s)
+
+    async def after_start(self, s: Session, msg: P.Message) -> dict | None:
+        """A new worker of a notebook that left a snapshot: restore it before the cell."""
+        writing = self.writing.get(self.notebook_dir(s.user, s.notebook, s.id))
+        if writing is not None:  # the notebook's previous worker is still writing it
+            await asyncio.wait_for(asyncio.shield(writing), self.timeout)
+        path = self.chosen.pop(s.id, "") or self.to_restore(s, msg.content)
+        return await self.restore(s, path) if path else None
+
+    def _for_worker(self, s: Session, path: str, kind: str) -> tuple[str, str]:
+        """(the host directory ``s``'s worker writes or reads, its path there): the store
+        itself where the worker sees it (process backend), else a stage in its bulk directory."""
+        backend, bulk = self.d.backend_instance, self.d.workers.bulk_dir(s.wid)
+        seen = backend.worker_path(path, bulk)
+        if seen:
+            return path, seen
+        stage = handed_dir(os.path.join(bulk, f"{kind}-{os.path.basename(path)}"), worker_owner(backend))
+        return stage, backend.worker_path(stage, bulk)
+
+    # ------------------------------------------------------------------ take
+
+    async def take(self, s: Session, why: str) -> dict:
+        """Ask ``s``'s (idle) worker to write its namespace; the snapshot's summary."""
+        nbdir = self.notebook_dir(s.user, s.notebook, s.id)
+        sid = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.urandom(3).hex()}"
+        path = paths.private_dir(os.path.join(nbdir, sid))
+        done = self.writing[nbdir] = asyncio.get_running_loop().create_future()
+        t0 = time.monotonic()
+        try:
+            host, seen = self._for_worker(s, path, "snapshot")
+            reply = await self.d.workers.ask(s, P.Message(P.Msg.SNAPSHOT, {"dir": seen}, s.id), self.timeout)
+            if reply.type != P.Msg.REPLY or not reply.content.get("ok"):
+                raise SnapshotRefused(str(reply.content.get("error") or reply.content.get("evalue") or "failed"))
+            if host != path:  # written in the worker's bulk directory: into the store
+                await asyncio.to_thread(_copy_files, host, path, None)
+            seconds = time.monotonic() - t0
+            meta = {
+                "notebook": s.notebook,
+                "session": s.id,
+                "device": s.device,
+                "why": why,
+                "at": time.time(),
+                "seconds": seconds,
+                "bytes": int(reply.content.get("bytes", 0)),
+                "names": list(reply.content.get("names", []))[:10000],
+                "left": dict(list((reply.content.get("left") or {}).items())[:1000]),
+            }
+            _write_json(os.path.join(path, META), meta)
+            _remove(os.path.join(nbdir, FRESH))
+            self.d.ledger.timed(s, "snapshot", seconds)
+            evicted = self._bound(s.user, nbdir, sid)
+            self.log.info(
+                "session %s: snapshot %s (%d names, %d bytes) in %.2f s",
+                s.id,
+                sid,
+                len(meta["names"]),
+                meta["bytes"],
+                seconds,
+            )
+            return {"id": sid, **meta, "evicted": evicted}
+        except (Exception, asyncio.CancelledError) as e:
+            shutil.rmtree(path, ignore_errors=True)
+            self.log.warning("session %s: no snapshot taken: %s", s.id, e)
+            raise
+        finally:
+            if not done.done():
+                done.set_result(None)
+            if self.writing.get(nbdir) is done:
+                del self.writing[nbdir]
+
+    def forget(self, s: Session) -> None:
+        """``s`` ends without a snapshot: its notebook's next session starts fresh."""
+        with open(os.path.join(self.notebook_dir(s.user, s.notebook, s.id), FRESH), "w"):
+            pass
+
+    def _bound(self, user: str, nbdir: str, newest: str) -> list[str]:
+        """Delete the notebook's snapshots past ``keep_per_notebook`` and the user's oldest
+        past ``quota_bytes`` (never ``newest``). Notes on what went."""
+        notes = []
+        for sid, meta in self._complete(nbdir)[self.keep_per_notebook :]:
+            shutil.rmtree(os.path.join(nbdir, sid), ignore_errors=True)
+        udir = os.path.dirname(nbdir)
+        everything = [
+            (meta.get("at", 0.0), os.path.join(udir, nb, sid), meta)
+            for nb in os.listdir(udir)
+            for sid, meta in self._complete(os.path.join(udir, nb))
+        ]
+        total = sum(_size(path) for _, path, _ in everything)
+        for _, path, meta in sorted(everything, key=lambda x: x[0]):
+            if total <= self.quota_bytes or os.path.basename(path) == newest:
+                continue
+            size = _size(path)
+            shutil.rmtree(path, ignore_errors=True)
+            total -= size
+            notes.append(
+                f"deleted snapshot {os.path.basename(path)} of {meta.get('notebook') or 'an unnamed notebook'} "
+                f"({human(size)}) to stay under the snapshot quota ({human(self.quota_bytes)})"
+            )
+        for note in notes:
+            self.log.info("user %s: %s", user, note)
+        return notes
+
+    # ------------------------------------------------------------------ restore
+
+    async def restore(self, s: Session, path: str) -> dict:
+        """Load the snapshot at ``path`` into ``s``'s new worker. A summary of what came
+        back; a snapshot that cannot be read is reported, never fatal: the cell runs in
+        a fresh namespace."""
+        meta = _read_json(os.path.join(path, META)) or {}
+        t0 = time.monotonic()
+        try:
+            host, seen = self._for_worker(s, path, "restore")
+            if host != path:  # a worker that cannot see the store reads a copy in its bulk directory
+                await asyncio.to_thread(_copy_files, path, host, worker_owner(self.d.backend_instance))
+            msg = P.Message(P.Msg.RESTORE, {"dir": seen, "lazy_bytes": self.lazy_bytes}, s.id)
+            reply = await self.d.workers.ask(s, msg, self.timeout)
+        except asyncio.TimeoutError:
+            return {"failed": f"the worker did not restore the snapshot within {self.timeout:g} s"}
+        seconds = time.monotonic() - t0
+        self.d.ledger.timed(s, "restore", seconds)
+        if reply.type != P.Msg.REPLY or not reply.content.get("ok"):
+            why = str(reply.content.get("error") or reply.content.get("evalue") or "it could not be read")
+            self.log.warning("session %s: snapshot %s not restored: %s", s.id, path, why)
+            return {"failed": why, "id": os.path.basename(path)}
+        c = reply.content
+        return {
+            "id": os.path.basename(path),
+            "taken_at": meta.get("at"),
+            "names": list(c.get("names", [])),
+            "bytes": int(c.get("bytes", 0)),
+            "lazy": list(c.get("lazy", [])),
+            "left": meta.get("left") or {},
+            "not_loaded": dict(c.get("failed") or {}),
+            "seconds": seconds,
+        }
+
+
+def _copy_files(src: str, dst: str, owner: tuple[int, int] | None) -> None:
+    """A snapshot's files from ``src`` into ``dst`` (0600; ``owner``'s, for a container
+    running as another uid): plain files only, never through a symlink."""
+    for name in os.listdir(src):
+        fd = paths.open_private(os.path.join(src, name), os.O_RDONLY)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            out = paths.open_private(os.path.join(dst, name), os.O_CREAT | os.O_WRONLY | os.O_TRUNC)
+            with os.fdopen(out, "wb") as g:
+                shutil.copyfileobj(f, g, COPY_CHUNK)
+                if owner is not None:
+                    os.fchown(g.fileno(), *owner)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with os.fdopen(paths.open_private(path, os.O_RDONLY)) as f:
+            out = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def _write_json(path: str, content: dict) -> None:
+    with os.fdopen(paths.open_private(path + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC), "w") as f:
+        json.dump(content, f)
+    os.replace(path + ".tmp", path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _size(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
