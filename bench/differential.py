@@ -3,7 +3,8 @@ headless twice as it is, then with every code cell under `%%gpu any` against a r
 on each backend (process; docker, where the notebook's directory is synced to a
 workspace); every cell steady between the two local runs must show the same under %%gpu.
 
-    python bench/differential.py [--backends process,docker] [--only SUBSTRING] [--json FILE]
+    python bench/differential.py [--backends process,docker] [--only SUBSTRING[,SUBSTRING...]]
+                                 [--json FILE] [--local FILE]
 
 Prints one row a notebook and backend, the totals, and each mismatch with its diff. Exits 1
 when a steady cell does not match.
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import asdict
@@ -30,25 +33,55 @@ from support.orphans import forget_daemon  # noqa: E402
 DAEMON_ARGS = ("--simulate-gpus=H100:1", "--WorkerDaemon.worker_heartbeat_interval=0.5")
 
 
+def notebook_packages(engine) -> list[str]:  # noqa: ANN001
+    """The docker backend with the notebook's own packages in its workers, read-only, the
+    way an operator shares a package directory (``DockerBackend.extra_mounts``): this venv's
+    site-packages and its ``share/jupyter`` (the packages' data files: nbconvert's
+    templates), each at the path it has here, so a message that names a module's file names
+    the same file as in the local run."""
+    site = sysconfig.get_paths()["purelib"]
+    data = os.path.join(sys.prefix, "share", "jupyter")
+    return docker_args(
+        engine,
+        f"--DockerBackend.extra_mounts={site}:{site}:ro",
+        f"--DockerBackend.extra_mounts={data}:{data}:ro",
+        f"--DockerBackend.extra_env=PYTHONPATH={site}",
+        f"--DockerBackend.extra_env=JUPYTER_PATH={data}",
+        notebook_libs=False,
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="process,docker")
-    ap.add_argument("--only", default="", help="notebooks whose name contains this")
+    ap.add_argument("--only", default="", help="notebooks whose name contains this (or any of these, comma-separated)")
     ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument(
+        "--local",
+        default="",
+        help="keep the local runs in this file and reuse those found there (iterating on the %%%%gpu side only)",
+    )
     args = ap.parse_args()
     backends = [b for b in args.backends.split(",") if b]
 
     t_all = time.monotonic()
     sources, excludes = D.read_corpus()
     entries, skipped = D.collect(sources, excludes)
-    entries = [e for e in entries if args.only in e.name]
+    only = [o for o in args.only.split(",") if o] or [""]
+    entries = [e for e in entries if any(o in e.name for o in only)]
     print(f"corpus: {len(entries)} notebooks from {len(sources)} releases ({len(skipped)} left out)", flush=True)
 
     t0 = time.monotonic()
+    kept = D.load_local(Path(args.local)) if args.local else {}
     local = {}
     for e in entries:
-        local[e.name] = D.run_local(e)
+        if e.name in kept:
+            local[e.name] = kept[e.name]
+            continue
+        local[e.name] = kept[e.name] = D.run_local(e)
         print(f"  local x2 {time.monotonic() - t0:6.1f} s  {e.name}", flush=True)
+        if args.local:
+            D.save_local(Path(args.local), kept)
 
     results: dict[str, list[D.Result]] = {}
     engine = None
@@ -60,10 +93,8 @@ def main() -> int:
 
                 engine = dockerd.start_engine(LogWatcher)
                 dockerd.ensure_images(engine.client, engine.url)
-                extra = docker_args(engine)
+                extra = notebook_packages(engine)
             tmp = Path(tempfile.mkdtemp(prefix=f"jgpu-diff-{backend}-"))
-            import os
-
             os.environ["JUPYTER_RUNTIME_DIR"] = str(tmp / "runtime")
             daemon = start_daemon(tmp, *DAEMON_ARGS, *extra)
             try:

@@ -30,6 +30,8 @@ DB_NAME = "ledger.sqlite"
 PENDING_NAME = "ledger.pending"
 OLD_FILES = ("ledger.jsonl.1", "ledger.jsonl")  # the JSON-lines ledger before sqlite, oldest first
 DAY_S = 86400.0
+CHECKPOINT_EVERY = 100  # commits between WAL checkpoints (sqlite's own would run on the event loop)
+MOST_REMEMBERED = 100_000  # last runs kept in memory for estimates
 
 
 class Ledger(LoggingConfigurable):
@@ -47,6 +49,11 @@ class Ledger(LoggingConfigurable):
     minimum_s = Float(
         0.0, help="Least a session is billed for, in seconds (as a cloud's per-instance minimum); 0: none."
     ).tag(config=True)
+    commit_delay_s = Float(
+        0.2,
+        help="Records are committed in batches this long after the first; each is safe on disk at once (a "
+        "journal line), so a killed daemon loses none.",
+    ).tag(config=True)
     retention_days = Float(
         400.0, help="Ledger records older than this many days are deleted (at start and once a day)."
     ).tag(config=True)
@@ -62,10 +69,12 @@ class Ledger(LoggingConfigurable):
         # DONE is relayed (a write(2), not a commit): a daemon killed before its commit
         # loses none. Replayed (and emptied) at start.
         pending = os.path.join(state_dir, PENDING_NAME)
-        replayed = [r for r in _load_jsonl(pending, key="uid") if isinstance(r.get("row"), list)]
-        db.insert(self.db, [r["row"] for r in replayed if len(r["row"]) == len(db.ALL_COLUMNS)])
+        replayed = [r for r in _load_jsonl(pending, key="record") if isinstance(r["record"], dict)]
+        db.insert(self.db, [db.row(r["record"], str(r.get("source", "")), str(r.get("spec", ""))) for r in replayed])
         self._journal = os.open(pending, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_APPEND, 0o600)
         self._pending: list[list] = []
+        self._commits = 0
+        self._last_runs: dict[tuple, dict] = {}  # (user, notebook, source, spec) -> its last run, this daemon's life
         self._totals: dict[tuple, float] = {}  # (user, first day, notebook or None) -> usd, kept current
         self._pruned_day = ""
         self.prune()
@@ -98,7 +107,9 @@ class Ledger(LoggingConfigurable):
     def cell(self, s: Session, request: str = "", source: str = "", telemetry: dict | None = None) -> dict:
         """Close the cell ``s`` is running and return its cost line's numbers. A cell is
         billed once: its DONE may come again from a worker that outlived a daemon restart."""
-        if request:
+        if request and s.cells and s.cells[-1].get("request") == request:
+            return s.cells[-1]
+        if request and s.adopted and not s.cells:  # its DONE may have been billed before the restart
             self.flush()
             done = db.billed(self.db, s.id, request)
             if done is not None:
@@ -161,6 +172,11 @@ class Ledger(LoggingConfigurable):
     def _keep(self, s: Session, record: dict, source: str = "") -> dict:
         record.update(user=s.user, notebook=s.notebook, session=s.id)
         self._write(record, source, s.request.text)
+        if source:
+            if len(self._last_runs) > MOST_REMEMBERED:
+                self._last_runs.clear()
+            run = {"wall_s": record["seconds"], "usd": record["usd"], "at": record["at"]}
+            self._last_runs[(s.user, s.notebook, source, s.request.text)] = run
         return record
 
     def _write(self, record: dict, source: str = "", spec: str = "") -> None:
@@ -171,11 +187,12 @@ class Ledger(LoggingConfigurable):
             if user == record["user"] and day >= first and notebook in (None, record["notebook"]):
                 self._totals[(user, first, notebook)] = usd + record["usd"]
         row = db.row(record, source, spec)
-        os.write(self._journal, (json.dumps({"uid": record["uid"], "row": row}) + "\n").encode())
+        line = f'{{"source": {json.dumps(source)}, "spec": {json.dumps(spec)}, "record": {row[-1]}}}\n'
+        os.write(self._journal, line.encode())  # the record is safe from here on
         self._pending.append(row)
         if len(self._pending) == 1:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)  # after the DONE is on its way
+            try:  # committed in batches, off the cells' path: back-to-back cells share a commit
+                asyncio.get_running_loop().call_later(self.commit_delay_s, self.flush)
             except RuntimeError:
                 self.flush()
 
@@ -184,6 +201,12 @@ class Ledger(LoggingConfigurable):
             rows, self._pending = self._pending, []
             db.insert(self.db, rows)
             os.ftruncate(self._journal, 0)  # committed: nothing is pending
+            self._commits += 1
+            if self._commits % CHECKPOINT_EVERY == 0:  # the WAL folded back, in a thread: no stall here
+                try:
+                    asyncio.get_running_loop().run_in_executor(None, db.checkpoint, self.path)
+                except RuntimeError:  # no loop (closing): here, then
+                    db.checkpoint(self.path)
         today = db.day_of(time.time())
         if today != self._pruned_day:
             self.prune()
@@ -215,8 +238,10 @@ class Ledger(LoggingConfigurable):
         """The last run of this cell source on this spec in this notebook, if any."""
         if not source:
             return None
-        self.flush()
-        return db.last_run(self.db, s.user, s.notebook, source, s.request.text)
+        key = (s.user, s.notebook, source, s.request.text)
+        if key not in self._last_runs:  # before this daemon's life: committed long ago
+            self._last_runs[key] = db.last_run(self.db, *key)
+        return self._last_runs[key]
 
     def summary(self, session: str, live: Session | None) -> dict:
         """``%gpu cost``: the session's cells, and what it has held so far."""

@@ -55,6 +55,7 @@ class Session:
     detached: bool = False  # its kernel stopped its keepalives
     late: list = field(default_factory=list)  # output written after its cell returned, for the next cell
     waiting: set = field(default_factory=set)  # ids of requests that wait for its adopted worker
+    adopted: bool = False  # its worker outlived a daemon restart (its running cell may be billed already)
 
     def __post_init__(self) -> None:
         self.wid = self.wid or self.id

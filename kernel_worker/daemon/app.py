@@ -90,6 +90,11 @@ class WorkerDaemon(LoggingConfigurable):
     interrupt_grace = Float(
         5.0, help="Seconds a cell past its --timeout gets after SIGINT before its worker is killed."
     ).tag(config=True)
+    interrupt_repeat = Float(
+        1.0,
+        help="Seconds between SIGINTs to a cell being stopped (--timeout, a budget): one that lands before the "
+        "worker runs the cell's code is ignored, so it is sent again.",
+    ).tag(config=True)
     worker_heartbeat_timeout = Float(
         30.0, help="A worker silent this long (no heartbeat, no output) is considered hung and stopped."
     ).tag(config=True)

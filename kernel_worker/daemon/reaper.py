@@ -82,14 +82,23 @@ class Reaper:
         await self._interrupt(s, short, code)
 
     async def _interrupt(self, s: Session, why: str, code: str) -> None:
-        """SIGINT; a cell that ignores it for ``interrupt_grace`` seconds loses its worker."""
-        await self.d.backend_instance.signal(s.handle, signal.SIGINT)
-        try:
-            await asyncio.wait_for(s.cell_done.wait(), self.d.interrupt_grace)
-        except asyncio.TimeoutError:
-            await self.d.sessions.release(
-                s,
-                f"{why} and did not stop within {self.d.interrupt_grace:g} s of an interrupt, so its worker was "
-                "killed; variables defined on it are lost",
-                code=code,
-            )
+        """SIGINT, again every ``interrupt_repeat`` seconds (one that lands before the worker
+        runs the cell's code is ignored); a cell still running ``interrupt_grace`` seconds
+        after the first loses its worker."""
+        deadline = time.monotonic() + self.d.interrupt_grace
+        while True:
+            await self.d.backend_instance.signal(s.handle, signal.SIGINT)
+            try:
+                await asyncio.wait_for(
+                    s.cell_done.wait(), max(0.0, min(deadline - time.monotonic(), self.d.interrupt_repeat))
+                )
+                return
+            except asyncio.TimeoutError:
+                if time.monotonic() >= deadline:
+                    break
+        await self.d.sessions.release(
+            s,
+            f"{why} and did not stop within {self.d.interrupt_grace:g} s of an interrupt, so its worker was "
+            "killed; variables defined on it are lost",
+            code=code,
+        )

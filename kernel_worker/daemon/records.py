@@ -138,6 +138,7 @@ class Records:
             gpus=gpus,
             handle=handle,
             state="adopting",
+            adopted=True,
             user=record.get("user", ""),
             notebook=record.get("notebook", ""),
             wid=wid,

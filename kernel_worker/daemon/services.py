@@ -64,7 +64,7 @@ class Services:
         ledger, now = self.d.ledger, time.time()
         parts = [spend.live(s, ledger, now) for s in self.d.sessions.live.values() if who in (None, s.user)]
         ledger.flush()
-        groups = await asyncio.to_thread(ledger_db.read_groups, ledger.path, who, float(since))  # 1M rows: ~1 s
+        groups = await asyncio.to_thread(ledger_db.read_groups, ledger.path, who, float(since))  # 1M rows: 0.2 s
         parts += [spend.Part(*g) for g in groups]
         notebook = msg.content.get("notebook")
         if isinstance(notebook, str) and notebook:  # one notebook's spend (`%gpu cost --plot`)

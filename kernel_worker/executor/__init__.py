@@ -11,7 +11,9 @@ emits goes through an ordered ``Outbox`` that coalesces stream text and is flush
 by the I/O thread every ``JUPYTER_GPU_FLUSH_MS`` or at once for non-stream messages.
 
 Modules: ``outbox`` (ordered, batched output), ``channel`` (the socket to the daemon),
-``runner`` (running code), ``executor`` (the requests). Nothing here imports the daemon.
+``runner`` (running code), ``kernel`` (what a kernel gives a cell beyond its shell:
+``get_ipython().kernel``), ``widgets`` (the frontend's part in ipywidgets' ``Output``),
+``executor`` (the requests). Nothing here imports the daemon.
 """
 
 from kernel_worker.executor.executor import Executor

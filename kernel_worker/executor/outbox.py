@@ -12,7 +12,7 @@ import sys
 import termios
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from kernel_worker import protocol as P
 
@@ -39,6 +39,9 @@ class Outbox:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.parent: P.Message | None = None  # the request whose output this is
+        # Takes (type, content) of the running request's output instead of the cell: an
+        # ipywidgets Output widget capturing it (``widgets``); True when it took it.
+        self.divert: Callable[[str, dict], bool] | None = None
 
     def fileno(self) -> int:
         return self._wake_r
@@ -58,6 +61,9 @@ class Outbox:
     def stream(self, name: str, text: str) -> None:
         if not text:
             return
+        divert = self.divert
+        if divert is not None and divert(P.Msg.STREAM, {"name": name, "text": text}):
+            return
         with self._lock:  # the hot path of print(): append to the pending text of this stream
             if self._text_name == name:
                 self._text.append(text)
@@ -65,6 +71,10 @@ class Outbox:
         self._queue([name, [text]], False)
 
     def send(self, msg: P.Message) -> None:
+        divert = self.divert
+        if divert is not None and self.parent is not None and msg.parent == self.parent.id:
+            if divert(msg.type, msg.content):
+                return
         self._queue(msg, True)
 
     def skip_wake(self) -> None:

@@ -6,11 +6,22 @@ from __future__ import annotations
 import ast
 import os
 import traceback
-import warnings
 from typing import Any
 
 from kernel_worker import protocol as P
+from kernel_worker.executor.kernel import WorkerKernel
 from kernel_worker.executor.outbox import Outbox
+from kernel_worker.executor.widgets import OutputCapture
+
+# The environment ipykernel's ZMQInteractiveShell.init_environment gives a kernel.
+KERNEL_ENV = {
+    "TERM": "xterm-color",
+    "CLICOLOR": "1",
+    "FORCE_COLOR": "1",
+    "CLICOLOR_FORCE": "1",
+    "PAGER": "cat",
+    "GIT_PAGER": "cat",
+}
 
 
 class Runner:
@@ -108,6 +119,23 @@ def make_shell(outbox: Outbox, ns: dict) -> Any:
         display_pub_class = Type(Publisher)
         displayhook_class = Type(Hook)
 
+        # As ipykernel's ZMQInteractiveShell: the request being answered (ipywidgets' Output
+        # reads it to capture the cell's output; code passes it as a message's parent).
+        def get_parent(self):
+            return self.kernel.get_parent()
+
+        def set_parent(self, parent, channel="shell"):
+            pass  # every output of the running cell answers its request already
+
+        @property
+        def parent_header(self):
+            return self.get_parent()
+
+        def init_environment(self):
+            # As ipykernel's shell: what a cell's subprocesses see in a kernel (`!ls` in
+            # colour and columns aligned with spaces, no pager waiting for a key).
+            os.environ.update(KERNEL_ENV)
+
         def _showtraceback(self, etype, evalue, stb):
             reply(
                 P.Msg.ERROR, {"ename": getattr(etype, "__name__", str(etype)), "evalue": str(evalue), "traceback": stb}
@@ -121,9 +149,10 @@ def make_shell(outbox: Outbox, ns: dict) -> Any:
 
     from traitlets.config import Config
 
-    warnings.filterwarnings("ignore", message="To exit: use 'exit', 'quit', or Ctrl-D.")
-
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     # History lives in memory: the SQLite history thread would cost every cell a commit.
     config = Config({"HistoryManager": {"hist_file": ":memory:"}})
-    return WorkerShell.instance(user_ns=ns, colors="Linux", config=config)
+    shell = WorkerShell.instance(user_ns=ns, colors="Linux", config=config)
+    shell.kernel = WorkerKernel(shell, outbox, reply)
+    OutputCapture(outbox).install()
+    return shell

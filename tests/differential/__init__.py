@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nbformat
@@ -242,6 +242,17 @@ MASKS = [
     (re.compile(r"\b(pid|PID|process)[ =:]*\d+"), r"\1 <PID>"),
     (re.compile(r"/tmp/[^\s'\"<>)]*"), "<TMP>"),
     (re.compile(r"\bid=\d+"), "id=<ID>"),
+    # A name that does not resolve fails by the host's resolver: "not known" (EAI_NONAME)
+    # where a DNS server answers, "temporary failure" (EAI_AGAIN) where none is reachable
+    # (a worker without network), "no address" (EAI_NODATA). Which one is the host's
+    # network, not the code's doing.
+    (
+        re.compile(
+            r"\[Errno -[235]\] (Name or service not known|Temporary failure in name resolution"
+            r"|No address associated with hostname)"
+        ),
+        "[name resolution failed]",
+    ),
 ]
 
 
@@ -346,6 +357,17 @@ def compare(entry: Entry, local: tuple[Run, Run], remote: Run, label: str = "%%g
 
 def run_local(entry: Entry) -> tuple[Run, Run]:
     return execute(entry, gpu=False), execute(entry, gpu=False)
+
+
+def save_local(path: Path, runs: dict[str, tuple[Run, Run]]) -> None:
+    """Local runs kept for a later comparison (``bench/differential.py --local``)."""
+    path.write_text(json.dumps({name: [asdict(r) for r in pair] for name, pair in runs.items()}))
+
+
+def load_local(path: Path) -> dict[str, tuple[Run, Run]]:
+    if not path.exists():
+        return {}
+    return {name: (Run(**a), Run(**b)) for name, (a, b) in json.loads(path.read_text()).items()}
 
 
 def run_gpu(entry: Entry, connection_file: str) -> Run:
