@@ -31,15 +31,24 @@ $(STAMP): pyproject.toml $(LABEXT_SRC) $(NODE_MODULES)
 
 install: $(STAMP)
 
-# Runs examples/quickstart.ipynb headless on the embedded local daemon (no GPU needed),
-# prints every cell's output with its cost line, then stops that daemon by its pid.
+# Runs examples/quickstart.ipynb headless (nbclient: examples/run_headless.py) on the embedded
+# local daemon, which reads examples/demo/jupyter_gpu_config.py (JUPYTER_CONFIG_DIR): one
+# simulated H100 at its list price, so cost lines are in dollars with no GPU. Prints every
+# cell's output, the status lines the cells showed and what they cost, then stops that daemon
+# by its pid. A fresh demo daemon each time (a leftover one stopped, its ledger removed), so
+# the first run of a cell has no "last run" estimate and the second has.
 demo: install
 	mkdir -p $(DEMO_RUNTIME)
-	JUPYTER_RUNTIME_DIR=$(DEMO_RUNTIME) $(VENV)/bin/jupyter nbconvert --to notebook --execute \
-		examples/quickstart.ipynb --output-dir $(DEMO_RUNTIME) --output quickstart.out.ipynb; \
+	rm -f $(DEMO_RUNTIME)/quickstart.out.ipynb
+	export JUPYTER_CONFIG_DIR=$(CURDIR)/examples/demo JUPYTER_RUNTIME_DIR=$(DEMO_RUNTIME); \
+	$(VENV)/bin/jupyter gpu stop >/dev/null && \
+	$(PY) -c 'import shutil, sys; from kernel_worker.daemon.paths import default_state_dir as state; \
+	shutil.rmtree(state(sys.argv[1]), ignore_errors=True)' $(DEMO_RUNTIME)/jupyter-gpu-daemon.json && \
+	$(PY) examples/run_headless.py examples/quickstart.ipynb $(DEMO_RUNTIME)/quickstart.out.ipynb; \
 	status=$$?; \
-	JUPYTER_RUNTIME_DIR=$(DEMO_RUNTIME) $(VENV)/bin/jupyter gpu stop; \
-	test $$status -eq 0 && $(PY) examples/show_outputs.py $(DEMO_RUNTIME)/quickstart.out.ipynb
+	$(VENV)/bin/jupyter gpu stop; \
+	test -f $(DEMO_RUNTIME)/quickstart.out.ipynb && $(PY) examples/show_outputs.py $(DEMO_RUNTIME)/quickstart.out.ipynb; \
+	exit $$status
 
 # What the build and the tests start for real: Node.js and npm (the labextension), Debian's
 # Docker engine (the tests run dockerd on their own socket), OpenSSH's sshd (on a loopback
@@ -74,13 +83,26 @@ bench: install
 
 # N real kernels at once through nbclient against one daemon (bench/load.py); options as
 # `make bench-load LOAD_ARGS="--n 8,16 --cells 10"`.
-.PHONY: bench-load bench-restart
+.PHONY: bench-load bench-restart bench-money
 bench-load: install
 	$(PY) bench/load.py $(LOAD_ARGS)
 
 # A daemon restarted mid-cell, and %gpu attach replaying buffered output (bench/restart.py).
 bench-restart: install
 	$(PY) bench/restart.py
+
+# Snapshot write and restore of a 1 GiB numpy namespace beside np.save/np.load of the same
+# arrays, and one small name read lazily out of it (bench/snapshot.py; run as root, it drops
+# the page cache before each cold read).
+.PHONY: bench-snapshot
+bench-snapshot: install
+	$(PY) bench/snapshot.py
+
+# Money (bench/money.py): a budget's stop, a spend report on a 1,000,000-record ledger, and
+# what per-cell accounting adds to the empty-cell round trip beside the commit before it;
+# options as `make bench-money MONEY_ARGS="--rows 100000 --only ledger"`.
+bench-money: install
+	$(PY) bench/money.py $(MONEY_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_RUNTIME) .pytest_cache labextension/node_modules labextension/lib \
