@@ -78,6 +78,10 @@ test: install system-deps test-image
 	cd labextension && npm test --silent
 	$(PY) -m pytest -q
 
+# Where torch is installed (a GPU machine): the snapshot's torch path, a CUDA model included.
+test-gpu: install
+	JUPYTER_GPU_TORCH_TESTS=1 $(PY) -m pytest -q tests/gpu
+
 bench: install
 	$(PY) bench/bench.py
 

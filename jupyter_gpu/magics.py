@@ -348,6 +348,7 @@ class GPUMagics(Commands, SnapshotCommands, CellNotes, WorkspaceCells, Backgroun
             status.close()
         if relay.error is not None:
             show_deferred(relay)  # no Out[] comes: now
+            show_deferred(relay, self.shell, after_error=True)  # after the traceback
             raise relay.error
         show_deferred(relay, self.shell)
         return relay.result

@@ -65,10 +65,16 @@ class Relay:
         # Displays that came after the cell's Out[] (matplotlib's figure, flushed after the
         # last expression): shown after the notebook's own Out[] is, as locally (``show_deferred``).
         self.deferred: list[P.Message] = []
+        # Output that came after the cell's error: a local cell shows it after the traceback
+        # (IPython's warning after SystemExit), and here the traceback is raised at the end.
+        self.after_error: list[P.Message] = []
 
     def __call__(self, msg: P.Message) -> None:
         c = msg.content
         t = msg.type
+        if self.error is not None and t in (P.Msg.STREAM, P.Msg.DISPLAY, P.Msg.UPDATE_DISPLAY, P.Msg.CLEAR):
+            self.after_error.append(msg)
+            return
         if t in SHOWN:
             self.clear_pending = t == P.Msg.CLEAR and bool(c.get("wait"))
         if t == P.Msg.STREAM:
@@ -97,12 +103,16 @@ class Relay:
             )
 
 
-def show_deferred(relay: Relay, shell: Any = None) -> None:
+def show_deferred(relay: Relay, shell: Any = None, after_error: bool = False) -> None:
     """Show ``relay``'s deferred displays once this cell's Out[] is out (IPython publishes it
-    after the magic returns, then runs post_run_cell); at once without ``shell``."""
-    if not relay.deferred:
+    after the magic returns, then runs post_run_cell); at once without ``shell``. With
+    ``after_error``: what came after the cell's error, once its traceback is out."""
+    if after_error:
+        later, relay.after_error = relay.after_error, []
+    else:
+        later, relay.deferred = relay.deferred, []
+    if not later:
         return
-    later, relay.deferred = relay.deferred, []
 
     def show(*_: Any) -> None:
         if shell is not None:

@@ -16,17 +16,17 @@ import pickle
 import threading
 from typing import Any
 
-import cloudpickle
+from kernel_worker.snapshot import Pickler
 
 _local = threading.local()
 
 
-class TensorPickler(cloudpickle.Pickler):
-    """cloudpickle, with tensors (parameters included, so ``nn.Module`` too) reduced to a
-    CPU buffer plus their device. ``devices`` collects the devices the tensors came from."""
+class TensorPickler(Pickler):
+    """The snapshot's pickler, with tensors (parameters included, so ``nn.Module`` too)
+    reduced to a CPU buffer plus their device. ``devices``: the devices they came from."""
 
-    def __init__(self, file: Any, torch: Any, **kwargs: Any) -> None:
-        super().__init__(file, protocol=5, **kwargs)
+    def __init__(self, file: Any, torch: Any, keep: Any) -> None:
+        super().__init__(file, keep)
         self.torch = torch
         self.devices: set[str] = set()
 
@@ -34,6 +34,7 @@ class TensorPickler(cloudpickle.Pickler):
         if isinstance(obj, self.torch.Tensor):
             reduced = _reduce_tensor(self.torch, obj)
             if reduced is not NotImplemented:
+                self.met.append(obj)
                 self.devices.add(reduced[1][-1])
                 return reduced
         return super().reducer_override(obj)

@@ -4,6 +4,7 @@ stopped again by its process id."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from support.sshd_server import elsewhere_daemon as elsewhere
 from support.sshd_server import sshd_server
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]  # a real Jupyter Server for the extension's tests
+# tests/gpu need torch (gigabytes of wheels) and, some, a GPU: `make test-gpu` runs them there.
+collect_ignore = [] if os.environ.get("JUPYTER_GPU_TORCH_TESTS") else ["gpu"]
 
 
 def pytest_configure(config) -> None:
