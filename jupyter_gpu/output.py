@@ -8,6 +8,7 @@ import html
 import sys
 from typing import Any, Callable
 
+from IPython import get_ipython
 from IPython.display import clear_output, display
 
 from kernel_worker import protocol as P
@@ -93,6 +94,8 @@ class Relay:
             display(c.get("data", {}), update=(t == P.Msg.UPDATE_DISPLAY), **kw)
         elif t == P.Msg.CLEAR:
             clear_output(wait=bool(c.get("wait")))
+        elif t == P.Msg.RESULT and (c.get("transient") or {}).get("display_id") and publish_result(c):
+            pass  # a result the cell sent itself with a display id: published as such, updatable
         elif t == P.Msg.RESULT:
             self.result = RemoteResult(c.get("data", {}), c.get("metadata", {}))
         elif t == P.Msg.INPUT_REQUEST and self.answer is not None:
@@ -101,6 +104,28 @@ class Relay:
             self.error = RemoteCellError.named(
                 str(c.get("ename", "Error")), str(c.get("evalue", "")), list(c.get("traceback") or [])
             )
+
+
+def publish_result(c: dict) -> bool:
+    """An execute_result a remote cell sent itself with a display id (through ipykernel's
+    ``kernel.session.send``), published by this kernel as the same message, so a later
+    update of that display id reaches it as it would locally. False without a kernel to
+    publish it (a bare shell): then it is the cell's Out[]."""
+    shell = get_ipython()
+    hook = getattr(shell, "displayhook", None)
+    session, socket = getattr(hook, "session", None), getattr(hook, "pub_socket", None)
+    if session is None or socket is None:
+        return False
+    sys.stdout.flush()
+    sys.stderr.flush()
+    content = {
+        "data": c.get("data", {}),
+        "metadata": c.get("metadata", {}),
+        "execution_count": shell.execution_count,
+        "transient": {"display_id": str(c["transient"]["display_id"])},
+    }
+    session.send(socket, "execute_result", content, parent=hook.parent_header, ident=getattr(hook, "topic", None))
+    return True
 
 
 def show_deferred(relay: Relay, shell: Any = None, after_error: bool = False) -> None:

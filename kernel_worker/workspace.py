@@ -38,6 +38,7 @@ from typing import Mapping, NamedTuple, Sequence
 from traitlets import Bool, Int, Unicode, default
 from traitlets.config import Configurable
 
+from kernel_worker.backends.docker_owner import handed_dir
 from kernel_worker.daemon import paths
 from kernel_worker.workspace_tree import (  # noqa: F401 -- re-exported: the one place callers import from
     _KEY_RE,
@@ -123,6 +124,7 @@ class Workspaces(Configurable):
 
     def __init__(self, **kw: object) -> None:
         super().__init__(**kw)
+        self.owner: tuple[int, int] | None = None  # set by the daemon: the uid workers run as, when not its own
         self._states: dict[tuple[str, str], dict[str, list]] = {}
         self._bydir: dict[tuple[str, str], dict[str, list]] = {}  # the state by directory, for have()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
@@ -145,7 +147,7 @@ class Workspaces(Configurable):
 
     def path(self, user: str, key: str) -> str:
         """``user``'s workspace for notebook ``key``: the directory a cell runs in. Made 0700."""
-        return paths.private_dir(os.path.join(self._base(user, key), TREE))
+        return handed_dir(os.path.join(self._base(user, key), TREE), self.owner)
 
     def _lock(self, user: str, key: str) -> threading.Lock:
         with self._guard:
@@ -304,7 +306,7 @@ class Workspaces(Configurable):
             done: dict[str, list[str]] = {"written": [], "deleted": [], "kept": [], **({"need": []} if local else {})}
             gone = [r for r in st if r not in manifest] if len(st) != len(manifest) or files or copy else []
             incoming = {r: memoryview(d).nbytes for r, d in files.items()} | {r: w[0] for r, w in copy.items()}
-            with Tree(base_tree) as tree:
+            with Tree(base_tree, owner=self.owner) as tree:
                 self._check_quota(user, key, incoming, gone)
                 src = open_source(local) if copy else None
                 try:

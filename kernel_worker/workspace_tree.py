@@ -171,9 +171,10 @@ class Tree:
     and ``..`` never appears (``check_relpath``). Used for the workspace on the daemon and
     for fetched files landing in the notebook's directory."""
 
-    def __init__(self, root: str, private: bool = True) -> None:
+    def __init__(self, root: str, private: bool = True, owner: tuple[int, int] | None = None) -> None:
         self.root = root
         self.private = private  # 0700 / 0600 (workspaces); else as the umask says (the notebook's directory)
+        self.owner = owner  # uid, gid given what is made here: the uid a container mounting the tree runs as
         self._fds = {"": os.open(root, _DIR_FLAGS)}
         self._tmp = f"{_TMP_PREFIX}{secrets.token_hex(8)}-"  # + a count: unguessable, one token a Tree
         self._count = itertools.count()
@@ -196,6 +197,8 @@ class Tree:
         if create:
             try:
                 os.mkdir(name, 0o700 if self.private else 0o777, dir_fd=pfd)
+                if self.owner is not None:
+                    os.chown(name, *self.owner, dir_fd=pfd, follow_symlinks=False)
             except FileExistsError:
                 pass
         try:
@@ -261,6 +264,8 @@ class Tree:
         perm = _perm(mode) if self.private else (0o777 if mode & 0o111 else 0o666)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perm, dir_fd=dfd)
         try:
+            if self.owner is not None:
+                os.fchown(fd, *self.owner)
             fill(fd)
             if self.private:
                 os.fchmod(fd, perm)

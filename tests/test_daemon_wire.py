@@ -182,18 +182,23 @@ def test_a_flooding_client_slows_only_itself(daemon):
         flooder.close(0)
 
 
-def test_a_request_whose_handler_fails_costs_one_error_reply_not_the_loop(daemon, raw):
-    exchange, signer, header = raw
+def test_a_request_whose_handler_fails_costs_one_error_reply_not_the_loop(daemon_factory, backend_args, tmp_path):
+    # An operator's mistake the snapshot store meets at every request: its root is under a file.
+    (tmp_path / "a-file").write_text("")
+    daemon = daemon_factory(f"--Snapshots.root={tmp_path}/a-file/snapshots", *backend_args)
+    peer = RawPeer(daemon.url, daemon.key)
+    exchange, signer = peer.exchange, peer.signer
     good = daemon.client()
     assert printed(good, "steady", "kept = 1") == ""
     for i in range(3):  # the same fault again and again: each costs its own reply
-        h = header(id=f"bad{i}", type="spend", content={"since": "yesterday"})
+        h = header(id=f"bad{i}", type="snapshot", session="steady", content={"op": "list"})
         reply = exchange([P.DELIM, signer.sign(h), h])
         assert reply.type == P.Msg.FAIL and reply.parent == f"bad{i}"
         assert reply.content["code"] == P.Err.BAD_MESSAGE
-        assert reply.content["message"].startswith("daemon could not handle spend: ")
-    daemon.log.wait_for(r"error handling spend")
+        assert reply.content["message"].startswith("daemon could not handle snapshot: [Errno 17] File exists: ")
+    daemon.log.wait_for(r"error handling snapshot")
     assert printed(good, "steady", "print(kept + 1)") == "2\n"
     h = header(id="fine", type="spend", content={"since": 0})
     assert exchange([P.DELIM, signer.sign(h), h]).type == P.Msg.REPLY
     assert daemon.proc.poll() is None
+    peer.close()

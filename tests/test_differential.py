@@ -25,10 +25,7 @@ SUBSET = (
     "update-display-id.ipynb",
 )
 # Steady cells that differ, each with why (README: the differential test).
-KNOWN = {
-    ("update-display-id.ipynb", 4): "an execute_result the cell sends itself with a display_id comes out as the "
-    "magic's Out[], which carries no display id: the next cell's update of it does not reach it",
-}
+KNOWN: dict[tuple[str, int], str] = {}  # (notebook, cell) -> why it differs: none today
 
 
 @pytest.fixture(scope="module")

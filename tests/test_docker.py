@@ -243,3 +243,32 @@ def test_cells_as_another_uid_import_from_their_package_dir_and_no_one_else_can_
     result, cap = run(ip, code)
     assert result.success and cap.stdout == "0 0.8.3\n", (cap.stdout, result.error_in_exec)
     _mounted_dir_is_the_workers_alone(packages, 0)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="a daemon can run workers as another uid only as root")
+def test_cells_as_another_uid_work_in_the_synced_directory_and_no_one_else_can_read_it(
+    engine, daemon_factory, make_shell, tmp_path, monkeypatch
+):
+    notebook = tmp_path / "nb"
+    (notebook / "data").mkdir(parents=True)
+    (notebook / "data" / "x.txt").write_text("from the notebook")
+    monkeypatch.chdir(notebook)
+    args = ("--simulate-gpus=H100:1", "--WorkerDaemon.keep_warm=H100=1", f"--Workspaces.root={tmp_path}/ws")
+    d = daemon_factory(*docker_args(engine, "--DockerBackend.user=65534:65534", *args))
+    ip = make_shell(d)
+    for gpu in ("cpu", "H100"):  # a container started for the cell, and a warm one that mounts a spare
+        code = f"%%gpu {gpu}\nimport os\nprint(os.getuid(), open('data/x.txt').read())\n"
+        code += "_ = open('data/made.txt', 'w').write('by nobody')"
+        result, cap = run(ip, code)
+        assert result.success and cap.stdout == "65534 from the notebook\n", (cap.stdout, result.error_in_exec)
+        (notebook / "data" / "x.txt").write_text("changed")  # synced again, into the worker's directory
+        result, cap = run(ip, f"%%gpu {gpu}\nprint(open('data/x.txt').read())")
+        assert result.success and cap.stdout == "changed\n", (cap.stdout, result.error_in_exec)
+        result, cap = run(ip, "%gpu fetch data/made.txt")
+        assert result.success and (notebook / "data" / "made.txt").read_text() == "by nobody", cap.stdout
+        (notebook / "data" / "made.txt").unlink()
+        (notebook / "data" / "x.txt").write_text("from the notebook")
+        assert run(ip, "%gpu release")[0].success
+    tree = next((tmp_path / "ws").glob("*/*/tree"))
+    _mounted_dir_is_the_workers_alone(tree, 65534)
+    assert all(os.lstat(p).st_uid == 65534 for p in tree.rglob("*"))  # what the sync wrote there too

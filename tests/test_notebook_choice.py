@@ -121,7 +121,8 @@ def test_a_long_cell_shows_a_live_status_line_that_ends_as_its_final_state(
     assert result.success and cap.stdout == "slept True\n"
     status = [o for o in cap.outputs if "jupyter-gpu-status" in o.data.get("text/html", "")]
     first = status[0].data["text/plain"]
-    assert re.fullmatch(r"running: H100 ×1 \(simulated\) · \d+\.\d\d s · \$\d+\.\d{4} so far · no reading", first), first
+    line = r"running: H100 ×1 \(simulated\) · \d+\.\d\d s · \$\d+\.\d{4} so far · no reading"
+    assert re.fullmatch(line, first), first
     [last] = [o for o in cap.outputs if "jupyter_gpu" in (o.metadata or {})]
     cost = last.metadata["jupyter_gpu"]["cost"]
     assert cost["wall_s"] >= PROGRESS_S  # the line came with the first progress message

@@ -64,7 +64,8 @@ def test_an_idle_release_keeps_the_namespace_and_the_next_cell_restores_it(daemo
     note = restored_note(cap)
     assert re.fullmatch(
         r"restored 12 names \(.*\) \(\d+\.\d MiB\) from the snapshot of \d\d:\d\d in \d+\.\d s; "
-        r"2 large value\(s\) load when first read; not kept: handle \(.+\); squares \(.+\)",  # big, and total (reads it)
+        # two large values: big, and total (which reads it, so the two are kept together)
+        r"2 large value\(s\) load when first read; not kept: handle \(.+\); squares \(.+\)",
         note,
     ), note
     # The large value comes in when a cell (here through a function) first reads it; the

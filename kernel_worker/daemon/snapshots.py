@@ -30,6 +30,7 @@ from traitlets.config import LoggingConfigurable
 from kernel_worker import protocol as P
 from kernel_worker.backends.docker_owner import handed_dir, worker_owner
 from kernel_worker.daemon import paths
+from kernel_worker.daemon.errors import UnsafePath
 from kernel_worker.session import WARM_PREFIX, Session
 from kernel_worker.workspace import Workspaces
 from kernel_worker.workspace_tree import human
@@ -166,20 +167,25 @@ class Snapshots(LoggingConfigurable):
         fresh. A snapshot that fails is logged; the release goes on."""
         if s.id.startswith(WARM_PREFIX) or s.handle is None or not s.user:
             return
-        if keep and s.state == "idle" and s.ready is not None and s.ready.done():
-            try:
+        try:
+            if keep and s.state == "idle" and s.ready is not None and s.ready.done():
                 await self.take(s, "released")
                 return
-            except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 -- reported, never blocks the release
-                self.log.warning("session %s: released without a snapshot: %s", s.id, e)
-        self.forget(s)
+            self.forget(s)
+        except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 -- reported, never blocks the release
+            self.log.warning("session %s: released without a snapshot: %s", s.id, e)
 
     async def after_start(self, s: Session, msg: P.Message) -> dict | None:
-        """A new worker of a notebook that left a snapshot: restore it before the cell."""
-        writing = self.writing.get(self.notebook_dir(s.user, s.notebook, s.id))
-        if writing is not None:  # the notebook's previous worker is still writing it
-            await asyncio.wait_for(asyncio.shield(writing), self.timeout)
-        path = self.chosen.pop(s.id, "") or self.to_restore(s, msg.content)
+        """A new worker of a notebook that left a snapshot: restore it before the cell. A
+        store that cannot be read is reported with the cell, which runs in a fresh namespace."""
+        try:
+            writing = self.writing.get(self.notebook_dir(s.user, s.notebook, s.id))
+            if writing is not None:  # the notebook's previous worker is still writing it
+                await asyncio.wait_for(asyncio.shield(writing), self.timeout)
+            path = self.chosen.pop(s.id, "") or self.to_restore(s, msg.content)
+        except (OSError, UnsafePath, asyncio.TimeoutError) as e:
+            self.log.warning("session %s: the snapshot store could not be read: %s", s.id, e)
+            return {"failed": f"the snapshot store on the daemon's host could not be read ({e}); tell its operator"}
         return await self.restore(s, path) if path else None
 
     def _for_worker(self, s: Session, path: str, kind: str) -> tuple[str, str]:

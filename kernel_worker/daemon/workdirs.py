@@ -47,6 +47,7 @@ import os
 from typing import TYPE_CHECKING, Any, Callable
 
 from kernel_worker import protocol as P
+from kernel_worker.backends.docker_owner import handed_dir, worker_owner
 from kernel_worker.daemon import paths
 from kernel_worker.daemon.errors import UnsafePath
 from kernel_worker.daemon.pool import WARM_PREFIX
@@ -90,6 +91,7 @@ class Workdirs:
         self.ws = Workspaces(parent=daemon)  # c.Workspaces.* (root, quota_bytes, max_files, max_fetch_bytes)
         if "root" not in daemon.config.get("Workspaces", {}):
             self.ws.root = default_root(daemon.state_dir, daemon.daemon_id)
+        self.ws.owner = worker_owner(daemon.backend_instance)  # containers of another uid mount workspaces
         self.of_session: dict[str, tuple[str, str, str]] = {}  # session id -> (user, key, host path)
         self.cells: set[str] = set()  # sessions whose current cell runs in its workspace
         self.mounted: dict[str, str] = {}  # worker id -> the workspace host path its container mounts
@@ -305,7 +307,7 @@ class Workdirs:
         got = self.of_session.get(wid)
         if got is None and wid.startswith(WARM_PREFIX):  # a warm worker: an empty spare, adopted when taken
             spares = paths.private_dir(os.path.join(paths.private_dir(self.ws.root), SPARES))
-            spare = self.spares[wid] = paths.private_dir(paths.child(spares, wid))
+            spare = self.spares[wid] = handed_dir(paths.child(spares, wid), self.ws.owner)
             self.mounted[wid] = spare
             return spare
         if got is None:
