@@ -50,7 +50,7 @@ class Accounting:
 
     def watch(self, s: Session, msg: P.Message) -> None:
         if self.d.budgets.limits(s) and not self.d.budgets.free(s):
-            self.d.spawn(self.d.budgets.watch(s, msg), s.tasks)
+            self.d.budgets.watch(s, msg)
 
     def done(self, s: Session, msg: P.Message) -> dict:
         figures = s.telemetry.figures()

@@ -170,26 +170,26 @@ class Budgets(LoggingConfigurable):
         hit = self.reached(s, SHARED, starting=True)
         return self.text(s, hit[0], hit[1], stopping=False) if hit else ""
 
-    async def watch(self, s: Session, msg: P.Message) -> None:
-        """Interrupt ``msg``'s cell the moment its spend reaches a limit: sleep until the
-        nearest one would be reached (at most a progress interval, as rates change when
-        the user's other sessions start or end), then look again."""
-        while s.current is msg and s.state == "busy":
-            hit = self.reached(s)
-            if hit is not None:
-                scope, spent = hit
-                why = self.text(s, scope, spent, stopping=True)
-                await self.d.reaper.stop_cell(s, msg, why, f"the cell reached {WORDS[scope]}", P.Err.BUDGET)
-                over = self.idle_over(s) if scope != CELL and not s.releasing else ""
-                if over:  # idle, it would go on costing: its GPUs go now, not at the reaper's next look
-                    self.d.sessions.release_now(s, over, code=P.Err.BUDGET)
-                return
-            wait = min(max(self.seconds_left(s), 0.0), self.d.progress_interval)
-            try:
-                await asyncio.wait_for(s.cell_done.wait(), wait)
-                return
-            except asyncio.TimeoutError:
-                continue
+    def watch(self, s: Session, msg: P.Message) -> None:
+        """Interrupt ``msg``'s cell the moment its spend reaches a limit: a timer for when
+        the nearest one would be reached (at most a progress interval away, as rates change
+        when the user's other sessions start or end), which looks again. A timer, not a
+        task: a cell costs no more than its check."""
+        if s.current is not msg or s.state != "busy" or s.releasing:
+            return  # the cell ended: nothing to watch
+        hit = self.reached(s)
+        if hit is not None:
+            self.d.spawn(self._stop(s, msg, *hit), s.tasks)
+            return
+        wait = min(max(self.seconds_left(s), 0.0), self.d.progress_interval)
+        asyncio.get_running_loop().call_later(wait, self.watch, s, msg)
+
+    async def _stop(self, s: Session, msg: P.Message, scope: str, spent: float) -> None:
+        why = self.text(s, scope, spent, stopping=True)
+        await self.d.reaper.stop_cell(s, msg, why, f"the cell reached {WORDS[scope]}", P.Err.BUDGET)
+        over = self.idle_over(s) if scope != CELL and not s.releasing else ""
+        if over:  # idle, it would go on costing: its GPUs go now, not at the reaper's next look
+            self.d.sessions.release_now(s, over, code=P.Err.BUDGET)
 
     def idle_over(self, s: Session) -> str:
         """Why an idle session should be let go (its owner has nothing left), or ""."""
