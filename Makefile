@@ -52,14 +52,20 @@ demo: install
 
 # What the build and the tests start for real: Node.js and npm (the labextension), Debian's
 # Docker engine (the tests run dockerd on their own socket), OpenSSH's sshd (on a loopback
-# port), Debian's Chromium (driven by Playwright; never a downloaded browser), and a
-# debootstrap root file system for the test images (about 40 s, cached).
+# port), Debian's Chromium (driven by Playwright; never a downloaded browser), Debian's Slurm
+# (slurm-wlm: slurmctld, slurmd and the client commands) with munge (the tests start munged,
+# slurmctld and slurmd with their own config: tests/support/slurm.py), and a debootstrap root
+# file system for the test images (about 40 s, cached). This target starts no daemon (here
+# /usr/sbin/policy-rc.d keeps apt from starting them; slurmctld's and slurmd's units need an
+# /etc/slurm/slurm.conf, which nothing writes).
 system-deps:
 	@if [ ! -x /usr/sbin/dockerd ] || [ ! -x /usr/sbin/debootstrap ] || [ ! -x /usr/sbin/sshd ] \
-		|| [ ! -x /usr/bin/chromium ] || ! command -v npm >/dev/null; then \
+		|| [ ! -x /usr/bin/chromium ] || ! command -v npm >/dev/null \
+		|| [ ! -x /usr/sbin/slurmctld ] || [ ! -x /usr/sbin/slurmd ] || [ ! -x /usr/bin/sbatch ] \
+		|| [ ! -x /usr/sbin/munged ]; then \
 		$(SUDO) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q docker.io debootstrap openssh-server chromium \
-			$$(command -v npm >/dev/null || echo nodejs npm); \
+			slurm-wlm munge $$(command -v npm >/dev/null || echo nodejs npm); \
 	fi
 
 # The archive comes from this machine's own apt sources (scripts/apt-source.sh): the
