@@ -87,15 +87,24 @@ def test_fresh_starts_empty_and_a_plain_release_is_not_restored(daemon_factory, 
     d.log.wait_for(r"released: it was idle", timeout=30)
     result, cap = run(ip, "%%gpu cpu --fresh\nprint('kept' in globals())")
     assert result.success and cap.stdout == "False\n"
-    assert run(ip, "%%gpu cpu\nkept = 42")[0].success
+    d.stop()
+    d = daemon_factory()  # no idle release now: only the releases below
+    ip = make_shell(d)
+    for kept in (42, 43):  # two snapshots within a second: the newer is restored
+        assert run(ip, f"%%gpu cpu\nkept = {kept}")[0].success
+        assert run(ip, "%gpu snapshot")[1].stdout.startswith("snapshot ")
     run(ip, "%gpu release")  # on purpose, without --keep: the next worker starts empty
     result, cap = run(ip, "%%gpu cpu\nprint('kept' in globals())")
     assert result.success and cap.stdout == "False\n"
-    assert run(ip, "%%gpu cpu\nkept = 43")[0].success
+    assert run(ip, "%%gpu cpu\nkept = 44")[0].success
     result, cap = run(ip, "%gpu release --keep")
     assert "its namespace was snapshotted" in cap.stdout
     result, cap = run(ip, "%%gpu cpu\nprint(kept + 1)")
-    assert result.success and cap.stdout == "44\n"
+    assert result.success and cap.stdout == "45\n"
+    result, cap = run(ip, "%gpu restore " + run(ip, "%gpu snapshots")[1].stdout.splitlines()[-1].split()[0])
+    assert result.success and cap.stdout.startswith("restored 1 name (kept)")
+    result, cap = run(ip, "%%gpu cpu\nprint(kept)")  # the oldest of the three listed, newest first
+    assert result.success and cap.stdout == "42\n"
 
 
 def test_a_snapshot_survives_a_daemon_killed_with_its_workers(daemon_factory, make_shell):

@@ -95,7 +95,7 @@ class Snapshots(LoggingConfigurable):
             meta = _read_json(os.path.join(nbdir, name, META))
             if meta is not None and os.path.isfile(os.path.join(nbdir, name, MANIFEST)):
                 out.append((name, meta))
-        return sorted(out, key=lambda x: x[0], reverse=True)
+        return sorted(out, key=lambda x: (float(x[1].get("at") or 0.0), x[0]), reverse=True)  # two in one second
 
     def list(self, user: str, notebook: str, session: str) -> list[dict]:
         nbdir = self.notebook_dir(user, notebook, session)
