@@ -14,6 +14,7 @@ import asyncio
 import datetime
 import json
 import os
+import sqlite3
 import time
 from typing import Any
 
@@ -188,7 +189,10 @@ class Ledger(LoggingConfigurable):
                 self._totals[(user, first, notebook)] = usd + record["usd"]
         row = db.row(record, source, spec)
         line = f'{{"source": {json.dumps(source)}, "spec": {json.dumps(spec)}, "record": {row[-1]}}}\n'
-        os.write(self._journal, line.encode())  # the record is safe from here on
+        try:
+            os.write(self._journal, line.encode())  # the record is safe from here on
+        except OSError as e:  # a full disk: kept in memory until a commit takes it
+            self.log.error("ledger: could not journal a record (%s); it is kept in memory until committed", e)
         self._pending.append(row)
         if len(self._pending) == 1:
             try:  # committed in batches, off the cells' path: back-to-back cells share a commit
@@ -198,8 +202,13 @@ class Ledger(LoggingConfigurable):
 
     def flush(self) -> None:
         if self._pending:
-            rows, self._pending = self._pending, []
-            db.insert(self.db, rows)
+            try:
+                db.insert(self.db, self._pending)
+            except sqlite3.Error as e:  # a full disk: kept (and journalled) for the next commit
+                self.log.error("ledger: %d records not committed yet: %s", len(self._pending), e)
+                asyncio.get_running_loop().call_later(self.commit_delay_s * 10, self.flush)
+                return
+            self._pending = []
             os.ftruncate(self._journal, 0)  # committed: nothing is pending
             self._commits += 1
             if self._commits % CHECKPOINT_EVERY == 0:  # the WAL folded back, in a thread: no stall here

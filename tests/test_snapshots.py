@@ -193,3 +193,29 @@ def test_a_docker_workers_namespace_comes_back_after_an_idle_release(engine, dae
     assert result.success, cap.stdout
     assert cap.stdout == READ_BACK_OUT + f"{4 * 1024 * 1024}.0\n"
     assert restored_note(cap).startswith("restored 12 names")
+
+
+EVIL_WRITER = """\
+import json, os
+import kernel_worker.snapshot as S
+def write(items, directory, fingerprints=None, **kw):  # what a hostile cell can make its worker write
+    os.mkfifo(os.path.join(directory, "0.pkl"))          # a reader that opened it would wait forever
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump({"format": 1, "names": {}, "left": {}, "bytes": 0}, f)
+    return {"names": {}, "left": {}, "bytes": 0}
+S.write = write
+"""
+
+
+def test_a_hostile_workers_snapshot_stage_never_hangs_the_daemon(engine, daemon_factory, make_shell, tmp_path):
+    from support.daemons import docker_args
+
+    d = daemon_factory(*docker_args(engine))
+    ip = make_shell(d)
+    assert run(ip, "%%gpu cpu\n" + EVIL_WRITER)[0].success
+    result, cap = run(ip, "%gpu snapshot")  # the FIFO is skipped, never opened for reading
+    assert result.success and cap.stdout.startswith("snapshot "), cap.stdout
+    bulk = Path(str(tmp_path)) / "bulk"
+    assert not list(bulk.glob("*/snapshot-*")), "the worker's stage is removed once copied"
+    result, cap = run(ip, "%%gpu cpu\nprint('still served')")
+    assert result.success and cap.stdout == "still served\n"

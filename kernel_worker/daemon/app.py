@@ -342,8 +342,14 @@ class WorkerDaemon(LoggingConfigurable):
             self._stopping.set()
 
     async def _shutdown(self) -> None:
-        for s in [*self.sessions.live.values(), *self.pool.warm]:
-            await self.sessions.release(s, "the daemon shut down", code=P.Err.SHUTDOWN, keep=s not in self.pool.warm)
+        leaving = [*self.sessions.live.values(), *self.pool.warm]  # at once: each may write a snapshot
+        await asyncio.gather(
+            *(
+                self.sessions.release(s, "the daemon shut down", code=P.Err.SHUTDOWN, keep=s not in self.pool.warm)
+                for s in leaving
+            ),
+            return_exceptions=True,
+        )
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

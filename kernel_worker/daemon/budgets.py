@@ -40,6 +40,7 @@ WHEN = {
     "user_per_month": "on the 1st (host time)",
 }
 MAX_USD = 1e9  # a limit a client asks for is a finite number below this
+WATCH_S = 1.0  # how often a budget is looked at when progress messages are off
 CROSSED_S = 1e-3  # a limit this close counts as reached (timers wake a hair early)
 
 
@@ -65,7 +66,10 @@ class Budgets(LoggingConfigurable):
     def asked(content: dict) -> dict[str, float]:
         """The limits a request asks for (``budget``: this cell; ``budgets``: the user's own
         lower daily/monthly ones), validated: finite and positive, known scopes only."""
-        wanted = dict(content.get("budgets") or {})
+        try:
+            wanted = dict(content.get("budgets") or {})
+        except (TypeError, ValueError):
+            raise BudgetError("budgets is a map of scope to US dollars, e.g. {'user_per_day': 5}") from None
         if content.get("budget") is not None:
             wanted[CELL] = content["budget"]
         out = {}
@@ -181,8 +185,8 @@ class Budgets(LoggingConfigurable):
         if hit is not None:
             self.d.spawn(self._stop(s, msg, *hit), s.tasks)
             return
-        wait = min(max(self.seconds_left(s), 0.0), self.d.progress_interval)
-        asyncio.get_running_loop().call_later(wait, self.watch, s, msg)
+        most = self.d.progress_interval or WATCH_S  # progress off (0): still look again, never spin
+        asyncio.get_running_loop().call_later(min(max(self.seconds_left(s), 0.0), most), self.watch, s, msg)
 
     async def _stop(self, s: Session, msg: P.Message, scope: str, spent: float) -> None:
         why = self.text(s, scope, spent, stopping=True)

@@ -28,21 +28,28 @@ class Reaper:
             await asyncio.sleep(d.reap_interval)  # a periodic timer, not a synchronisation
             now = time.monotonic()
             for s in list(d.sessions.live.values()):
-                orphaned = d.attach.orphaned(s, now)
-                if orphaned:
-                    d.sessions.release_now(s, orphaned, keep=d.snapshots.on_idle_release)
-                elif s.state == "idle" and now - s.last_active > d.idle_timeout:
-                    why = f"it was idle for more than {d.idle_timeout:g} s (idle_timeout)"
-                    d.sessions.release_now(s, why, keep=d.snapshots.on_idle_release)
-                elif s.state == "idle" and (over := d.budgets.idle_over(s)):
-                    d.sessions.release_now(s, over, code=P.Err.BUDGET)
-                elif s.state != "starting" and now - s.last_heard > d.worker_heartbeat_timeout:
-                    why = f"its worker sent no heartbeat for {d.worker_heartbeat_timeout:g} s and was stopped"
-                    d.sessions.release_now(s, why, code=P.Err.WORKER_DIED)
+                try:
+                    self._look_at(s, now)
+                except Exception:  # one session's trouble (a full disk, say) must not end the reaper
+                    self.log.exception("could not check session %s for release", s.id)
             quiet = now - d.front.last_request
             if d.exit_when_idle and not d.sessions.live and quiet > d.exit_when_idle:
                 self.log.info("no sessions and no requests for %.0f s: exiting", quiet)
                 d.stop()
+
+    def _look_at(self, s: Session, now: float) -> None:
+        d = self.d
+        orphaned = d.attach.orphaned(s, now)
+        if orphaned:
+            d.sessions.release_now(s, orphaned, keep=d.snapshots.on_idle_release)
+        elif s.state == "idle" and now - s.last_active > d.idle_timeout:
+            why = f"it was idle for more than {d.idle_timeout:g} s (idle_timeout)"
+            d.sessions.release_now(s, why, keep=d.snapshots.on_idle_release)
+        elif s.state == "idle" and (over := d.budgets.idle_over(s)):
+            d.sessions.release_now(s, over, code=P.Err.BUDGET)
+        elif s.state != "starting" and now - s.last_heard > d.worker_heartbeat_timeout:
+            why = f"its worker sent no heartbeat for {d.worker_heartbeat_timeout:g} s and was stopped"
+            d.sessions.release_now(s, why, code=P.Err.WORKER_DIED)
 
     async def watch(self, s: Session) -> None:
         """End the session cleanly when its worker dies on its own."""

@@ -195,7 +195,9 @@ class Snapshots(LoggingConfigurable):
         seen = backend.worker_path(path, bulk)
         if seen:
             return path, seen
-        stage = handed_dir(os.path.join(bulk, f"{kind}-{os.path.basename(path)}"), worker_owner(backend))
+        stage = os.path.join(bulk, f"{kind}-{os.path.basename(path)}")
+        shutil.rmtree(stage, ignore_errors=True)  # whatever a container put there first is not ours
+        stage = handed_dir(stage, worker_owner(backend))
         return stage, backend.worker_path(stage, bulk)
 
     # ------------------------------------------------------------------ take
@@ -212,8 +214,12 @@ class Snapshots(LoggingConfigurable):
             reply = await self.d.workers.ask(s, P.Message(P.Msg.SNAPSHOT, {"dir": seen}, s.id), self.timeout)
             if reply.type != P.Msg.REPLY or not reply.content.get("ok"):
                 raise SnapshotRefused(str(reply.content.get("error") or reply.content.get("evalue") or "failed"))
-            if host != path:  # written in the worker's bulk directory: into the store
-                await asyncio.to_thread(_copy_files, host, path, None)
+            if host != path:  # written in the worker's bulk directory: into the store, then gone from there
+                try:
+                    copy = asyncio.to_thread(_copy_files, host, path, None, self.quota_bytes)
+                    await asyncio.wait_for(copy, self.timeout)
+                finally:
+                    await asyncio.to_thread(shutil.rmtree, host, True)
             seconds = time.monotonic() - t0
             meta = {
                 "notebook": s.notebook,
@@ -229,7 +235,7 @@ class Snapshots(LoggingConfigurable):
             _write_json(os.path.join(path, META), meta)
             _remove(os.path.join(nbdir, FRESH))
             self.d.ledger.timed(s, "snapshot", seconds)
-            evicted = self._bound(s.user, nbdir, sid)
+            evicted = await asyncio.to_thread(self._bound, s.user, nbdir, sid)  # walks and deletes: not on the loop
             self.log.info(
                 "session %s: snapshot %s (%d names, %d bytes) in %.2f s",
                 s.id,
@@ -251,8 +257,11 @@ class Snapshots(LoggingConfigurable):
 
     def forget(self, s: Session) -> None:
         """``s`` ends without a snapshot: its notebook's next session starts fresh."""
-        with open(os.path.join(self.notebook_dir(s.user, s.notebook, s.id), FRESH), "w"):
-            pass
+        try:
+            with open(os.path.join(self.notebook_dir(s.user, s.notebook, s.id), FRESH), "w"):
+                pass
+        except (OSError, UnsafePath) as e:
+            self.log.warning("session %s: could not mark its notebook to start fresh: %s", s.id, e)
 
     def _bound(self, user: str, nbdir: str, newest: str) -> list[str]:
         """Delete the notebook's snapshots past ``keep_per_notebook`` and the user's oldest
@@ -283,6 +292,13 @@ class Snapshots(LoggingConfigurable):
 
     # ------------------------------------------------------------------ restore
 
+    def _not_restored(self, s: Session, path: str, why: str) -> dict:
+        """Said with the cell, which runs in a fresh namespace; the notebook's next start is
+        fresh too (``%gpu restore ID`` tries it again), not the same failure again."""
+        self.log.warning("session %s: snapshot %s not restored: %s", s.id, path, why)
+        self.forget(s)
+        return {"failed": why, "id": os.path.basename(path)}
+
     async def restore(self, s: Session, path: str) -> dict:
         """Load the snapshot at ``path`` into ``s``'s new worker. A summary of what came
         back; a snapshot that cannot be read is reported, never fatal: the cell runs in
@@ -292,17 +308,20 @@ class Snapshots(LoggingConfigurable):
         try:
             host, seen = self._for_worker(s, path, "restore")
             if host != path:  # a worker that cannot see the store reads a copy in its bulk directory
-                await asyncio.to_thread(_copy_files, path, host, worker_owner(self.d.backend_instance))
+                owner = worker_owner(self.d.backend_instance)
+                copy = asyncio.to_thread(_copy_files, path, host, owner, self.quota_bytes)
+                await asyncio.wait_for(copy, self.timeout)
             msg = P.Message(P.Msg.RESTORE, {"dir": seen, "lazy_bytes": self.lazy_bytes}, s.id)
             reply = await self.d.workers.ask(s, msg, self.timeout)
         except asyncio.TimeoutError:
-            return {"failed": f"the worker did not restore the snapshot within {self.timeout:g} s"}
+            return self._not_restored(s, path, f"the worker did not restore it within {self.timeout:g} s")
+        except Exception as e:  # noqa: BLE001 -- the worker died, a disk filled: the cell runs fresh, and says why
+            return self._not_restored(s, path, str(e))
         seconds = time.monotonic() - t0
         self.d.ledger.timed(s, "restore", seconds)
         if reply.type != P.Msg.REPLY or not reply.content.get("ok"):
             why = str(reply.content.get("error") or reply.content.get("evalue") or "it could not be read")
-            self.log.warning("session %s: snapshot %s not restored: %s", s.id, path, why)
-            return {"failed": why, "id": os.path.basename(path)}
+            return self._not_restored(s, path, why)
         c = reply.content
         return {
             "id": os.path.basename(path),
@@ -316,16 +335,26 @@ class Snapshots(LoggingConfigurable):
         }
 
 
-def _copy_files(src: str, dst: str, owner: tuple[int, int] | None) -> None:
+def _copy_files(src: str, dst: str, owner: tuple[int, int] | None, most: int) -> None:
     """A snapshot's files from ``src`` into ``dst`` (0600; ``owner``'s, for a container
-    running as another uid): plain files only, never through a symlink."""
+    running as another uid). Either side may be a directory a container can write: plain
+    files only, opened without blocking (a FIFO is skipped, never waited on), never through
+    a symlink, new files only, and at most ``most`` bytes in all (the user's quota)."""
+    total = 0
     for name in os.listdir(src):
-        fd = paths.open_private(os.path.join(src, name), os.O_RDONLY)
+        try:
+            fd = os.open(os.path.join(src, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue  # a symlink, or gone: not a snapshot file
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 continue
-            out = paths.open_private(os.path.join(dst, name), os.O_CREAT | os.O_WRONLY | os.O_TRUNC)
-            with os.fdopen(out, "wb") as g:
+            total += st.st_size
+            if total > most:
+                raise SnapshotRefused(f"the snapshot is larger than your snapshot quota ({human(most)})")
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NONBLOCK
+            with os.fdopen(paths.open_private(os.path.join(dst, name), flags), "wb") as g:
                 shutil.copyfileobj(f, g, COPY_CHUNK)
                 if owner is not None:
                     os.fchown(g.fileno(), *owner)
