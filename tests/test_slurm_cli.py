@@ -47,7 +47,13 @@ def until(what: str, probe):
 
 
 def gpu_job(name: str, gres: str = "gpu:h100:1") -> list[str]:
-    return [f"--job-name={name}", "--comment=jupyter-gpu:session=s1", f"--gres={gres}", "--partition=gpu"]
+    return [
+        f"--job-name={name}",
+        "--comment=jupyter-gpu:session=s1",
+        f"--gres={gres}",
+        "--partition=gpu",
+        "--output=/dev/null",
+    ]
 
 
 def test_a_job_is_submitted_found_by_its_name_and_cancelled(cli):
