@@ -219,3 +219,17 @@ def test_a_hostile_workers_snapshot_stage_never_hangs_the_daemon(engine, daemon_
     assert not list(bulk.glob("*/snapshot-*")), "the worker's stage is removed once copied"
     result, cap = run(ip, "%%gpu cpu\nprint('still served')")
     assert result.success and cap.stdout == "still served\n"
+
+
+def test_the_quota_never_deletes_a_snapshot_a_worker_still_reads(daemon_factory, make_shell):
+    d = daemon_factory("--Snapshots.quota_bytes=50000000")
+    a, b = make_shell(d), make_shell(d)
+    assert run(a, "%%gpu cpu\nimport numpy as np\nbig = np.ones(4 * 1024 * 1024)")[0].success  # 33.6 MB
+    run(a, "%gpu release --keep")
+    result, cap = run(a, "%%gpu cpu\nx = 1")  # restored; big stays on disk until read
+    assert "1 large value(s) load when first read" in restored_note(cap)
+    assert run(b, "%%gpu cpu\nimport numpy as np\nother = np.ones(4 * 1024 * 1024)")[0].success
+    result, cap = run(b, "%gpu snapshot")  # 67 MB of snapshots: past the quota, but a's is in use
+    assert result.success and "deleted snapshot" not in cap.stdout, cap.stdout
+    result, cap = run(a, "%%gpu cpu\nprint(big.sum())")
+    assert result.success and cap.stdout == f"{4 * 1024 * 1024}.0\n"

@@ -77,6 +77,7 @@ class Snapshots(LoggingConfigurable):
         super().__init__(parent=daemon, **kw)
         self.writing: dict[str, asyncio.Future] = {}  # notebook dir -> done once its snapshot is written
         self.chosen: dict[str, str] = {}  # session id -> the snapshot `%gpu restore ID` picked for its next start
+        self.reading: dict[str, str] = {}  # session id -> the snapshot its worker may still read lazily: kept
 
     # ------------------------------------------------------------------ where
 
@@ -140,6 +141,7 @@ class Snapshots(LoggingConfigurable):
                 if s is None or s.state != "idle":
                     why = "is busy: wait for its cell" if s else "has no worker: run a %%gpu cell first"
                     raise SnapshotRefused(f"nothing to snapshot: this notebook's session {why}")
+                s.last_active = time.monotonic()  # not idle: the reaper leaves it be meanwhile
                 result = await self.take(s, "asked")
             elif op == "restore":
                 sid = msg.content.get("id")
@@ -165,6 +167,7 @@ class Snapshots(LoggingConfigurable):
         """Before ``s``'s worker is stopped: a snapshot if asked and it can be had (an idle,
         connected worker of a notebook's session), else the notebook's next session starts
         fresh. A snapshot that fails is logged; the release goes on."""
+        self.reading.pop(s.id, None)
         if s.id.startswith(WARM_PREFIX) or s.handle is None or not s.user:
             return
         try:
@@ -268,7 +271,8 @@ class Snapshots(LoggingConfigurable):
         past ``quota_bytes`` (never ``newest``). Notes on what went."""
         notes = []
         for sid, meta in self._complete(nbdir)[self.keep_per_notebook :]:
-            shutil.rmtree(os.path.join(nbdir, sid), ignore_errors=True)
+            if os.path.join(nbdir, sid) not in set(self.reading.values()):
+                shutil.rmtree(os.path.join(nbdir, sid), ignore_errors=True)
         udir = os.path.dirname(nbdir)
         everything = [
             (meta.get("at", 0.0), os.path.join(udir, nb, sid), meta)
@@ -276,8 +280,9 @@ class Snapshots(LoggingConfigurable):
             for sid, meta in self._complete(os.path.join(udir, nb))
         ]
         total = sum(_size(path) for _, path, _ in everything)
+        in_use = set(self.reading.values())  # a worker still reads its large values from these
         for _, path, meta in sorted(everything, key=lambda x: x[0]):
-            if total <= self.quota_bytes or os.path.basename(path) == newest:
+            if total <= self.quota_bytes or os.path.basename(path) == newest or path in in_use:
                 continue
             size = _size(path)
             shutil.rmtree(path, ignore_errors=True)
@@ -323,6 +328,8 @@ class Snapshots(LoggingConfigurable):
             why = str(reply.content.get("error") or reply.content.get("evalue") or "it could not be read")
             return self._not_restored(s, path, why)
         c = reply.content
+        if c.get("lazy"):
+            self.reading[s.id] = path
         return {
             "id": os.path.basename(path),
             "taken_at": meta.get("at"),
