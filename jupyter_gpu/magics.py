@@ -270,9 +270,8 @@ class GPUMagics(Commands, SnapshotCommands, CellNotes, WorkspaceCells, Backgroun
             if m.type == P.Msg.PROGRESS:
                 status.update(m.content)
             elif m.type == P.Msg.QUEUED:
-                text = (
-                    f"[jupyter-gpu] waiting for {m.content.get('request')}: {_ordinal(m.content['position'])} in queue"
-                )
+                where = m.content.get("where") or f"{_ordinal(m.content['position'])} in queue"
+                text = f"[jupyter-gpu] waiting for {m.content.get('request')}: {where}"
                 if job is not None:
                     job.output.note(text)
                 elif self._queue_note is None:

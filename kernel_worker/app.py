@@ -11,6 +11,7 @@ from jupyter_core.application import JupyterApp
 from traitlets import Bool
 
 from kernel_worker import __version__
+from kernel_worker.backends.slurm import SlurmBackend
 from kernel_worker.daemon.app import WorkerDaemon
 from kernel_worker.daemon.budgets import Budgets
 from kernel_worker.daemon.errors import StartRefused
@@ -24,7 +25,7 @@ class DaemonApp(JupyterApp):
     version = __version__
     description = "Run the jupyter-gpu worker daemon on this (GPU) host."
     config_file_name = "jupyter_gpu_config"
-    classes = [WorkerDaemon, Workspaces, Ledger, Budgets, Snapshots]
+    classes = [WorkerDaemon, Workspaces, Ledger, Budgets, Snapshots, SlurmBackend]
     print_ready = Bool(False, help="Print one JSON line to stdout once listening (for launchers).").tag(config=True)
     aliases = {
         "url": "WorkerDaemon.url",
@@ -37,6 +38,7 @@ class DaemonApp(JupyterApp):
     flags = {
         "print-ready": ({"DaemonApp": {"print_ready": True}}, "Print a JSON line once listening."),
         "debug": ({"Application": {"log_level": 10}}, "Log everything."),
+        "curve": ({"WorkerDaemon": {"curve": True}}, "Serve notebooks over CurveZMQ (see `jupyter gpu keys`)."),
     }
 
     def start(self) -> None:

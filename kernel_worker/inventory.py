@@ -51,6 +51,12 @@ class GPU:
     uuid: str
     memory_bytes: int
     simulated: bool = False
+    elsewhere: bool = False  # on a node this host cannot read (Slurm's): real, but no reading here
+
+    @property
+    def readable(self) -> bool:
+        """Whether pynvml on this host has readings of it."""
+        return not (self.simulated or self.elsewhere)
 
     def to_json(self) -> dict:
         return {
@@ -60,6 +66,7 @@ class GPU:
             "uuid": self.uuid,
             "memory_bytes": self.memory_bytes,
             "simulated": self.simulated,
+            "elsewhere": self.elsewhere,
         }
 
 
@@ -133,8 +140,8 @@ class Reading:
 
 
 def read(g: GPU) -> Reading:
-    """One GPU's readings now; a simulated GPU has none."""
-    if g.simulated:
+    """One GPU's readings now; a simulated GPU, or one on another node, has none."""
+    if not g.readable:
         return Reading()
     import pynvml
 
@@ -157,7 +164,7 @@ def read(g: GPU) -> Reading:
 
 def sample(gpus: list[GPU], into: Sample, now: float) -> None:
     """Add one reading of utilisation, memory in use and energy (real GPUs only)."""
-    readings = [read(g) for g in gpus if not g.simulated]
+    readings = [read(g) for g in gpus if g.readable]
     if not readings or any(r.util is None for r in readings):
         return
     used = sum(r.memory_used_bytes or 0 for r in readings)

@@ -183,6 +183,11 @@ class Env:
     FLUSH_MS = "JUPYTER_GPU_FLUSH_MS"  # how long stream output is batched
     HEARTBEAT_S = "JUPYTER_GPU_HEARTBEAT_S"  # seconds between heartbeats
     ORPHAN_S = "JUPYTER_GPU_ORPHAN_S"  # how long to wait for a lost daemon before exiting
+    # A worker that dials back over tcp (another node): the daemon's worker-socket public key,
+    # and the worker's own CURVE secret key (one per session; removed from the env once read).
+    CURVE_SERVER = "JUPYTER_GPU_CURVE_SERVER"
+    CURVE_SECRET = "JUPYTER_GPU_CURVE_SECRET"
+    TIME_WARNING = "JUPYTER_GPU_TIME_WARNING"  # seconds a batch system's SIGUSR1 comes before its time limit
 
 
 class ProtocolError(Exception):

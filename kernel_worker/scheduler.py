@@ -74,8 +74,11 @@ class _Waiter:
 class Scheduler:
     """Holds the free pool and the queue. Not thread-safe: the daemon's loop owns it."""
 
-    def __init__(self, gpus: list[GPU]):
+    def __init__(self, gpus: list[GPU], holds: bool = True):
         self.gpus = gpus
+        # False where another scheduler (Slurm's) places sessions: requests are checked
+        # against what it offers, never held or queued here.
+        self.holds = holds
         self.holder: dict[str, str] = {}  # gpu uuid -> session id
         self._queue: list[_Waiter] = []
 
@@ -102,8 +105,9 @@ class Scheduler:
             free = [g for g in self.gpus if g.uuid not in self.holder and _matches(model, g)]
             if len(free) >= count:
                 chosen = free[:count]
-                for g in chosen:
-                    self.holder[g.uuid] = session
+                if self.holds:
+                    for g in chosen:
+                        self.holder[g.uuid] = session
                 return chosen
         return None
 

@@ -14,7 +14,11 @@ def backend_class(name: str) -> type[Backend]:
         from kernel_worker.backends.docker import DockerBackend
 
         return DockerBackend
-    raise ValueError(f"unknown backend {name!r}; this daemon has: process, docker")
+    if name == "slurm":
+        from kernel_worker.backends.slurm import SlurmBackend
+
+        return SlurmBackend
+    raise ValueError(f"unknown backend {name!r}; this daemon has: process, docker, slurm")
 
 
 __all__ = ["Backend", "WorkerExit", "WorkerSpec", "backend_class"]

@@ -86,9 +86,11 @@ def describe_exit(code: int | None) -> str:
 
 
 class Backend(LoggingConfigurable):
-    """Runs executors. Implementations: ``process`` (this host), ``docker``."""
+    """Runs executors. Implementations: ``process`` (this host), ``docker``, ``slurm``."""
 
     has_volumes = False  # whether the *_volume methods below are implemented
+    dials_back = False  # workers run on other nodes and dial the daemon's CURVE tcp address
+    schedules = False  # GPUs are placed by the backend's own scheduler (Slurm), not the daemon's
     mounts_workspace = False  # whether a worker sees its workspace only if it was started with it
     # Set by the daemon: worker id -> host path of its session's workspace ('' for none).
     workspace_for: Callable[[str], str] | None = None
@@ -102,6 +104,25 @@ class Backend(LoggingConfigurable):
         "", help="Names this daemon's workers, so a restarted daemon finds its own (set by the daemon)."
     )
     state_dir = Unicode("", help="The daemon's private state directory (set by the daemon).")
+
+    @property
+    def shares_files(self) -> bool:
+        """Whether workers see the daemon host's files (bulk buffers, workspaces) at the
+        same paths; otherwise every byte travels over the socket."""
+        return True
+
+    def inventory(self) -> list[GPU] | None:
+        """The GPUs this backend's own scheduler offers, or None: the daemon asks pynvml
+        (or its declared simulated inventory)."""
+        return None
+
+    def dial_back_url(self) -> str:
+        """Where the daemon listens for workers that dial back (``dials_back``)."""
+        raise NotImplementedError
+
+    async def placed(self, handle: Any, on_wait: Callable[[str], None]) -> None:
+        """Return once a started worker has its resources; a backend whose scheduler queues
+        (Slurm) tells ``on_wait`` where it waits meanwhile, and raises if it never runs."""
 
     async def find(self) -> list[tuple[str, Any]]:
         """Workers of this daemon that outlived it: (session id, handle). None by default."""

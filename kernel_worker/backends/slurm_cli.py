@@ -100,9 +100,11 @@ class SlurmCLI:
             f.get("ExitCode", ""),
         )
 
-    async def jobs(self, name_prefix: str) -> list[Job]:
-        """Live jobs whose name starts with ``name_prefix`` (a restarted daemon's own)."""
-        out = await self.run("squeue", "-h", "-o", FIELD.join(("%i", "%T", "%r", "%j", "%k", "%N")))
+    async def jobs(self, name_prefix: str, user: str = "") -> list[Job]:
+        """Live jobs whose name starts with ``name_prefix`` (a restarted daemon's own), of
+        ``user`` only when given (another user may name a job as ours)."""
+        who = ["-u", user] if user else []
+        out = await self.run("squeue", "-h", *who, "-o", FIELD.join(("%i", "%T", "%r", "%j", "%k", "%N")))
         found = []
         for line in out.splitlines():
             parts = line.split(FIELD)

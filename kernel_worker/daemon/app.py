@@ -58,6 +58,7 @@ from kernel_worker.daemon.snapshots import Snapshots
 from kernel_worker.daemon.telemetry import Telemetry
 from kernel_worker.daemon.workdirs import Workdirs
 from kernel_worker.daemon.workers import Workers
+from kernel_worker.daemon.zap import Zap
 from kernel_worker.ledger import Ledger
 
 
@@ -71,9 +72,11 @@ class WorkerDaemon(LoggingConfigurable):
     connection_file = Unicode(help="File the daemon writes its url and key to (mode 0600) for clients.").tag(
         config=True
     )
-    backend = Unicode("process", help="Where workers run: process (this host) or docker (a container each).").tag(
-        config=True
-    )
+    backend = Unicode(
+        "process",
+        help="Where workers run: process (this host), docker (a container each) or slurm (a Slurm job each, "
+        "placed by Slurm; the daemon is a gateway on the login node, see c.SlurmBackend).",
+    ).tag(config=True)
     simulate_gpus = Unicode(
         "", help='Declared GPU inventory for machines without GPUs, e.g. "H100:2,A100-80GB:1". Empty: ask pynvml.'
     ).tag(config=True)
@@ -233,8 +236,6 @@ class WorkerDaemon(LoggingConfigurable):
                 "daemon's OS user and could read its keys and take over each other's sessions. Use "
                 "--backend docker, or --WorkerDaemon.single_tenant=True if every key holder may act as every other"
             )
-        gpus = inventory.parse_simulated(self.simulate_gpus) if self.simulate_gpus else inventory.discover()
-        self.scheduler = scheduler.Scheduler(gpus)
         self.key = paths.load_or_make_key(self.state_dir)
         self.signer = P.Signer(self.key)
         self.limits = P.Limits(self.max_header_bytes, P.Limits.max_frames, self.max_message_bytes)
@@ -247,9 +248,15 @@ class WorkerDaemon(LoggingConfigurable):
             self.backend_instance = backend_class(self.backend)(
                 parent=self, daemon_id=self.daemon_id, state_dir=self.state_dir
             )
+        backend = self.backend_instance
+        gpus = backend.inventory()
+        if gpus is None:
+            gpus = inventory.parse_simulated(self.simulate_gpus) if self.simulate_gpus else inventory.discover()
+        self.scheduler = scheduler.Scheduler(gpus, holds=not backend.schedules)
         self._tasks: set[asyncio.Task] = set()
         self._stopping: asyncio.Event | None = None
         self.pump = Pump(self.pump_batch, self.log)
+        self.zap = Zap(self)
         self.front = Front(self)
         self.workers = Workers(self)
         self.sessions = Sessions(self)

@@ -16,7 +16,6 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import zmq
-import zmq.utils.z85
 
 from kernel_worker import keys
 from kernel_worker import protocol as P
@@ -32,7 +31,6 @@ Handler = Callable[[bytes, P.Message, str], "Awaitable[None] | None"]
 SESSION_REQUESTS = frozenset(
     {P.Msg.EXECUTE, P.Msg.PULL, P.Msg.INTERRUPT, P.Msg.RELEASE, P.Msg.COST, P.Msg.INPUT_REPLY, P.Msg.SNAPSHOT}
 )
-ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 FRAME_SLACK = 64 * 1024**2  # a frame this far over max_message_bytes is cut off unread
 ZAP_DOMAIN = b"jupyter-gpu"
 
@@ -42,7 +40,6 @@ class Front:
         self.d = daemon
         self.log = daemon.log
         self.sock: zmq.Socket | None = None
-        self.zap: zmq.Socket | None = None
         self.authorized: keys.Authorized | None = None
         self.last_request = time.monotonic()
         self._clients: dict[bytes, tuple[str, P.Signer]] = {}  # routing id -> (user, signer)
@@ -75,38 +72,19 @@ class Front:
         if ipc:
             os.chmod(ipc, 0o600)  # not the umask's 0775: only this user may connect
         self.d.pump.add(self.sock, self._on_message)
-        if self.zap is not None:
-            self.d.pump.add(self.zap, self._on_zap)
         return self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
     # ------------------------------------------------------------------ identification
 
     def _setup_curve(self, ctx: zmq.Context) -> None:
-        """CurveZMQ on the client socket; our own ZAP handler (served by the pump) admits
-        only authorised keys, before any request from them is read."""
+        """CurveZMQ on the client socket; the daemon's ZAP handler admits only authorised
+        keys, before any request from them is read."""
         public, secret = keys.load(self.d.keys_dir)
         self.authorized = keys.Authorized(self.d.keys_dir)
-        self.zap = ctx.socket(zmq.REP)
-        self.zap.linger = 0
-        self.zap.bind(ZAP_ENDPOINT)
-        self.sock.curve_server = True
         self.sock.curve_secretkey = secret
         self.sock.curve_publickey = public
-        self.sock.zap_domain = ZAP_DOMAIN
-
-    def _on_zap(self, frames: list) -> None:
-        """One ZAP request: version, id, domain, address, identity, mechanism, credentials."""
-        version, request_id, _domain, address, _identity, mechanism = (f.bytes for f in frames[:6])
-        public = zmq.utils.z85.encode(frames[6].bytes).decode() if mechanism == b"CURVE" and len(frames) > 6 else ""
-        user = self.authorized.user(public) if public else None
-        if user is None:
-            self.log.warning(
-                "refused a CURVE connection from %s: key %s is not authorised", address.decode(), public or "-"
-            )
-            self.zap.send_multipart([version, request_id, b"400", b"key not authorised", b"", b""])
-        else:
-            self.zap.send_multipart([version, request_id, b"200", b"OK", public.encode(), b""])
-        self.d.pump.schedule()
+        authorized = self.authorized
+        self.d.zap.serve(ctx, self.sock, ZAP_DOMAIN, lambda key: key if authorized.user(key) else None)
 
     def _identify(self, frame: Any) -> tuple[str, P.Signer] | None:
         """Who sent this, as the daemon established it: the user its CURVE key is authorised

@@ -154,12 +154,12 @@ class Records:
             s.client = bytes.fromhex(str(record.get("client", "")))
         except ValueError:
             s.client = b""
-        for g in gpus:
+        for g in gpus if self.d.scheduler.holds else ():
             self.d.scheduler.holder[g.uuid] = sid
         self.d.sessions.add(s)
         self.d.workers.by_wid[wid] = s
         if hasattr(handle, "log_path"):
             handle.log_path = self.d.workers.log_path(wid)
-        self.d.workers.bind(wid)  # the worker reconnects to its socket by itself
+        self.d.workers.bind(s)  # the worker reconnects by itself
         self.d.spawn(self.d.reaper.watch(s))
         self.log.info("adopted the running worker of session %s (%s)", sid, s.device)

@@ -37,8 +37,9 @@ class Services:
             "pid": os.getpid(),
             "gpus": [g.to_json() for g in d.scheduler.gpus],
             "idle_timeout": d.idle_timeout,
-            "bulk_root": d.bulk_root,
-            "bulk_probe": d.bulk_probe,
+            # The same-host shortcut only where workers see this host's files.
+            "bulk_root": d.bulk_root if d.backend_instance.shares_files else "",
+            "bulk_probe": d.bulk_probe if d.backend_instance.shares_files else "",
             "incarnation": d.incarnation,
         }
         d.front.reply(ident, msg, welcome, P.Msg.WELCOME)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from kernel_worker import bulk, inventory, scheduler
 from kernel_worker import protocol as P
@@ -197,7 +197,7 @@ class Sessions:
             self.d.attach.deliver_late(s, msg)
         if msg.type == P.Msg.EXECUTE:
             self.d.accounting.begin(s, msg)
-            if any(not g.simulated for g in s.gpus):
+            if any(g.readable for g in s.gpus):
                 self.d.spawn(self.d.telemetry.sample(s), s.tasks)
             timeout = msg.content.get("timeout")
             if isinstance(timeout, (int, float)) and timeout > 0:
@@ -252,10 +252,10 @@ class Sessions:
             warm = self.d.pool.take(s, msg)
             if warm is None:
                 await self._allocate(s, ident, msg)
-            waited = time.monotonic() - t0
             s.started_at = time.monotonic()
             if warm is None:
-                await self.d.workers.start(s)
+                await self.d.workers.start(s, self._waiting(s, ident, msg))
+            waited = s.started_at - t0  # in a queue: the daemon's, or the backend's own
             self.d.records.save(s)
             restored = await self.d.snapshots.after_start(s, msg)
             mismatch = version_mismatch(msg.content.get("client_versions") or {}, s.versions)
@@ -322,6 +322,16 @@ class Sessions:
             s.gpus = await self.d.spawn(sched.acquire(req, s.id, position, None), s.tasks)
         finally:
             s.queued = False
+
+    def _waiting(self, s: Session, ident: bytes, msg: P.Message) -> Callable[[str], None]:
+        """Where a started worker waits in its backend's scheduler (Slurm's queue), told
+        to the notebook as its queue line while ``s`` counts as queued."""
+
+        def where(text: str) -> None:
+            s.queued = True
+            self.d.front.send(ident, msg.reply(P.Msg.QUEUED, {"position": 0, "request": s.request.text, "where": text}))
+
+        return where
 
     async def _start_failed(self, s: Session, ident: bytes, msg: P.Message, e: BaseException) -> None:
         self.forget(s)

@@ -1,6 +1,8 @@
 """The executors' side of the daemon: one ROUTER socket that every worker dials back to
-(through an ipc socket in its own session directory), and a worker's life: its
-directories, start (until it says READY), the messages it sends, stop.
+(through an ipc socket in its own session directory; or, for a backend whose workers run
+on other nodes, one CURVE tcp address, each session's worker with a key pair of its own),
+and a worker's life: its directories, start (until it says READY), the messages it sends,
+stop.
 
 A worker's id (``wid``) names its socket, log, bulk directory and container: the session
 id, or a warm worker's own id until a session takes it over.
@@ -9,24 +11,38 @@ id, or a warm worker's own id until a session takes it over.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 import os
 import re
 import shutil
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
+import zmq.utils.z85
 
 from kernel_worker import bulk
 from kernel_worker import protocol as P
 from kernel_worker.backends import WorkerSpec
 from kernel_worker.backends.base import SOCKET_NAME
 from kernel_worker.daemon import paths
-from kernel_worker.daemon.errors import UnsafePath
+from kernel_worker.daemon.errors import StartRefused, UnsafePath
 from kernel_worker.session import Session
 
 if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
+
+WORKER_ZAP_DOMAIN = b"jupyter-gpu-workers"
+DIAL_BACK_FILE = "dial-back.json"  # the tcp address workers dial: the same after a restart
+
+
+def curve_pair(key: bytes, purpose: bytes) -> tuple[bytes, bytes]:
+    """A CURVE key pair (z85 public, secret) derived from a secret ``key``: a restarted
+    daemon knows its worker socket's keys, and each adopted worker's, from what it kept."""
+    secret = zmq.utils.z85.encode(hmac.new(key, purpose, hashlib.sha256).digest())
+    return zmq.curve_public(secret), secret
 
 
 class Workers:
@@ -36,12 +52,42 @@ class Workers:
         self.by_wid: dict[str, Session] = {}  # for messages from workers
         self.sock: zmq.Socket | None = None
         self.asked: dict[str, tuple[str, asyncio.Future]] = {}  # the daemon's own requests: id -> (wid, answer)
+        self.dial_back = ""  # the tcp address workers on other nodes dial ("": ipc, per worker)
+        self.dial_public = b""  # the worker socket's CURVE public key, which they are told
+        self.keys: dict[str, str] = {}  # a dialling worker's CURVE public key -> its wid
 
     def open(self, ctx: zmq.Context) -> None:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
         self.sock.router_mandatory = True  # a worker that is not connected is an error, not a silent drop
+        if self.d.backend_instance.dials_back:
+            self._open_tcp(ctx)
         self.d.pump.add(self.sock, self._on_message)
+
+    def _open_tcp(self, ctx: zmq.Context) -> None:
+        """One CURVE tcp address for every worker, where its own key admits it as itself.
+        The port is kept in the state directory: workers that outlive the daemon dial the
+        same address again, and a restarted daemon must be there."""
+        public, secret = curve_pair(self.d.key, b"worker-socket")
+        self.sock.curve_publickey, self.sock.curve_secretkey = public, secret
+        self.dial_public = public
+        self.d.zap.serve(ctx, self.sock, WORKER_ZAP_DOMAIN, self.keys.get)
+        kept = os.path.join(self.d.state_dir, DIAL_BACK_FILE)
+        try:
+            with open(kept) as f:
+                url = str(json.load(f)["url"])
+        except (OSError, ValueError, KeyError, TypeError):
+            url = self.d.backend_instance.dial_back_url()
+        try:
+            self.sock.bind(url)
+        except zmq.ZMQError as e:
+            raise StartRefused(
+                f"cannot listen for workers on {url} ({e.strerror}); the workers of an earlier run dial that "
+                f"address: free it, or remove {kept} if no worker of this daemon still runs"
+            ) from None
+        self.dial_back = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        with os.fdopen(paths.open_private(kept, os.O_CREAT | os.O_WRONLY | os.O_TRUNC), "w") as f:
+            json.dump({"url": self.dial_back}, f)
 
     # ------------------------------------------------------------------ where a worker lives
 
@@ -69,10 +115,24 @@ class Workers:
         return paths.child(self.logs_root, f"{wid}.log")
 
     def endpoint(self, wid: str) -> str:
-        return f"ipc://{os.path.join(self.session_dir(wid), SOCKET_NAME)}"
+        return self.dial_back or f"ipc://{os.path.join(self.session_dir(wid), SOCKET_NAME)}"
 
-    def bind(self, wid: str) -> None:
-        self.sock.bind(self.endpoint(wid))
+    def bind(self, s: Session) -> None:
+        """Let ``s``'s worker in: its own ipc socket, or its key at the tcp address."""
+        if self.dial_back:
+            self.keys[curve_pair(s.key, b"worker")[0].decode()] = s.wid
+        else:
+            self.sock.bind(self.endpoint(s.wid))
+
+    def dial_env(self, s: Session) -> dict[str, str]:
+        """What a worker that dials back over tcp needs to know: where, and its keys."""
+        if not self.dial_back:
+            return {}
+        return {
+            P.Env.ENDPOINT: self.dial_back,
+            P.Env.CURVE_SERVER: self.dial_public.decode(),
+            P.Env.CURVE_SECRET: curve_pair(s.key, b"worker")[1].decode(),
+        }
 
     def remove_dirs(self, wid: str, session: str = "") -> None:
         """A worker's directories, and the bulk files of the session it served."""
@@ -86,12 +146,14 @@ class Workers:
 
     # ------------------------------------------------------------------ life
 
-    async def start(self, s: Session) -> None:
-        """Start ``s``'s worker and wait until it says READY (or fails, or times out)."""
+    async def start(self, s: Session, on_wait: Callable[[str], None] | None = None) -> None:
+        """Start ``s``'s worker and wait until it says READY (or fails, or times out); a
+        backend with a scheduler of its own (Slurm) tells ``on_wait`` where it waits first,
+        for as long as that scheduler takes."""
         s.ready = asyncio.get_running_loop().create_future()
         for d in (self.bulk_dir(s.wid), self.session_dir(s.wid)):
             paths.private_dir(d)
-        self.bind(s.wid)
+        self.bind(s)
         self.by_wid[s.wid] = s
         env = {
             P.Env.SESSION: s.wid,
@@ -99,6 +161,7 @@ class Workers:
             P.Env.FLUSH_MS: str(self.d.flush_ms),
             P.Env.HEARTBEAT_S: str(self.d.worker_heartbeat_interval),
             P.Env.ORPHAN_S: str(self.d.backend_instance.orphan_timeout),
+            **self.dial_env(s),
         }
         options = {k: s.current.content.get(k) for k in ("image", "volumes")} if s.current else {}
         spec = WorkerSpec(
@@ -108,6 +171,9 @@ class Workers:
         if s.releasing:  # released while the backend was starting it: stop() found nothing to stop
             await self.d.backend_instance.stop(s.handle)
             raise RuntimeError(f"session {s.id} was released while its worker started")
+        await self.d.backend_instance.placed(s.handle, on_wait or (lambda text: None))
+        if s.queued:  # it waited in the backend's queue: it holds GPUs, and is billed, from now
+            s.queued, s.started_at = False, time.monotonic()
         s.watcher = watcher = self.d.spawn(self.d.reaper.watch(s))
         done, _ = await asyncio.wait(
             {s.ready, watcher}, timeout=self.d.worker_start_timeout, return_when=asyncio.FIRST_COMPLETED
@@ -141,10 +207,13 @@ class Workers:
         """Stop ``s``'s worker for good and remove what it had on this host."""
         if s.handle is not None:
             await self.d.backend_instance.stop(s.handle)
-        try:
-            self.sock.unbind(self.endpoint(s.wid))
-        except zmq.ZMQError:
-            pass  # never bound: the start failed before
+        if self.dial_back:  # this worker's key only: a new worker of the same id may be in already
+            self.keys.pop(curve_pair(s.key, b"worker")[0].decode(), None)
+        else:
+            try:
+                self.sock.unbind(self.endpoint(s.wid))
+            except zmq.ZMQError:
+                pass  # never bound: the start failed before
         if self.by_wid.get(s.wid) is s:
             del self.by_wid[s.wid]
         self.d.records.remove(s.wid)
@@ -206,6 +275,9 @@ class Workers:
         s = self.by_wid.get(wid)
         if s is None:
             return  # a worker we already let go of
+        if self.dial_back and frames[0].get("User-Id") != wid:  # a key admits its own worker only
+            self.log.warning("dropped a message that claims worker %s from another worker's connection", wid[:40])
+            return
         try:
             _, rest = P.split_routing(frames[1:])
             msg = P.unpack(rest, s.signer, self.d.limits, P.EXECUTOR_REPLIES)

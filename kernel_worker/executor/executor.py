@@ -55,6 +55,12 @@ class Executor:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 1000
         self.sock.identity = self.session.encode()
+        server = os.environ.get(P.Env.CURVE_SERVER)
+        if server:  # a worker on another node: its own key pair, the daemon's public key
+            secret = os.environ.pop(P.Env.CURVE_SECRET).encode()
+            self.sock.curve_serverkey = server.encode()
+            self.sock.curve_secretkey = secret
+            self.sock.curve_publickey = zmq.curve_public(secret)
         self.outbox = Outbox(float(os.environ.get(P.Env.FLUSH_MS, "5")) / 1000)
         self.channel = Channel(
             self.sock, self.signer, self.outbox, self.session, float(os.environ.get(P.Env.HEARTBEAT_S, "2"))
@@ -73,6 +79,19 @@ class Executor:
         if self.running:
             raise KeyboardInterrupt
 
+    def _on_time_warning(self, signum: int, frame: Any) -> None:
+        # The batch system's time limit is near (Slurm's --signal). Written from a thread:
+        # the interrupted main thread may hold the output's lock.
+        text = (
+            f"\n[jupyter-gpu] this session's Slurm job reaches its time limit in about "
+            f"{os.environ.get(P.Env.TIME_WARNING) or '?'} s: its worker and variables then end. Save what you need "
+            "(to a volume or with --fetch), or ask the operator for a longer SlurmBackend.time_limit.\n"
+        )
+        if self.running:
+            threading.Thread(target=sys.stderr.write, args=(text,), daemon=True).start()
+        else:
+            print(text.strip(), file=sys.__stderr__)
+
     def main(self) -> None:
         # Keep real stderr for our own diagnostics (it goes to the worker log).
         sys.__stderr__ = os.fdopen(os.dup(2), "w", buffering=1)
@@ -83,6 +102,7 @@ class Executor:
         self.stdin = RemoteStdin(self.channel)
         self.stdin.install()
         signal.signal(signal.SIGINT, self._on_sigint)
+        signal.signal(signal.SIGUSR1, self._on_time_warning)
         threading.Thread(target=self.channel.flusher, name="jgpu-flush", daemon=True).start()
         self.channel.ready_content = {"versions": _versions(), "ipython": self.runner.shell is not None}
         shell = self.runner.shell

@@ -1,0 +1,212 @@
+"""The notebook-level suite through a real Slurm (#15): `jupyter gpu daemon --backend slurm`
+in front of the one-node cluster of tests/support/slurm.py. Every session is a Slurm job
+placed by Slurm's scheduler; its executor dials back over CURVE tcp with its session's
+key pair; no shared filesystem is assumed (no bulk files, no workspace paths). Checked:
+closures and streaming, GPUs as Slurm allocated them, a request Slurm can never satisfy,
+queueing behind another job with Slurm's reason and place, interrupt (``--timeout``),
+idle release (job cancelled), ``scancel`` mid-cell, a daemon SIGKILLed and restarted
+adopting the running job, and Slurm's time limit with its warning. After every test,
+``squeue`` lists none of the daemon's jobs."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+
+import pytest
+from support.daemons import start_daemon
+from support.orphans import forget_daemon
+from support.shells import notes, run
+from support.slurm import slurm_cluster
+
+from kernel_worker import protocol as P
+
+DEADLINE_S = 60
+POLL_S = 0.2
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    with slurm_cluster(tmp_path_factory.mktemp("slurm-backend")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def gateway(slurm, tmp_path, runtime_dir, monkeypatch):
+    """``start(*options)``: a daemon with the slurm backend (the login node's gateway);
+    stopped afterwards, and then Slurm's queue holds none of its jobs."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    started = []
+
+    def start(*options: str):
+        d = start_daemon(
+            tmp_path,
+            "--backend=slurm",
+            "--SlurmBackend.partition=gpu",
+            f"--SlurmBackend.poll_interval={POLL_S}",
+            "--SlurmBackend.gres_types={'H100': 'h100', 'A100': 'a100'}",
+            "--WorkerDaemon.worker_heartbeat_interval=0.5",
+            *options,
+        )
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+    forget_daemon(str(tmp_path / "daemon.json"))
+    left = [j for j in slurm.queue() if j["name"].startswith("jgpu-")]
+    assert not left, f"jobs left behind: {left}"
+    others = [j["id"] for j in slurm.queue()]
+    if others:
+        slurm.scancel(*others)
+    slurm.wait_for("an empty queue", lambda: not slurm.queue())
+
+
+def our_jobs(slurm) -> list[dict]:
+    return [j for j in slurm.queue() if j["name"].startswith("jgpu-")]
+
+
+def running_job(slurm) -> dict:
+    def running() -> list[dict]:
+        return [j for j in our_jobs(slurm) if j["state"] == "RUNNING"]
+
+    return slurm.wait_for("a running jgpu job", running)[0]
+
+
+def test_a_session_is_a_slurm_job_with_the_gpus_slurm_allocated(gateway, make_shell, slurm):
+    d = gateway()
+    ip = make_shell(d)
+    assert run(ip, "a = 41\ndef f(x):\n    return x + 1")[0].success
+    cell = (
+        "%%gpu H100\nimport os, sys, time\n"
+        "for i in range(3):\n    print('line', i, flush=True)\n"
+        "env = os.environ\n"
+        "print(f(a), env['SLURM_JOB_ID'], env['CUDA_VISIBLE_DEVICES'], env['JUPYTER_GPU_BULK_DIR'] == '')"
+    )
+    result, cap = run(ip, cell)
+    assert result.success, (result.error_in_exec, cap.stderr)
+    lines = cap.stdout.splitlines()
+    assert lines[:3] == ["line 0", "line 1", "line 2"]
+    answer, job_id, devices, no_bulk = lines[3].split()
+    assert (answer, devices, no_bulk) == ("42", "0", "True")  # Slurm's allocation; values inline
+    (job,) = our_jobs(slurm)
+    assert (job["id"], job["state"], job["gres"]) == (job_id, "RUNNING", "gres:gpu:h100:1")
+    assert re.fullmatch(r"jgpu-[0-9a-f]{12}-\S+", job["name"])
+    status = d.client().call(P.Msg.STATUS)
+    assert [g["model"] for g in status["gpus"]] == ["A100", "H100", "H100"]  # what sinfo declares
+    # a large value travels over the socket (no shared filesystem): 8 MiB there and back
+    result, cap = run(ip, "import numpy as np\nbig = np.arange(1 << 20)\n%gpu push big")
+    assert result.success, cap.stderr
+    result, cap = run(ip, "%%gpu H100 --pull big2\nbig2 = big * 2")
+    assert result.success, cap.stderr
+    assert ip.user_ns["big2"][-1] == 2 * ((1 << 20) - 1)
+    result, cap = run(ip, "%gpu release")
+    assert result.success
+    slurm.wait_gone(job_id)
+
+
+def test_a_request_slurm_can_never_satisfy_fails_at_once(gateway, make_shell, slurm):
+    ip = make_shell(gateway())
+    t0 = time.monotonic()
+    result, cap = run(ip, "%%gpu H100:3\nprint('never')")
+    assert not result.success and "never" not in cap.stdout
+    assert "cannot provide 'H100:3': it has A100:1, H100:2, cpu" in str(result.error_in_exec)
+    assert time.monotonic() - t0 < 10 and not our_jobs(slurm)
+
+
+def test_a_cell_waits_in_slurms_queue_with_its_reason_and_place(gateway, make_shell, slurm):
+    ip = make_shell(gateway())
+    blocker = slurm.sbatch("--gres=gpu:h100:2", "--output=/dev/null", script="#!/bin/sh\nexec sleep 600\n")
+    slurm.wait_state(blocker, "RUNNING")
+
+    def free_once_ours_waits() -> None:
+        slurm.wait_for(
+            "our job pending for Resources",
+            lambda: any(j["state"] == "PENDING" and j["reason"] == "Resources" for j in our_jobs(slurm)),
+            timeout=DEADLINE_S,
+        )
+        time.sleep(3 * POLL_S)  # a lower bound on the wait, so the daemon's poll has told the notebook
+        slurm.scancel(blocker)
+
+    t = threading.Thread(target=free_once_ours_waits)
+    t.start()
+    result, cap = run(ip, "%%gpu H100:2\nimport os\nprint(os.environ['CUDA_VISIBLE_DEVICES'])")
+    t.join(DEADLINE_S)
+    assert result.success and cap.stdout == "0,1\n", cap.stderr
+    shown = [o.data["text/plain"] for o in cap.outputs]
+    assert "[jupyter-gpu] waiting for H100:2: pending in Slurm: Resources, 1st of 1 in partition gpu" in shown
+    assert shown[-1].startswith("⏱ H100 ×2")
+    assert any(re.fullmatch(r"waited \d+\.\d s in the queue", n) for n in notes(cap))
+
+
+def test_interrupt_reaches_the_cell_through_slurm_and_the_session_stays(gateway, make_shell):
+    ip = make_shell(gateway())
+    assert run(ip, "%%gpu cpu\nkept = 'yes'")[0].success
+    result, cap = run(ip, "%%gpu cpu --timeout 1\nimport time\ntime.sleep(60)")
+    assert type(result.error_in_exec).__name__ == "KeyboardInterrupt"
+    assert "passed --timeout 1 s" in cap.stderr
+    result, cap = run(ip, "%%gpu cpu\nprint(kept)")
+    assert result.success and cap.stdout == "yes\n"
+
+
+def test_idle_release_cancels_the_job(gateway, make_shell, slurm):
+    d = gateway("--idle-timeout=1", "--WorkerDaemon.reap_interval=0.2", "--Snapshots.on_idle_release=False")
+    ip = make_shell(d)
+    result, cap = run(ip, "%%gpu H100\nimport os\nprint(os.environ['SLURM_JOB_ID'])")
+    assert result.success
+    job_id = cap.stdout.strip()
+    d.log.wait_for(r"released: it was idle for more than 1 s", timeout=DEADLINE_S)
+    slurm.wait_gone(job_id)
+    assert slurm.job(job_id).get("JobState") in (None, "CANCELLED")
+
+
+def test_a_job_scancelled_mid_cell_ends_the_cell_with_slurms_reason(gateway, make_shell, slurm, tmp_path):
+    ip = make_shell(gateway())
+    marker = tmp_path / "running"
+    cancelled = {}
+
+    def cancel_once_running() -> None:
+        slurm.wait_for("the cell running", marker.exists, timeout=DEADLINE_S)
+        cancelled["id"] = running_job(slurm)["id"]
+        slurm.scancel(cancelled["id"])
+
+    t = threading.Thread(target=cancel_once_running)
+    t.start()
+    result, cap = run(ip, f"%%gpu H100\nimport time\nopen({str(marker)!r}, 'w').close()\ntime.sleep(120)")
+    t.join(DEADLINE_S)
+    assert not result.success
+    error = str(result.error_in_exec)
+    assert f"was cancelled in Slurm (scancel, by its owner or an admin) (job {cancelled['id']}" in error, error
+    assert "while running the cell; variables defined on the worker are lost" in error
+    result, cap = run(ip, "%%gpu H100\nprint('a new job')")
+    assert result.success and cap.stdout == "a new job\n", result.error_in_exec
+
+
+def test_a_restarted_daemon_adopts_its_running_job(gateway, make_shell, slurm):
+    d = gateway()
+    ip = make_shell(d)
+    result, cap = run(ip, "%%gpu H100\nimport os\na = 41\nprint(os.environ['SLURM_JOB_ID'])")
+    assert result.success
+    job_id = cap.stdout.strip()
+    d.kill()
+    d2 = gateway()
+    d2.log.wait_for(r"adopted the running worker of session", timeout=DEADLINE_S)
+    result, cap = run(ip, "%%gpu H100\nprint(a + 1, os.environ['SLURM_JOB_ID'])")
+    assert result.success, cap.stderr
+    assert cap.stdout == f"42 {job_id}\n"
+    assert [j["id"] for j in our_jobs(slurm)] == [job_id]
+
+
+def test_slurms_time_limit_warns_the_cell_then_ends_it(gateway, make_shell, slurm):
+    """Slurm's limits are whole minutes, checked every 30 s: this test takes 60 to 100 s."""
+    ip = make_shell(gateway("--SlurmBackend.time_limit=1", "--SlurmBackend.time_warning_s=50"))
+    result, cap = run(ip, "%%gpu cpu\nimport time\nprint('start', flush=True)\nwhile True:\n    time.sleep(1)")
+    assert not result.success
+    assert cap.stdout.startswith("start\n")
+    assert "this session's Slurm job reaches its time limit in about 50 s" in cap.stderr, cap.stderr
+    assert "its worker reached its Slurm time limit (job " in str(result.error_in_exec)
+    assert not our_jobs(slurm)
+    assert os.path.exists(str(slurm.conf))
