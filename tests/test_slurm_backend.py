@@ -210,3 +210,38 @@ def test_slurms_time_limit_warns_the_cell_then_ends_it(gateway, make_shell, slur
     assert "its worker reached its Slurm time limit (job " in str(result.error_in_exec)
     assert not our_jobs(slurm)
     assert os.path.exists(str(slurm.conf))
+
+
+def test_the_dial_back_address_admits_each_worker_as_itself_only(gateway, make_shell, slurm):
+    """Hostile peers of the workers' tcp address: a key the daemon never made is refused at
+    the handshake; a cell that reads its own worker's key (from /proc/self/environ) and
+    claims another session's worker id reaches nothing of that session (ZeroMQ keeps the
+    connected worker's id; past that, a key admits its own worker id only), which goes on."""
+    d = gateway()
+    alice, bob = make_shell(d), make_shell(d)
+    assert run(bob, "%%gpu cpu\nsecret = 'bob'")[0].success
+    bob_id = bob.magics_manager.registry["GPUMagics"].session_id
+    attack = f"""%%gpu cpu
+import zmq
+env = dict(kv.split('=', 1) for kv in open('/proc/self/environ').read().split('\\0') if '=' in kv)
+ctx = zmq.Context()
+def peer(secret, identity):
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.identity = identity.encode()
+    s.curve_serverkey = env['JUPYTER_GPU_CURVE_SERVER'].encode()
+    s.curve_secretkey = secret
+    s.curve_publickey = zmq.curve_public(secret)
+    s.connect(env['JUPYTER_GPU_ENDPOINT'])
+    return s
+stranger = peer(zmq.curve_keypair()[1], 'stranger')
+impostor = peer(env['JUPYTER_GPU_CURVE_SECRET'].encode(), {bob_id!r})
+impostor.send_multipart([b'<IDS|MSG>', b'0', b'{{}}', b'{{}}', b'{{}}', b'{{}}'])
+print('sent')
+"""
+    result, cap = run(alice, attack)
+    assert result.success and cap.stdout == "sent\n", result.error_in_exec
+    d.log.wait_for(r"refused a CURVE connection to jupyter-gpu-workers from .*: key \S+ is not authorised")
+    result, cap = run(bob, "%%gpu cpu\nprint(secret)")
+    assert result.success and cap.stdout == "bob\n"
+    assert not [line for line in d.log.lines if bob_id in line and "dropped" in line]
