@@ -184,7 +184,12 @@ def device_label(info: dict) -> str:
 
 def cost_parts(cost: dict, session: bool = True) -> list[str]:
     """The pieces of a cost line; ``session`` adds what the session has cost so far."""
-    parts = [device_label(cost), duration(cost.get("wall_s", 0.0))]
+    wall = cost.get("wall_s", 0.0)
+    took = duration(wall)
+    billed = cost.get("seconds", wall)
+    if isinstance(billed, (int, float)) and duration(billed) != took:  # the host rounds as a cloud bills
+        took += f" (billed {duration(billed)})"
+    parts = [device_label(cost), took]
     money = _usd(cost.get("usd", 0.0)) + ("" if cost.get("price_per_hour") else " (no price set)")
     if cost.get("budget_usd"):
         money += f" of {limit_text(cost['budget_usd'])}"

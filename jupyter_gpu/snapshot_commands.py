@@ -45,6 +45,10 @@ class SnapshotCommands:
     def _restore(self, rest: str) -> None:
         r = self._snapshot_request("restore", id=rest.strip() or None)
         if "chosen" in r:
+            # Its names come back with the next worker (as after `%gpu release --keep`): a cell
+            # that reads them is not refused as if they were lost.
+            listed = {x.get("id"): x for x in self._snapshot_request("list")["snapshots"]}
+            self.remote.restored(list(listed.get(r["chosen"], {}).get("names") or []))
             print(f"the next %%gpu cell starts from snapshot {r['chosen']}")
             return
         self.remote.reset()

@@ -92,6 +92,11 @@ class Ledger(LoggingConfigurable):
         """What holding ``s``'s devices for ``seconds`` costs, as it accrues (not rounded)."""
         return self.price(s) * seconds / 3600
 
+    def session_usd(self, s: Session, now: float | None = None) -> float:
+        """What ``s`` has cost so far: its cells (and snapshots) as billed, rounded as the
+        host bills, plus the warm idle time it has accrued (rounded at its release)."""
+        return self.usd(s, s.billed_s + unbilled_s(s, now))
+
     def billed(self, seconds: float) -> float:
         return billed_seconds(seconds, self.increment_s)
 
@@ -134,7 +139,7 @@ class Ledger(LoggingConfigurable):
             "price_per_hour": price,
             **(telemetry or {}),
             "session_held_s": held,
-            "session_usd": price * held / 3600,
+            "session_usd": self.session_usd(s, now),
             "session_idle_s": idle,
             "session_idle_usd": price * idle / 3600,
             "request": request,
@@ -273,9 +278,9 @@ class Ledger(LoggingConfigurable):
         return self.usd(s, unbilled_s(s)) if s is not None else 0.0
 
 
-def unbilled_s(s: Session) -> float:
-    """Seconds ``s`` has held its devices that no record covers yet."""
-    return max(0.0, time.monotonic() - s.started_at - s.busy_s)
+def unbilled_s(s: Session, now: float | None = None) -> float:
+    """Seconds ``s`` has held its devices that no record covers yet (at monotonic ``now``)."""
+    return max(0.0, (time.monotonic() if now is None else now) - s.started_at - s.busy_s)
 
 
 def _load_jsonl(path: str, key: str = "at") -> list[dict]:
