@@ -222,35 +222,53 @@ def ssh_reference(stack: contextlib.ExitStack, sshd: dict, port: int, nbytes: in
 # ----------------------------------------------------------------------------- the run
 
 
-def paths(stack: contextlib.ExitStack, tmp: Path, nbytes: int) -> dict[str, tuple]:
-    """Every path's (ship, pull) ops, all started before any is timed."""
+def paths(stack: contextlib.ExitStack, tmp: Path, nbytes: int, only: str = "") -> dict[str, tuple]:
+    """Every path's (ship, pull) ops, all started before any is timed; with ``only``, just
+    the paths whose label matches that regular expression (e.g. ``tcp|CurveZMQ|pyzmq``)."""
     out: dict[str, tuple] = {}
     auto, para = {"JUPYTER_GPU_SSH_CLIENT": "auto"}, {"JUPYTER_GPU_SSH_CLIENT": "paramiko"}
-    shm = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jgpu-datapath-", dir="/dev/shm")))
-    cf = daemon(stack, start_daemon(shm))
-    out["same host, tmpfs shortcut"] = magic_path(stack, cf, nbytes, env=auto)
-    (tmp / "tcp").mkdir()
-    cf = daemon(stack, elsewhere_daemon(tmp / "tcp"))
-    out["loopback tcp, daemon in its own mount namespace (inline frames)"] = magic_path(stack, cf, nbytes, env=auto)
-    (tmp / "curve").mkdir()
-    kd, server_pub, _ = curve_users(tmp / "curve", ("alice",))
-    d = elsewhere_daemon(tmp / "curve", "--WorkerDaemon.curve=True", "--WorkerDaemon.single_tenant=True",
-                         f"--WorkerDaemon.keys_dir={kd}")  # fmt: skip
-    connect = f"%gpu connect {d.url} --server-key {server_pub.decode()} --client-key {tmp}/curve/alice"
-    out["same with CurveZMQ"] = magic_path(stack, daemon(stack, d), nbytes, connect, env=auto)
-    (tmp / "ssh").mkdir()
-    sshd = stack.enter_context(sshd_server(tmp / "ssh"))
+
+    def want(label: str) -> bool:
+        return not only or re.search(only, label) is not None
+
+    label = "same host, tmpfs shortcut"
+    if want(label):
+        shm = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jgpu-datapath-", dir="/dev/shm")))
+        out[label] = magic_path(stack, daemon(stack, start_daemon(shm)), nbytes, env=auto)
+    label = "loopback tcp, daemon in its own mount namespace (inline frames)"
+    if want(label):
+        (tmp / "tcp").mkdir()
+        out[label] = magic_path(stack, daemon(stack, elsewhere_daemon(tmp / "tcp")), nbytes, env=auto)
+    label = "same with CurveZMQ"
+    if want(label):
+        (tmp / "curve").mkdir()
+        kd, server_pub, _ = curve_users(tmp / "curve", ("alice",))
+        d = elsewhere_daemon(tmp / "curve", "--WorkerDaemon.curve=True", "--WorkerDaemon.single_tenant=True",
+                             f"--WorkerDaemon.keys_dir={kd}")  # fmt: skip
+        connect = f"%gpu connect {d.url} --server-key {server_pub.decode()} --client-key {tmp}/curve/alice"
+        out[label] = magic_path(stack, daemon(stack, d), nbytes, connect, env=auto)
+    sshd = None
     for via, env in (("openssh", auto), ("paramiko", para)):
-        (tmp / via).mkdir()
-        d = elsewhere_daemon(tmp / via)
         label = "`ssh://`, " + ("OpenSSH's forward" if via == "openssh" else "paramiko's forward (the fallback)")
-        out[label] = magic_path(stack, daemon(stack, d), nbytes, connect_line(sshd, d), env=env, via=via)
-    out["raw pyzmq DEALER→ROUTER, tcp loopback, zero-copy"] = zmq_reference(stack, nbytes)
-    port = byte_server(stack, nbytes)
-    out["OpenSSH `ssh -L` carrying raw bytes, default ciphers"] = ssh_reference(stack, sshd, port, nbytes, "")
+        if want(label):
+            if sshd is None:
+                (tmp / "ssh").mkdir()
+                sshd = stack.enter_context(sshd_server(tmp / "ssh"))
+            (tmp / via).mkdir()
+            d = elsewhere_daemon(tmp / via)
+            out[label] = magic_path(stack, daemon(stack, d), nbytes, connect_line(sshd, d), env=env, via=via)
+    label = "raw pyzmq DEALER→ROUTER, tcp loopback, zero-copy"
+    if want(label):
+        out[label] = zmq_reference(stack, nbytes)
+    refs = ["OpenSSH `ssh -L` carrying raw bytes, default ciphers"]
     if has_aes_instructions():
-        label = "OpenSSH `ssh -L` carrying raw bytes, AES-GCM first (as `ssh://`)"
-        out[label] = ssh_reference(stack, sshd, port, nbytes, GCM_FIRST)
+        refs.append("OpenSSH `ssh -L` carrying raw bytes, AES-GCM first (as `ssh://`)")
+    for label in filter(want, refs):
+        if sshd is None:
+            (tmp / "ssh").mkdir()
+            sshd = stack.enter_context(sshd_server(tmp / "ssh"))
+        port = byte_server(stack, nbytes)
+        out[label] = ssh_reference(stack, sshd, port, nbytes, GCM_FIRST if "AES-GCM" in label else "")
     return out
 
 
@@ -262,6 +280,8 @@ def compared(label: str, ship: float, pull: float, med: dict[str, tuple[float, f
         ref = "raw pyzmq DEALER→ROUTER, tcp loopback, zero-copy"
     else:
         return ""
+    if ref not in med:
+        return ""
     return f"{ship / med[ref][0]:.2f}× / {pull / med[ref][1]:.2f}× {ref.split(',')[0]}"
 
 
@@ -270,6 +290,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--mib", type=int, default=256, help="array size in MiB")
     ap.add_argument("--quick", action="store_true", help="16 MiB, 2 reps: checks the bench runs")
+    ap.add_argument("--only", default="", help="a regular expression: just the paths whose label matches it")
     args = ap.parse_args()
     if args.quick:
         args.mib, args.reps = 16, 2
@@ -277,7 +298,7 @@ def main() -> None:
     started = time.monotonic()
     times: dict[str, tuple[list[float], list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="jgpu-datapath-") as tmp, contextlib.ExitStack() as stack:
-        ops = paths(stack, Path(tmp), nbytes)
+        ops = paths(stack, Path(tmp), nbytes, args.only)
         for rnd in range(args.reps + 1):  # round 0 warms every path up and is not counted
             for label, (ship, pull) in ops.items():
                 s, p = ship(), pull()
