@@ -8,6 +8,7 @@ $3.60 an hour is $0.001 a second: a minute is $0.06, five minutes $0.30."""
 from __future__ import annotations
 
 import getpass
+import json
 import re
 import sqlite3
 from pathlib import Path
@@ -125,3 +126,35 @@ def test_a_warm_pool_workers_time_is_billed_to_nobody(daemon_factory, make_shell
         user: pytest.approx(users_usd, rel=1e-9),
         "(host)": pytest.approx(pool["usd"], rel=1e-9),
     }
+
+
+def test_a_restarted_daemon_bills_an_adopted_sessions_earlier_cells_once(daemon_factory, make_shell):
+    """Cells billed before a daemon restart are not billed again as warm idle time when the
+    adopted session is released: the idle record is the session's held time less its cells."""
+    d = daemon_factory(SIM, '--Ledger.prices={"H100": 3.6}')
+    ip = make_shell(d)
+    result, cap = run(ip, "%%gpu H100\nimport time\ntime.sleep(1.5)")
+    assert result.success
+    wall = cost_of(cap)["wall_s"]
+    d.kill()
+    d2 = daemon_factory(SIM, '--Ledger.prices={"H100": 3.6}')
+    d2.log.wait_for(r"adopted the running worker of session")
+    assert run(ip, "%gpu release")[0].success
+    d2.stop()
+    rows = [dict(r) for r in ledger_rows(d2)]
+    [idle] = [r for r in rows if r["kind"] == "idle"]
+    [cell] = [r for r in rows if r["kind"] == "cell"]
+    held = json.loads(idle["detail"])["held_s"]
+    assert cell["seconds"] == pytest.approx(wall)
+    assert idle["seconds"] == pytest.approx(held - wall, abs=0.01), (idle, held, wall)
+
+
+def test_a_cell_that_ends_with_its_killed_worker_is_billed_as_a_cell(daemon_factory, make_shell):
+    d = daemon_factory(SIM, '--Ledger.prices={"H100": 3.6}', "--WorkerDaemon.interrupt_grace=1")
+    ip = make_shell(d)
+    cell = "%%gpu H100 --timeout 1\nimport signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"
+    result, _ = run(ip, cell)
+    assert "did not stop within 1 s of an interrupt" in str(result.error_in_exec)
+    d.stop()
+    [cell_row] = [dict(r) for r in ledger_rows(d) if r["kind"] == "cell"]
+    assert 2.0 <= cell_row["seconds"] < 10.0  # the --timeout second, then the interrupt_grace one

@@ -15,6 +15,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from kernel_worker import ledger_db
 from kernel_worker import protocol as P
 from kernel_worker import scheduler
 from kernel_worker.daemon import paths
@@ -128,6 +129,19 @@ class Records:
             self.remove(wid)
             self.d.workers.remove_dirs(wid)
 
+    def _billed_before(self, s: Session) -> None:
+        """What an adopted session's cells were billed before the restart, so its release
+        does not bill that time again as warm idle time."""
+        self.d.ledger.flush()
+        busy = billed = 0.0
+        for r in ledger_db.session_records(self.d.ledger.db, s.id):
+            if r.get("kind") == "idle":  # an earlier session of the same id ended here
+                busy = billed = 0.0
+            elif r.get("kind") in ("cell", "snapshot", "restore"):
+                busy += float(r.get("wall_s", r.get("seconds", 0.0)))
+                billed += float(r.get("seconds", 0.0))
+        s.busy_s, s.billed_s = busy, billed
+
     def _adopt(self, sid: str, wid: str, record: dict, handle: Any, gpus: list[GPU]) -> None:
         key = record["key"].encode()
         s = Session(
@@ -146,6 +160,7 @@ class Records:
         s.ready = asyncio.get_running_loop().create_future()
         s.ready.add_done_callback(lambda f: setattr(s, "state", "idle") if s.state == "adopting" else None)
         s.started_at = time.monotonic() - max(0.0, time.time() - float(record.get("held_since", time.time())))
+        self._billed_before(s)
         try:
             s.budgets = Budgets.asked({"budgets": record.get("budgets") or {}})
         except BudgetError as e:

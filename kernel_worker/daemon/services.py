@@ -140,7 +140,7 @@ class Services:
                 "idle_s": now - s.last_active if s.state == "idle" else 0.0,
                 "idle_timeout": d.idle_timeout,
                 "held_s": now - s.started_at,
-                "usd": d.ledger.usd(s, now - s.started_at),
+                "usd": d.ledger.session_usd(s),
                 "cells": len(s.cells),
                 "versions": s.versions,
                 "user": s.user,

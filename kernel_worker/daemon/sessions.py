@@ -391,6 +391,9 @@ class Sessions:
     def _retire(self, s: Session, why: str) -> P.Message | None:
         self.log.info("session %s ending: %s", s.id, why)
         current = s.current if s.state == "busy" else None
+        if current is not None and current.type == P.Msg.EXECUTE:  # a cell that ends with its worker is billed too
+            figures = {**s.telemetry.figures(), **({"stopped": s.stopped} if s.stopped else {})}
+            self.d.ledger.cell(s, current.id, s.source, figures)
         self.d.ledger.release(s)
         self.forget(s)
         for t in list(s.tasks):
