@@ -15,9 +15,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from kernel_worker import ledger_db
+from kernel_worker import ledger_db, scheduler
 from kernel_worker import protocol as P
-from kernel_worker import scheduler
 from kernel_worker.daemon import paths
 from kernel_worker.daemon.budgets import BudgetError, Budgets
 from kernel_worker.daemon.errors import UnsafePath
