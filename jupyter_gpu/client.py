@@ -15,6 +15,7 @@ from typing import Callable
 
 import zmq
 
+from kernel_worker import chunks
 from kernel_worker import protocol as P
 from kernel_worker.journal import SEQ
 
@@ -63,6 +64,7 @@ class DaemonClient:
         self.sock.identity = b"c" + uuid.uuid4().hex.encode()
         self.sock.connect(url)
         self._bulk_root: str | None | bool = False  # False: not asked yet
+        self._assembler = chunks.Assembler()  # values streamed back to this client
         self.incarnation = ""  # the daemon's, from its last pong
 
     def twin(self) -> "DaemonClient":
@@ -74,7 +76,10 @@ class DaemonClient:
         self.sock.close(0)
 
     def send(self, msg: P.Message) -> None:
+        """Send ``msg``; its large buffers go first, as a stream of chunks (chunks.py)."""
         try:
+            for c in chunks.split(msg):
+                self.sock.send_multipart(P.pack(c, self.signer), copy=False)
             self.sock.send_multipart(P.pack(msg, self.signer), copy=False)
         except zmq.Again:  # no connection could be made (sndtimeo): a refused CURVE handshake, say
             raise DaemonLost(P.Err.TIMEOUT, self._lost_text(self.heartbeat_timeout)) from None
@@ -126,9 +131,18 @@ class DaemonClient:
                     if seq <= self._seen:
                         continue
                     self._seen = seq
+                if reply.type == P.Msg.CHUNK:  # part of a value the final reply names
+                    self._assembler.add(reply)
+                    continue
                 if reply.type == P.Msg.FAIL:
                     raise DaemonError(reply.content.get("code", ""), reply.content.get("message", "request failed"))
                 if reply.type in P.FINAL_REPLIES:
+                    if self._assembler.take(reply):
+                        raise DaemonError(
+                            P.Err.BAD_MESSAGE,
+                            "a value sent back by the worker did not arrive whole (its daemon restarted while it was "
+                            "being sent?): pull it again with %gpu pull NAME",
+                        )
                     if reply.type == P.Msg.WELCOME:
                         self.incarnation = str(reply.content.get("incarnation") or "")
                     return reply

@@ -57,6 +57,7 @@ class Msg:
     FETCH = "fetch"  # files from the workspace back to the notebook's directory
     PIP = "pip"  # install packages for the user's workers, on the daemon's host (pip's output streams back)
     SNAPSHOT = "snapshot"  # a notebook's namespace snapshots: take one now, list them, pick one to restore
+    CHUNK = "chunk"  # part of a large value, sent ahead of the message that names it (chunks.py); both ways
     # daemon -> client
     WELCOME = "welcome"
     QUEUED = "queued"
@@ -101,10 +102,13 @@ CLIENT_REQUESTS = frozenset(
         Msg.FETCH,
         Msg.PIP,
         Msg.SNAPSHOT,
+        Msg.CHUNK,
     }
 )
 # Requests the daemon passes on to the session's executor.
-EXECUTOR_REQUESTS = frozenset({Msg.EXECUTE, Msg.PULL, Msg.PING, Msg.INPUT_REPLY, Msg.SNAPSHOT, Msg.RESTORE})
+EXECUTOR_REQUESTS = frozenset(
+    {Msg.EXECUTE, Msg.PULL, Msg.PING, Msg.INPUT_REPLY, Msg.SNAPSHOT, Msg.RESTORE, Msg.CHUNK}
+)
 # What an executor may send. Everything but READY/HEARTBEAT is relayed to the client.
 EXECUTOR_REPLIES = frozenset(
     {
@@ -121,6 +125,7 @@ EXECUTOR_REPLIES = frozenset(
         Msg.NEED,
         Msg.PONG,
         Msg.INPUT_REQUEST,
+        Msg.CHUNK,
         Msg.REPLY,  # to the daemon's own requests (SNAPSHOT, RESTORE); never relayed
     }
 )
@@ -244,6 +249,7 @@ class Message:
     parent: str = ""
     buffers: list = field(default_factory=list)
     wire_bytes: int = field(default=0, compare=False, repr=False)  # its frames' size, as it was received
+    ahead: list = field(default_factory=list, compare=False, repr=False)  # CHUNKs that go before it (chunks.py)
 
     def reply(self, type: str, content: dict | None = None, buffers: Sequence = ()) -> "Message":
         """A message answering this one (same session, ``parent`` set to our id)."""

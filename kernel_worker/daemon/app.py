@@ -15,6 +15,8 @@ ZeroMQ frames they arrived in, never unpickled and never copied. Each job has a 
     services.py   hello, status, cost, spend, volumes
     telemetry.py  GPU sampling and progress messages while a cell runs
     workdirs.py   the notebook's directory synced to a per-user workspace: SYNC, FETCH, a cell's cwd
+    streams.py    large values as CHUNK messages: on to the worker at once, or held for their request
+    zap.py        the one ZAP handler: who may connect to each CURVE socket
     pump.py       serving the sockets from the event loop
     paths.py      where the daemon keeps things
 
@@ -55,6 +57,7 @@ from kernel_worker.daemon.records import Records
 from kernel_worker.daemon.services import Services
 from kernel_worker.daemon.sessions import Sessions
 from kernel_worker.daemon.snapshots import Snapshots
+from kernel_worker.daemon.streams import Streams
 from kernel_worker.daemon.telemetry import Telemetry
 from kernel_worker.daemon.workdirs import Workdirs
 from kernel_worker.daemon.workers import Workers
@@ -271,6 +274,7 @@ class WorkerDaemon(LoggingConfigurable):
         self.accounting = Accounting(self)
         self.snapshots = Snapshots(self)
         self.workdirs = Workdirs(self)
+        self.streams = Streams(self)
         self.backend_instance.workspace_for = self.workdirs.mount_for
         sv, ss, wd = self.services, self.sessions, self.workdirs
         self.front.route(
@@ -291,6 +295,7 @@ class WorkerDaemon(LoggingConfigurable):
                 P.Msg.SYNC: wd.sync,
                 P.Msg.FETCH: wd.fetch,
                 P.Msg.SNAPSHOT: self.snapshots.handle,
+                P.Msg.CHUNK: self.streams.chunk,
             }
         )
 

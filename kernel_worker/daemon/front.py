@@ -29,7 +29,16 @@ Handler = Callable[[bytes, P.Message, str], "Awaitable[None] | None"]
 
 # Requests about one session: only the user who made that session may send them.
 SESSION_REQUESTS = frozenset(
-    {P.Msg.EXECUTE, P.Msg.PULL, P.Msg.INTERRUPT, P.Msg.RELEASE, P.Msg.COST, P.Msg.INPUT_REPLY, P.Msg.SNAPSHOT}
+    {
+        P.Msg.EXECUTE,
+        P.Msg.PULL,
+        P.Msg.INTERRUPT,
+        P.Msg.RELEASE,
+        P.Msg.COST,
+        P.Msg.INPUT_REPLY,
+        P.Msg.SNAPSHOT,
+        P.Msg.CHUNK,
+    }
 )
 FRAME_SLACK = 64 * 1024**2  # a frame this far over max_message_bytes is cut off unread
 ZAP_DOMAIN = b"jupyter-gpu"

@@ -32,6 +32,7 @@ class Reaper:
                     self._look_at(s, now)
                 except Exception:  # one session's trouble (a full disk, say) must not end the reaper
                     self.log.exception("could not check session %s for release", s.id)
+            d.streams.expire(now)
             quiet = now - d.front.last_request
             if d.exit_when_idle and not d.sessions.live and quiet > d.exit_when_idle:
                 self.log.info("no sessions and no requests for %.0f s: exiting", quiet)

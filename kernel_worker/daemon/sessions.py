@@ -13,7 +13,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Callable
 
-from kernel_worker import bulk, inventory, scheduler
+from kernel_worker import bulk, chunks, inventory, scheduler
 from kernel_worker import protocol as P
 from kernel_worker.backends.base import VolumeError
 from kernel_worker.daemon.attach import LATE_KINDS
@@ -61,6 +61,10 @@ class Sessions:
         if moved is not None and not bulk.valid_refs(moved, len(msg.buffers)):
             self.d.front.fail(ident, msg, P.Err.BAD_MESSAGE, "bad bulk buffer references")
             return
+        if not chunks.valid_refs(msg.content.get(chunks.KEY), len(msg.buffers), self.d.max_message_bytes):
+            self.d.front.fail(ident, msg, P.Err.BAD_MESSAGE, "bad streamed buffer references")
+            return
+        self.d.streams.claim(ident, msg)
         self._run(ident, msg, user)
 
     def _run(self, ident: bytes, msg: P.Message, user: str) -> None:
@@ -192,6 +196,7 @@ class Sessions:
             self.d.attach.journal(s).reset(msg.id)
         if s.wid != s.id and msg.content.get("bulk"):
             self.d.workers.move_bulk(msg.content["bulk"], s.id, s.wid)
+        self.d.streams.send_ahead(s, msg)
         self.d.workers.send(s, msg)
         if s.late and msg.type == P.Msg.EXECUTE:
             self.d.attach.deliver_late(s, msg)
@@ -209,6 +214,9 @@ class Sessions:
             if msg.type in LATE_KINDS and s.log is not None and msg.parent == s.log.request:
                 self.d.attach.late(s, msg)
             return  # else: an answer to a request that was already answered
+        if msg.type == P.Msg.CHUNK:  # part of a value it sends back: on at once, unjournaled
+            self.d.streams.from_worker(s, msg)
+            return
         if not self.d.attach.keep(s, msg):
             return  # sent again by a worker that reconnected: already here
         msg.session = s.id

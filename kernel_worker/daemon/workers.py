@@ -60,6 +60,7 @@ class Workers:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
         self.sock.router_mandatory = True  # a worker that is not connected is an error, not a silent drop
+        self.sock.sndhwm = 0  # a value's chunks are in memory already: queue them all, never refuse one
         if self.d.backend_instance.dials_back:
             self._open_tcp(ctx)
         self.d.pump.add(self.sock, self._on_message)

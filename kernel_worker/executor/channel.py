@@ -13,6 +13,7 @@ import time
 import zmq
 import zmq.utils.monitor
 
+from kernel_worker import chunks
 from kernel_worker import protocol as P
 from kernel_worker.executor.outbox import Outbox
 from kernel_worker.journal import JOURNALED, SEQ, Journal
@@ -20,6 +21,8 @@ from kernel_worker.journal import JOURNALED, SEQ, Journal
 JOURNAL_MEM_BYTES = 16 * 1024**2  # a cell's output kept in memory; the rest goes to a file
 JOURNAL_DISK_BYTES = 1024**3  # and at most this much in the file
 AGAIN = "again"  # on output sent again: the connection it went out on
+CHUNK_SEND_S = 30.0  # how long one chunk of a value sent back may wait for the daemon to take it
+CHUNK_POLL_MS = 100
 
 
 class Channel:
@@ -55,6 +58,7 @@ class Channel:
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         self._poller.register(self._monitor, zmq.POLLIN)
         self.journal = Journal(JOURNAL_MEM_BYTES, JOURNAL_DISK_BYTES)
+        self.assembler = chunks.Assembler()  # values streamed to us ahead of their request
         self._seq = 0
         self._unsent = 0  # the first journaled seq ZeroMQ did not take (0: none)
         self._cell_started = 0.0
@@ -85,6 +89,19 @@ class Channel:
             self._offer(msg)  # a beat that cannot leave now is not worth keeping
             return
         self.sock.send_multipart(P.pack(msg, self.signer), copy=False)
+
+    def send_streamed(self, msg: P.Message) -> None:
+        """``msg`` with its large buffers sent ahead as chunks (a pull's values), each given
+        up to ``CHUNK_SEND_S`` to leave: with the daemon gone, the reply names streams that
+        never left, and the notebook says so, rather than the worker hanging here."""
+        for c in chunks.split(msg):
+            frames, deadline = P.pack(c, self.signer), time.monotonic() + CHUNK_SEND_S
+            while not self._offer(c, frames):
+                if time.monotonic() > deadline:
+                    self.send(msg)
+                    return
+                self.sock.poll(CHUNK_POLL_MS, zmq.POLLOUT)
+        self.send(msg)
 
     def _offer(self, msg: P.Message, frames: list | None = None) -> bool:
         """Hand ``msg`` (packed as ``frames``, if it is) to ZeroMQ unless the daemon is away
@@ -181,6 +198,14 @@ class Channel:
                 except P.ProtocolError as e:
                     print(f"jupyter-gpu executor: dropped bad message: {e}", file=sys.__stderr__)
                     continue
+                if msg.type == P.Msg.CHUNK:  # part of a value the next request names
+                    try:
+                        self.assembler.add(msg)
+                    except P.ProtocolError as e:
+                        print(f"jupyter-gpu executor: dropped bad chunk: {e}", file=sys.__stderr__)
+                    continue
+                if msg.type in (P.Msg.EXECUTE, P.Msg.PULL):
+                    msg.content["lost_streams"] = self.assembler.take(msg)
                 self.begin(msg)
                 return msg
 

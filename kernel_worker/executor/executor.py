@@ -123,7 +123,7 @@ class Executor:
                 self.channel.busy.clear()
             with self.channel.lock:  # output first, then the reply, from this thread: no hand-off
                 self.channel.flush()
-                self.channel.send(reply)
+                self.channel.send_streamed(reply)
             if reply.content.get("exit"):
                 self.ctx.destroy(linger=EXIT_LINGER_MS)  # blocks until the reply has left
                 os._exit(0)
@@ -186,6 +186,9 @@ class Executor:
                 return msg.reply(P.Msg.DONE, done)
             if notes:
                 content["import_notes"] = notes
+        if msg.content.get("lost_streams"):  # its values' chunks went elsewhere (a worker change): again
+            names = sorted(str(spec.get("name")) for spec in msg.content.get("values") or [])
+            return msg.reply(P.Msg.NEED, {"names": names})
         try:
             self.ns.update(serialize.receive_values(msg.content, msg.buffers, self.bulk_dir))
             loaded = True
