@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from kernel_worker import protocol as P
+from kernel_worker.buffers import allocate
 
 CHUNK_MIN = 8 * 1024 * 1024  # buffers at least this large are streamed (never bulk files)
 CHUNK_BYTES = 4 * 1024 * 1024  # one chunk message's data
@@ -92,7 +93,7 @@ class Assembler:
     def __init__(self, most_bytes: int = P.Limits.max_message_bytes):
         self.most_bytes = most_bytes
         self.of = ""
-        self.streams: dict[int, tuple[bytearray, int]] = {}  # index -> (buffer, bytes received)
+        self.streams: dict[int, tuple[Any, int]] = {}  # index -> (buffer, bytes received)
 
     def add(self, msg: P.Message) -> None:
         """One chunk; a malformed one raises ProtocolError."""
@@ -102,7 +103,7 @@ class Assembler:
         c = msg.content
         if c["of"] != self.of:
             self.of, self.streams = c["of"], {}
-        buf, got = self.streams.get(c["index"]) or (bytearray(c["size"]), 0)
+        buf, got = self.streams.get(c["index"]) or (allocate(c["size"]), 0)
         if len(buf) != c["size"]:
             raise P.ProtocolError(P.Err.BAD_MESSAGE, "a chunk's size differs from its stream's", msg.id)
         data = memoryview(msg.buffers[0].buffer if hasattr(msg.buffers[0], "buffer") else msg.buffers[0])
