@@ -27,8 +27,11 @@ def requests(monkeypatch) -> list[P.Message]:
 
 
 def executes(sent: list[P.Message]) -> list[dict]:
-    return [{"values": [v["name"] for v in m.content.get("values", [])], "assumed": sorted(m.content.get("assumed") or {})}
-            for m in sent if m.type == P.Msg.EXECUTE]  # fmt: skip
+    return [
+        {"values": [v["name"] for v in m.content.get("values", [])], "assumed": sorted(m.content.get("assumed") or {})}
+        for m in sent
+        if m.type == P.Msg.EXECUTE
+    ]
 
 
 def test_a_cell_whose_values_the_worker_holds_is_one_round_trip(daemon_factory, make_shell, requests):
