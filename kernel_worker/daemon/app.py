@@ -6,7 +6,8 @@ ZeroMQ frames they arrived in, never unpickled and never copied. Each job has a 
 
     front.py      the client socket, CURVE/ZAP, unpacking, ownership, the dispatch table
     workers.py    the executors' socket and a worker's life (directories, start, stop)
-    sessions.py   a session's life: request, queue, start, cells, release
+    sessions.py   a session's life: request, start, cells, release
+    placement.py  per-user limits, free GPUs, the FIFO queue (or the backend's own)
     reaper.py     idle release, silent or dead workers, --timeout, exit when idle
     records.py    session records on disk; adopting workers after a restart
     attach.py     who follows a session's output: reconnects, keepalives, ATTACH
@@ -50,6 +51,7 @@ from kernel_worker.daemon.budgets import Budgets
 from kernel_worker.daemon.errors import StartRefused
 from kernel_worker.daemon.front import Front
 from kernel_worker.daemon.packages import Packages
+from kernel_worker.daemon.placement import Placement
 from kernel_worker.daemon.pool import WarmPool
 from kernel_worker.daemon.pump import Pump
 from kernel_worker.daemon.reaper import Reaper
@@ -263,6 +265,7 @@ class WorkerDaemon(LoggingConfigurable):
         self.front = Front(self)
         self.workers = Workers(self)
         self.sessions = Sessions(self)
+        self.placement = Placement(self)
         self.records = Records(self)
         self.attach = Attach(self)
         self.packages = Packages(self)

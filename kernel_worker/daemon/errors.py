@@ -9,3 +9,11 @@ class StartRefused(Exception):
 class UnsafePath(StartRefused):
     """A directory or path the daemon will not use: made by someone else, readable by
     others, a symlink, or a client's name that leads outside its root."""
+
+
+class Refused(Exception):
+    """A session start refused for a reason the client is told as it is."""
+
+    def __init__(self, code: str, text: str):
+        super().__init__(text)
+        self.code, self.text = code, text

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from kernel_worker import bulk, chunks, inventory, scheduler
 from kernel_worker import protocol as P
 from kernel_worker.backends.base import VolumeError
 from kernel_worker.daemon.attach import LATE_KINDS
+from kernel_worker.daemon.errors import Refused
 from kernel_worker.session import Session, version_mismatch
 
 if TYPE_CHECKING:
@@ -26,14 +27,6 @@ if TYPE_CHECKING:
 NOTEBOOK_MAX_CHARS = 512
 INPUT_MAX_CHARS = 1024**2  # what a user types at a remote input()
 EXITED = "the cell called exit() (or raised SystemExit), which ends the worker as it would end a kernel"
-
-
-class Refused(Exception):
-    """A session start refused for a reason the client is told as it is."""
-
-    def __init__(self, code: str, text: str):
-        super().__init__(text)
-        self.code, self.text = code, text
 
 
 class Sessions:
@@ -97,7 +90,7 @@ class Sessions:
                 self.begin(s, ident, msg)
             return
         assert req is not None
-        over = self._over_limit(user, req, replacing=s)
+        over = self.d.placement.over_limit(user, req, replacing=s)
         if over:
             front.fail(ident, msg, P.Err.UNAVAILABLE, over)
             return
@@ -155,26 +148,6 @@ class Sessions:
             self.d.workers.send(s, msg)
         else:
             self.log.info("dropped an input reply for session %s: no cell of it is running", msg.session)
-
-    def _over_limit(self, user: str, req: scheduler.Request, replacing: Session | None) -> str:
-        """Why ``user`` may not start another session for ``req`` now ("" when they may)."""
-        mine = [s for s in self.live.values() if s.user == user and s is not replacing]
-        most_sessions, most_gpus = self.d.max_sessions_per_user, self.d.max_gpus_per_user
-        if most_sessions and len(mine) >= most_sessions:
-            return (
-                f"you already hold {len(mine)} session(s), the most this host allows per user "
-                f"(max_sessions_per_user={most_sessions}): `%gpu release` one first"
-            )
-        want = min((n for _, n in req.alternatives), default=0)
-        held = sum(len(s.gpus) for s in mine)
-        if most_gpus and held + want > most_gpus:
-            return (
-                f"you hold {held} GPU(s); {req.text} would take you past this host's limit of "
-                f"{most_gpus} per user (max_gpus_per_user): `%gpu release` first"
-            )
-        return ""
-
-    # ------------------------------------------------------------------ cells
 
     def begin(self, s: Session, ident: bytes, msg: P.Message) -> None:
         """Hand a request to the session's idle worker."""
@@ -259,10 +232,10 @@ class Sessions:
         try:
             warm = self.d.pool.take(s, msg)
             if warm is None:
-                await self._allocate(s, ident, msg)
+                await self.d.placement.allocate(s, ident, msg)
             s.started_at = time.monotonic()
             if warm is None:
-                await self.d.workers.start(s, self._waiting(s, ident, msg))
+                await self.d.workers.start(s, self.d.placement.waiting(s, ident, msg))
             waited = s.started_at - t0  # in a queue: the daemon's, or the backend's own
             self.d.records.save(s)
             restored = await self.d.snapshots.after_start(s, msg)
@@ -294,52 +267,6 @@ class Sessions:
         }
         self.d.front.send(ident, msg.reply(P.Msg.STARTED, info))
         return True
-
-    async def _allocate(self, s: Session, ident: bytes, msg: P.Message) -> None:
-        """Free GPUs now (giving back warm workers that cannot serve ``s`` if need be), or a
-        place in the queue, with its position told to the client as it moves."""
-        sched, req = self.d.scheduler, s.request
-        s.gpus = sched.allocate_now(req, s.id) or []
-        if s.gpus or sched.satisfies(req, []):
-            return
-        if await self.d.pool.free_for(req):
-            s.gpus = sched.allocate_now(req, s.id) or []
-            if s.gpus:
-                return
-        if msg.content.get("no_wait"):
-            holders = sorted(set(sched.holder.values()) - {s.id})
-            raise Refused(
-                P.Err.UNAVAILABLE,
-                f"no {req.text} free right now (held by {len(holders)} other session(s)); "
-                "drop --no-wait to queue for it",
-            )
-        waiting = sum(1 for o in self.live.values() if o.user == s.user and o.queued)
-        most = self.d.max_queued_per_user
-        if most and waiting >= most:
-            raise Refused(
-                P.Err.UNAVAILABLE,
-                f"you already have {waiting} request(s) waiting for GPUs, the most this host queues per user "
-                f"(max_queued_per_user={most}): wait for one, or interrupt it",
-            )
-
-        def position(n: int) -> None:
-            self.d.front.send(ident, msg.reply(P.Msg.QUEUED, {"position": n, "request": req.text}))
-
-        s.queued = True
-        try:
-            s.gpus = await self.d.spawn(sched.acquire(req, s.id, position, None), s.tasks)
-        finally:
-            s.queued = False
-
-    def _waiting(self, s: Session, ident: bytes, msg: P.Message) -> Callable[[str], None]:
-        """Where a started worker waits in its backend's scheduler (Slurm's queue), told
-        to the notebook as its queue line while ``s`` counts as queued."""
-
-        def where(text: str) -> None:
-            s.queued = True
-            self.d.front.send(ident, msg.reply(P.Msg.QUEUED, {"position": 0, "request": s.request.text, "where": text}))
-
-        return where
 
     async def _start_failed(self, s: Session, ident: bytes, msg: P.Message, e: BaseException) -> None:
         self.forget(s)
