@@ -13,7 +13,7 @@ import time
 import pytest
 from support.files import wait_for_file
 from support.kernels import kernel, kill
-from support.shells import run
+from support.shells import cost_of, run
 
 from kernel_worker import protocol as P
 
@@ -23,11 +23,6 @@ CELL_TEXT = (
     r"this cell's budget is spent: \$0\.\d{4} of \$0\.50; the cell was interrupted\. "
     r"Give the cell a higher --budget \(or raise c\.GPUMagics\.default_budget\)"
 )
-
-
-def cost_of(cap) -> dict:
-    [line] = [o for o in cap.outputs if "⏱" in o.data.get("text/plain", "")]
-    return line.metadata["jupyter_gpu"]["cost"] | {"line": line.data["text/plain"]}
 
 
 def test_a_cell_is_interrupted_when_it_reaches_its_budget_and_its_worker_lives_on(daemon_factory, make_shell):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.shells import notes, run
+from support.shells import cost_of, notes, run
 
 from kernel_worker import ledger_db
 from kernel_worker import protocol as P
@@ -30,11 +30,6 @@ CELL_TEXT = (
     r"this cell's budget is spent: \$\d\.\d{{4}} of \${limit}; the cell was interrupted\. "
     r"Give the cell a higher --budget \(or raise c\.GPUMagics\.default_budget\)"
 )
-
-
-def cost_of(cap) -> dict:
-    [line] = [o for o in cap.outputs if "⏱" in o.data.get("text/plain", "")]
-    return line.metadata["jupyter_gpu"]["cost"] | {"line": line.data["text/plain"]}
 
 
 def magics(ip):
@@ -185,7 +180,8 @@ def test_a_cell_that_ignores_the_budgets_interrupt_loses_its_worker(daemon_facto
     assert d.client().call(P.Msg.COST, session=sid)["total_usd"] >= 1.5
     result, cap = run(ip, "%%gpu H100\nprint(kept)")  # the worker and its variables are gone
     assert not result.success and str(result.error_in_exec).startswith(
-        "kept existed only on the remote worker, which is gone (it was released, replaced or stopped since): nothing ran."
+        "kept existed only on the remote worker, which is gone (it was released, replaced or stopped since): "
+        "nothing ran."
     )
     assert f"the previous worker is gone ({killed}); its variables are lost" in notes(cap)
     result, cap = run(ip, "%%gpu H100\nprint('next')")

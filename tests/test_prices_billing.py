@@ -14,7 +14,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from support.shells import notes, run
+from support.shells import cost_of, notes, run
 
 from kernel_worker import protocol as P
 from kernel_worker.daemon.paths import default_state_dir
@@ -27,11 +27,6 @@ BILLING = (
     "--Ledger.minimum_s=300",
     '--Ledger.compare_with={"cloud": {"H100": 7.2}}',
 )
-
-
-def cost_of(cap) -> dict:
-    [line] = [o for o in cap.outputs if "⏱" in o.data.get("text/plain", "")]
-    return line.metadata["jupyter_gpu"]["cost"] | {"line": line.data["text/plain"]}
 
 
 def ledger_rows(d) -> list[sqlite3.Row]:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 from support.bulk_spy import spy_on_bulk
-from support.shells import plain, run
 from support.kernels import kernel
 from support.kernels import kill as kill_kernel
 from support.kernels import run as krun
+from support.shells import plain, run
 from support.sshd_server import connect_line, connection_processes
 
 from jupyter_gpu import ssh_forward, tunnel

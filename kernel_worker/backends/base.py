@@ -91,6 +91,7 @@ class Backend(LoggingConfigurable):
     has_volumes = False  # whether the *_volume methods below are implemented
     dials_back = False  # workers run on other nodes and dial the daemon's CURVE tcp address
     schedules = False  # GPUs are placed by the backend's own scheduler (Slurm), not the daemon's
+    name = "this"  # as `--backend` names it
     mounts_workspace = False  # whether a worker sees its workspace only if it was started with it
     # Set by the daemon: worker id -> host path of its session's workspace ('' for none).
     workspace_for: Callable[[str], str] | None = None
@@ -149,6 +150,13 @@ class Backend(LoggingConfigurable):
 
     def volume_usage(self, user: str) -> list[dict]:
         raise VolumeError(NO_VOLUMES)
+
+    def refuse_options(self, spec: WorkerSpec, hint: str) -> None:
+        """A backend without images and volumes refuses a cell that asks for them."""
+        unsupported = sorted(k for k, v in spec.options.items() if v)
+        if unsupported:
+            asked = ", ".join("--" + k for k in unsupported)
+            raise RuntimeError(f"the {self.name} backend cannot honour {asked}: {hint}")
 
     async def start(self, spec: WorkerSpec) -> Any:
         """Start the worker; return a handle. The executor connects back by itself."""

@@ -66,6 +66,7 @@ class Container:
 
 
 class DockerBackend(DockerVolumes, Backend):
+    name = "docker"
     has_volumes = True
     mounts_workspace = True
 

@@ -75,6 +75,7 @@ class ProcessHandle:
 
 
 class ProcessBackend(Backend):
+    name = "process"
     python = Unicode(sys.executable, help="Python interpreter that runs the executor.").tag(config=True)
     cwd = Unicode("", help="Working directory of worker processes (default: the daemon's).").tag(config=True)
     stop_grace = Float(2.0, help="Seconds between SIGTERM and SIGKILL when stopping a worker.").tag(config=True)
@@ -111,12 +112,7 @@ class ProcessBackend(Backend):
         return paths.private_dir(os.path.join(self.state_dir, STARTS_DIR))
 
     async def start(self, spec: WorkerSpec) -> ProcessHandle:
-        unsupported = sorted(k for k, v in spec.options.items() if v)
-        if unsupported:
-            raise RuntimeError(
-                f"the process backend cannot honour {', '.join('--' + k for k in unsupported)}: "
-                "run the daemon with --backend docker for images and volumes"
-            )
+        self.refuse_options(spec, "run the daemon with --backend docker for images and volumes")
         env = {
             **{k: v for k, v in os.environ.items() if k in self.env_keep},
             **self.extra_env,

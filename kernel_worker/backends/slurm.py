@@ -60,6 +60,7 @@ class SlurmHandle:
 
 
 class SlurmBackend(Backend):
+    name = "slurm"
     dials_back = True
     schedules = True
 
@@ -219,12 +220,7 @@ class SlurmBackend(Backend):
         return "\n".join(lines) + "\n"
 
     async def start(self, spec: WorkerSpec) -> SlurmHandle:
-        unsupported = sorted(k for k, v in spec.options.items() if v)
-        if unsupported:
-            raise RuntimeError(
-                f"the slurm backend cannot honour {', '.join('--' + k for k in unsupported)}: "
-                "images and volumes are the docker backend's"
-            )
+        self.refuse_options(spec, "images and volumes are the docker backend's")
         try:
             job_id = await self.cli.submit(self._script(spec), self._options(spec))
         except SlurmError as e:

@@ -22,3 +22,9 @@ def plain(text: str) -> str:
 def notes(cap) -> list[str]:
     """What jupyter-gpu said about the cell, from its cost line (or its one notes line)."""
     return [n for o in cap.outputs for n in ((o.metadata or {}).get("jupyter_gpu") or {}).get("notes", [])]
+
+
+def cost_of(cap) -> dict:  # noqa: ANN001
+    """The figures of a cell's cost line (its metadata), and the line as shown."""
+    [line] = [o for o in cap.outputs if "⏱" in o.data.get("text/plain", "")]
+    return line.metadata["jupyter_gpu"]["cost"] | {"line": line.data["text/plain"]}
