@@ -245,3 +245,31 @@ print('sent')
     result, cap = run(bob, "%%gpu cpu\nprint(secret)")
     assert result.success and cap.stdout == "bob\n"
     assert not [line for line in d.log.lines if bob_id in line and "dropped" in line]
+
+
+def test_a_job_pending_when_its_daemon_is_killed_is_cancelled_by_the_next_one(gateway, make_shell, slurm):
+    """A pending job has no session record yet: the restarted daemon cannot vouch for it
+    and cancels it, so nothing is left queued for a notebook that was told its cell failed."""
+    d = gateway("--WorkerDaemon.worker_start_timeout=600")
+    ip = make_shell(d)
+    assert ip.run_cell("%config GPUMagics.heartbeat_timeout = 5.0").success
+    blocker = slurm.sbatch("--gres=gpu:h100:2", "--output=/dev/null", script="#!/bin/sh\nexec sleep 600\n")
+    slurm.wait_state(blocker, "RUNNING")
+    pending: dict = {}
+
+    def kill_once_ours_pends() -> None:
+        pending["job"] = slurm.wait_for(
+            "our job pending", lambda: next((j for j in our_jobs(slurm) if j["state"] == "PENDING"), None)
+        )
+        d.kill()
+        pending["d2"] = gateway()
+
+    t = threading.Thread(target=kill_once_ours_pends)
+    t.start()
+    result, cap = run(ip, "%%gpu H100\nprint('never')")
+    t.join(DEADLINE_S)
+    assert not result.success and "never" not in cap.stdout
+    assert "restarted and will not answer this execute" in str(result.error_in_exec), result.error_in_exec
+    pending["d2"].log.wait_for(r"removing leftover worker of session", timeout=DEADLINE_S)
+    slurm.wait_gone(pending["job"]["id"])
+    assert not our_jobs(slurm)
