@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from support import kernels
 from support.daemons import start_daemon
 from support.orphans import forget_daemon
 from support.shells import notes, run
@@ -273,3 +274,20 @@ def test_a_job_pending_when_its_daemon_is_killed_is_cancelled_by_the_next_one(ga
     pending["d2"].log.wait_for(r"removing leftover worker of session", timeout=DEADLINE_S)
     slurm.wait_gone(pending["job"]["id"])
     assert not our_jobs(slurm)
+
+
+def test_an_interrupt_while_pending_in_slurm_cancels_the_job(gateway, slurm):
+    d = gateway()
+    blocker = slurm.sbatch("--gres=gpu:h100:2", "--output=/dev/null", script="#!/bin/sh\nexec sleep 600\n")
+    slurm.wait_state(blocker, "RUNNING")
+    with kernels.kernel(d.connection_file) as (km, kc):
+        msg_id = kc.execute("%%gpu H100\nprint('never')", stop_on_error=False)
+        job = slurm.wait_for(
+            "our job pending", lambda: next((j for j in our_jobs(slurm) if j["state"] == "PENDING"), None)
+        )
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=DEADLINE_S)
+        assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "error"
+        assert "interrupted while waiting for a GPU or a worker; nothing ran" in reply["content"]["evalue"]
+        slurm.wait_gone(job["id"])
+        assert not our_jobs(slurm)
