@@ -43,6 +43,7 @@ class Session:
     telemetry: inventory.Sample = field(default_factory=inventory.Sample)
     tasks: set = field(default_factory=set)
     releasing: bool = False
+    moving: bool = False  # released for a new worker of the same session (another GPU): its bulk files stay
     cell_done: asyncio.Event = field(default_factory=asyncio.Event)
     user: str = ""
     notebook: str = ""  # the notebook's path as its kernel knows it, for spend per notebook

@@ -48,3 +48,16 @@ def test_a_cell_whose_values_the_worker_holds_is_one_round_trip(daemon_factory, 
     result, cap = run(ip, "%%gpu cpu\nprint(a + 3)")
     assert result.success and cap.stdout == "44\n"
     assert executes(requests) == [{"values": ["a"], "assumed": []}]
+
+
+def test_a_large_value_after_a_change_of_gpu_goes_by_bulk_file_again(daemon_factory, make_shell):
+    """A change of GPU replaces the worker and removes its session's bulk directory: the
+    next value of 1 MiB or more still travels (the notebook makes the directory again)."""
+    ip = make_shell(daemon_factory("--simulate-gpus=H100:1,A100-80GB:1"))
+    assert ip.run_cell("import numpy as np\nfirst = np.ones(1 << 18)", store_history=False).success  # 2 MiB
+    result, cap = run(ip, "%%gpu H100\nprint(first.sum())")
+    assert result.success and cap.stdout == f"{1 << 18}.0\n"
+    assert ip.run_cell("second = np.ones(1 << 18) * 2", store_history=False).success
+    result, cap = run(ip, "%%gpu A100-80GB\nprint(first.sum() + second.sum())")
+    assert result.success, result.error_in_exec
+    assert cap.stdout == f"{3 << 18}.0\n"

@@ -211,6 +211,7 @@ class Sessions:
 
     async def _start_then_begin(self, old: Session | None, s: Session, ident: bytes, msg: P.Message) -> None:
         if old is not None:
+            old.moving = True
             await self.release(old, f"moved from {old.request.text} to {s.request.text}")
         removing = self._removing.get(s.id)
         if removing is not None:  # the previous worker of this id (same socket, same directories) is going

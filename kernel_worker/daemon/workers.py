@@ -135,10 +135,12 @@ class Workers:
             P.Env.CURVE_SECRET: curve_pair(s.key, b"worker")[1].decode(),
         }
 
-    def remove_dirs(self, wid: str, session: str = "") -> None:
-        """A worker's directories, and the bulk files of the session it served."""
+    def remove_dirs(self, wid: str, session: str = "", keep_bulk: bool = False) -> None:
+        """A worker's directories, and the bulk files of the session it served (kept when the
+        session goes on with another worker: the notebook's next values are already there)."""
         try:
-            dirs = {self.bulk_dir(wid), self.bulk_dir(session or wid), self.session_dir(wid)}
+            bulk_dirs = {self.bulk_dir(wid), self.bulk_dir(session or wid)}
+            dirs = {self.session_dir(wid)} | (bulk_dirs - {self.bulk_dir(session)} if keep_bulk else bulk_dirs)
         except UnsafePath as e:  # only names the daemon checked get here: a bug, never a reason to rmtree
             self.log.error("not removing the directories of worker %r: %s", wid, e)
             return
@@ -218,7 +220,7 @@ class Workers:
         if self.by_wid.get(s.wid) is s:
             del self.by_wid[s.wid]
         self.d.records.remove(s.wid)
-        self.remove_dirs(s.wid, s.id)
+        self.remove_dirs(s.wid, s.id, keep_bulk=s.moving)
 
     def exit_reason(self, log_path: str) -> str:
         """Why a worker ended before connecting, from the last lines it wrote."""
