@@ -21,6 +21,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -121,9 +122,26 @@ class SlurmBackend(Backend):
         600.0, help="Seconds a job whose daemon went away waits for a restarted daemon to adopt it, then ends."
     ).tag(config=True)
 
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        self.cli = SlurmCLI(timeout=self.command_timeout)
+        self._seen: dict[str, Job] = {}  # job id -> what the last squeue said of it
+        self._seen_at = -1e9
+        self._looking: asyncio.Task | None = None  # the squeue in flight, shared by every watcher
+
+    async def _refresh(self) -> None:
+        """One ``squeue`` of this daemon's jobs for every session that waits on its job, at
+        most once per ``poll_interval``: a login node is shared, and so is slurmctld."""
+        if time.monotonic() - self._seen_at < self.poll_interval:
+            return
+        if self._looking is None or self._looking.done():
+            self._looking = asyncio.ensure_future(self.cli.jobs(self.prefix, getpass.getuser(), ended_too=True))
+        jobs = await asyncio.shield(self._looking)
+        self._seen, self._seen_at = {j.id: j for j in jobs}, time.monotonic()
+
     @property
-    def cli(self) -> SlurmCLI:
-        return SlurmCLI(timeout=self.command_timeout)
+    def prefix(self) -> str:
+        return f"{JOB_PREFIX}{self.daemon_id}-"
 
     @property
     def shares_files(self) -> bool:
@@ -183,7 +201,7 @@ class SlurmBackend(Backend):
         for g in spec.gpus:
             counts[g.model] = counts.get(g.model, 0) + 1
         opts = [
-            f"--job-name={JOB_PREFIX}{self.daemon_id}-{spec.session}",
+            f"--job-name={self.prefix}{spec.session}",
             f"--comment=jupyter-gpu session {spec.session} of {spec.user or '-'}",
             f"--output={spec.log_path}",
             "--export=NONE",  # the script says exactly what the job's environment is
@@ -233,7 +251,10 @@ class SlurmBackend(Backend):
         return SlurmHandle(job_id, spec.session, user=spec.user)
 
     async def _look(self, handle: SlurmHandle) -> Job | None:
-        job = await self.cli.job(handle.job_id)
+        await self._refresh()
+        job = self._seen.get(handle.job_id)
+        if job is None or job.ended:  # its last words (exit code, reason), or gone from squeue
+            job = await self.cli.job(handle.job_id)
         if job is not None:
             handle.state, handle.reason, handle.last = job.state, job.reason, job
         else:
@@ -272,11 +293,15 @@ class SlurmBackend(Backend):
             self.log.warning("could not signal Slurm job %s: %s", handle.job_id, e)
 
     async def stop(self, handle: SlurmHandle) -> None:
-        await self.cli.cancel(handle.job_id)
+        try:
+            await self.cli.cancel(handle.job_id)
+        except SlurmError as e:  # slurmctld away: the release goes on; the job's owner can scancel it
+            self.log.error("could not cancel Slurm job %s (scancel %s by hand): %s", handle.job_id, handle.job_id, e)
+            return
         try:
             await asyncio.wait_for(self._ended(handle), self.stop_timeout)
-        except asyncio.TimeoutError:
-            self.log.warning("Slurm job %s did not end within %g s of scancel", handle.job_id, self.stop_timeout)
+        except (asyncio.TimeoutError, SlurmError) as e:
+            self.log.warning("Slurm job %s did not end within %g s of scancel: %s", handle.job_id, self.stop_timeout, e)
 
     async def _ended(self, handle: SlurmHandle) -> None:
         while True:
@@ -304,11 +329,10 @@ class SlurmBackend(Backend):
     # ------------------------------------------------------------------ restart
 
     async def find(self) -> list[tuple[str, Any]]:
-        prefix = f"{JOB_PREFIX}{self.daemon_id}-"
         me = getpass.getuser()
         found = []
-        for job in await self.cli.jobs(prefix, user=me):
-            wid = job.name[len(prefix) :]
+        for job in await self.cli.jobs(self.prefix, user=me):
+            wid = job.name[len(self.prefix) :]
             if P.SESSION_RE.match(wid) and wid:
                 found.append((wid, SlurmHandle(job.id, wid, job.state, job.reason, me, job)))
         return found

@@ -100,11 +100,13 @@ class SlurmCLI:
             f.get("ExitCode", ""),
         )
 
-    async def jobs(self, name_prefix: str, user: str = "") -> list[Job]:
+    async def jobs(self, name_prefix: str, user: str = "", ended_too: bool = False) -> list[Job]:
         """Live jobs whose name starts with ``name_prefix`` (a restarted daemon's own), of
-        ``user`` only when given (another user may name a job as ours)."""
+        ``user`` only when given (another user may name a job as ours); with ``ended_too``,
+        also those that ended recently (still in slurmctld's memory)."""
         who = ["-u", user] if user else []
-        out = await self.run("squeue", "-h", *who, "-o", FIELD.join(("%i", "%T", "%r", "%j", "%k", "%N")))
+        states = ["-t", "all"] if ended_too else []
+        out = await self.run("squeue", "-h", *who, *states, "-o", FIELD.join(("%i", "%T", "%r", "%j", "%k", "%N")))
         found = []
         for line in out.splitlines():
             parts = line.split(FIELD)
