@@ -57,6 +57,7 @@ class Msg:
     FETCH = "fetch"  # files from the workspace back to the notebook's directory
     PIP = "pip"  # install packages for the user's workers, on the daemon's host (pip's output streams back)
     SNAPSHOT = "snapshot"  # a notebook's namespace snapshots: take one now, list them, pick one to restore
+    MIRROR = "mirror"  # a worker that cannot see the daemon's files: its workspace, before and after a cell
     CHUNK = "chunk"  # part of a large value, sent ahead of the message that names it (chunks.py); both ways
     # daemon -> client
     WELCOME = "welcome"
@@ -107,7 +108,7 @@ CLIENT_REQUESTS = frozenset(
 )
 # Requests the daemon passes on to the session's executor.
 EXECUTOR_REQUESTS = frozenset(
-    {Msg.EXECUTE, Msg.PULL, Msg.PING, Msg.INPUT_REPLY, Msg.SNAPSHOT, Msg.RESTORE, Msg.CHUNK}
+    {Msg.EXECUTE, Msg.PULL, Msg.PING, Msg.INPUT_REPLY, Msg.SNAPSHOT, Msg.RESTORE, Msg.CHUNK, Msg.MIRROR}
 )
 # What an executor may send. Everything but READY/HEARTBEAT is relayed to the client.
 EXECUTOR_REPLIES = frozenset(
@@ -126,6 +127,7 @@ EXECUTOR_REPLIES = frozenset(
         Msg.PONG,
         Msg.INPUT_REQUEST,
         Msg.CHUNK,
+        Msg.MIRROR,
         Msg.REPLY,  # to the daemon's own requests (SNAPSHOT, RESTORE); never relayed
     }
 )

@@ -13,6 +13,7 @@ from support.logs import LogWatcher
 from support.orphans import forget_daemon
 from support.sshd_server import elsewhere_daemon as elsewhere
 from support.sshd_server import sshd_server
+from support.workdir_story import CSV
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]  # a real Jupyter Server for the extension's tests
 # tests/gpu need torch (gigabytes of wheels) and, some, a GPU: `make test-gpu` runs them there.
@@ -123,3 +124,17 @@ def make_shell(monkeypatch):
 def shell(daemon, make_shell):
     """A real InteractiveShell with the extension loaded, pointed at ``daemon``."""
     return make_shell(daemon)
+
+
+@pytest.fixture
+def notebook_dir(tmp_path, monkeypatch) -> Path:
+    """A notebook's directory, the kernel's cwd: data to read, an ignored secret, a big file."""
+    nb = tmp_path / "nb"
+    (nb / "data").mkdir(parents=True)
+    (nb / "data" / "x.csv").write_text(CSV)
+    (nb / "helper.py").write_text("ANSWER = 42\n")
+    (nb / ".jupyter-gpu-ignore").write_text("secret.txt\n")
+    (nb / "secret.txt").write_text("do not send")
+    (nb / "big.bin").write_bytes(b"\0" * 5000)
+    monkeypatch.chdir(nb)
+    return nb

@@ -21,6 +21,7 @@ from support.daemons import start_daemon
 from support.orphans import forget_daemon
 from support.shells import notes, run
 from support.slurm import slurm_cluster
+from support.workdir_story import check_sync_round_trip
 
 from kernel_worker import protocol as P
 
@@ -291,3 +292,41 @@ def test_an_interrupt_while_pending_in_slurm_cancels_the_job(gateway, slurm):
         assert "interrupted while waiting for a GPU or a worker; nothing ran" in reply["content"]["evalue"]
         slurm.wait_gone(job["id"])
         assert not our_jobs(slurm)
+
+
+def test_the_notebooks_directory_reaches_a_node_without_a_shared_filesystem(gateway, make_shell, notebook_dir):
+    """The synced workspace is mirrored over the worker's socket: data read, a module
+    imported, only changed files sent, a cell's files counted and fetched back."""
+    d = gateway()
+    ip = make_shell(d)
+    check_sync_round_trip(ip, notebook_dir, d, None)
+    cap = run(ip, "%%gpu cpu\nimport os\nprint(os.getcwd().startswith('/tmp/jupyter-gpu-workspace-'))")[1]
+    assert cap.stdout == "True\n"
+
+
+def test_a_cell_forging_its_workspace_back_cannot_write_outside_it(gateway, make_shell, notebook_dir, tmp_path):
+    """Code in a cell can send what its worker sends: a MIRROR ``back`` naming ``../``,
+    an absolute path or a mismatched frame count is refused whole, and nothing is written
+    outside the notebook's workspace."""
+    d = gateway("--Workspaces.root={}".format(tmp_path / "workspaces"))
+    ip = make_shell(d)
+    assert run(ip, "%%gpu cpu\nx = 1")[0].success
+    forge = """%%gpu cpu
+import gc
+from kernel_worker import protocol as P
+from kernel_worker.executor.executor import Executor
+ex = next(o for o in gc.get_objects() if isinstance(o, Executor))
+cell = ex.stdin.request
+for back, frames in (({'../../escape.txt': [3, 384]}, [b'bad']), ({'/tmp/abs.txt': [3, 384]}, [b'bad']),
+                     ({'ok.txt': [3, 384]}, [])):
+    with ex.channel.lock:
+        ex.channel.send(cell.reply(P.Msg.MIRROR, {'back': back, 'gone': []}, frames))
+print('sent')
+"""
+    result, cap = run(ip, forge)
+    assert result.success and cap.stdout == "sent\n", result.error_in_exec
+    d.log.wait_for("what its cell wrote in its workspace was refused", nth=3)
+    assert len([line for line in d.log.lines if "what its cell wrote in its workspace was refused" in line]) == 3
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "workspaces" / "escape.txt").exists()
+    assert not os.path.exists("/tmp/abs.txt")
+    assert not list((tmp_path / "workspaces").glob("*/*/tree/ok.txt"))

@@ -10,21 +10,12 @@ from pathlib import Path
 
 import pytest
 from support.shells import plain, run
+from support.workdir_story import CSV
 
 from jupyter_gpu.client import DaemonClient
 from kernel_worker import protocol as P
 
 READ = "%%gpu cpu{flags}\nprint(open('data/x.csv').read(), end='')"
-CSV = "a,b\n1,2\n"
-
-
-@pytest.fixture
-def notebook_dir(tmp_path, monkeypatch) -> Path:
-    nb = tmp_path / "nb"
-    (nb / "data").mkdir(parents=True)
-    (nb / "data" / "x.csv").write_text(CSV)
-    monkeypatch.chdir(nb)
-    return nb
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ ZeroMQ frames they arrived in, never unpickled and never copied. Each job has a 
     services.py   hello, status, cost, spend, volumes
     telemetry.py  GPU sampling and progress messages while a cell runs
     workdirs.py   the notebook's directory synced to a per-user workspace: SYNC, FETCH, a cell's cwd
+    mirror.py     the workspace of a worker that cannot see this host's files, over its socket
     streams.py    large values as CHUNK messages: on to the worker at once, or held for their request
     zap.py        the one ZAP handler: who may connect to each CURVE socket
     pump.py       serving the sockets from the event loop
@@ -50,6 +51,7 @@ from kernel_worker.daemon.attach import Attach
 from kernel_worker.daemon.budgets import Budgets
 from kernel_worker.daemon.errors import StartRefused
 from kernel_worker.daemon.front import Front
+from kernel_worker.daemon.mirror import Mirrors
 from kernel_worker.daemon.packages import Packages
 from kernel_worker.daemon.placement import Placement
 from kernel_worker.daemon.pool import WarmPool
@@ -278,6 +280,7 @@ class WorkerDaemon(LoggingConfigurable):
         self.snapshots = Snapshots(self)
         self.workdirs = Workdirs(self)
         self.streams = Streams(self)
+        self.mirrors = Mirrors(self)
         self.backend_instance.workspace_for = self.workdirs.mount_for
         sv, ss, wd = self.services, self.sessions, self.workdirs
         self.front.route(

@@ -190,6 +190,9 @@ class Sessions:
         if msg.type == P.Msg.CHUNK:  # part of a value it sends back: on at once, unjournaled
             self.d.streams.from_worker(s, msg)
             return
+        if msg.type == P.Msg.MIRROR:  # its copy of the workspace: the daemon's to answer
+            self.d.mirrors.handle(s, msg)
+            return
         if not self.d.attach.keep(s, msg):
             return  # sent again by a worker that reconnected: already here
         msg.session = s.id

@@ -32,7 +32,8 @@ named in ``need``, and the notebook sends it as bytes in a third SYNC.
 
 An EXECUTE with ``"workspace": K`` runs in that workspace: the daemon sets the cell's
 ``cwd`` to where the worker sees it (the host path for the process backend, the
-container's mount for docker, where only this workspace is mounted). After such a cell
+container's mount for docker, where only this workspace is mounted), or, for a worker
+that cannot see this host's files, asks it to keep a mirror over its socket (mirror.py). After such a cell
 its DONE carries ``"workspace": {"changed": n, "names": [...]}``: the files it created or
 changed there, compared with the state after the last sync or cell.
 
@@ -284,8 +285,9 @@ class Workdirs:
                     return None
                 self.of_session[msg.session] = (user, key, host)
                 self.cells.add(msg.session)
-                cwd = self._cwd(msg.session, host)
-                if cwd:
+                if not self.d.backend_instance.shares_files:  # the worker keeps a copy, over its socket
+                    msg.content["mirror"] = True
+                elif cwd := self._cwd(msg.session, host):
                     msg.content["cwd"] = cwd
             return run(ident, msg, user)
 
@@ -353,6 +355,7 @@ class Workdirs:
 
     async def _count_then_relay(self, s: Session, msg: P.Message, user: str, key: str, unseen: bool) -> None:
         try:
+            await self.d.mirrors.written(s)  # a worker elsewhere sent back what the cell wrote
             if unseen:
                 msg.content["workspace"] = {"unmounted": True}
                 return

@@ -209,9 +209,10 @@ class Channel:
                 self.begin(msg)
                 return msg
 
-    def answer_to(self, question: P.Message, timeout: float) -> P.Message | None:
+    def answer_to(self, question: P.Message, timeout: float, kind: str = P.Msg.INPUT_REPLY) -> P.Message | None:
         """Main thread, inside a running cell: the daemon's answer to ``question`` (an input
-        request), or None after ``timeout``. The lock is held only while reading."""
+        request, a workspace mirror), or None after ``timeout``. The lock is held only while
+        reading."""
         with self.lock:
             if not self.sock.poll(timeout * 1000):
                 return None
@@ -222,10 +223,10 @@ class Channel:
         except P.ProtocolError as e:
             print(f"jupyter-gpu executor: dropped bad message: {e}", file=sys.__stderr__)
             return None
-        if msg.type == P.Msg.INPUT_REPLY and msg.parent == question.id:
+        if msg.type == kind and msg.parent == question.id:
             return msg
         print(
-            f"jupyter-gpu executor: dropped a {msg.type} that came while a cell waited for input", file=sys.__stderr__
+            f"jupyter-gpu executor: dropped a {msg.type} that came while a cell waited for {kind}", file=sys.__stderr__
         )
         return None
 

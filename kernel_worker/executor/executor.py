@@ -19,6 +19,7 @@ from kernel_worker import bulk, serialize
 from kernel_worker import protocol as P
 from kernel_worker.executor.channel import Channel
 from kernel_worker.executor.imports import ImportCheck
+from kernel_worker.executor.mirror import Mirror
 from kernel_worker.executor.outbox import Outbox, StreamWriter, capture_fds
 from kernel_worker.executor.restore import Restorer
 from kernel_worker.executor.runner import Runner
@@ -73,6 +74,7 @@ class Executor:
         self.received: dict[str, str] = {}  # name -> fingerprint of the value the notebook shipped
         self.cwd = ""  # the notebook's directory, once followed
         self.imports = ImportCheck()
+        self.mirror = Mirror(self.channel)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         # Only a running cell is interrupted; between cells SIGINT is ignored.
@@ -202,7 +204,10 @@ class Executor:
             need = self._missing(msg.content.get("assumed"))
             if need:  # the notebook believes we hold these, and we do not: nothing runs
                 return msg.reply(P.Msg.NEED, {"names": need})
-        self._follow(msg.content.get("cwd"))
+        if msg.content.get("mirror"):  # the daemon's files are not here: a local copy of the workspace
+            self._follow(self.mirror.before(msg))
+        else:
+            self._follow(msg.content.get("cwd"))
         code = msg.content.get("code", "")
         before = set(self.ns)
         if ok and code.strip():
@@ -219,6 +224,11 @@ class Executor:
             pump.drain(FD_DRAIN_TIMEOUT_S)
         # What the cell (re)bound: new keys, plus the names its code assigns. Cheaper than
         # comparing the whole namespace, which IPython grows by two names per cell.
+        if msg.content.get("mirror"):  # what the cell wrote there goes back first
+            back = self.mirror.after(msg)
+            if back is not None:
+                with self.channel.lock:
+                    self.channel.send(back)
         bound = (self.ns.keys() - before) | self.runner.assigned(code)
         content["bound"] = sorted(k for k in bound if k in self.ns and not k.startswith("_"))
         content["deleted"] = sorted(k for k in before - self.ns.keys() if not k.startswith("_"))
