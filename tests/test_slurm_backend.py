@@ -24,9 +24,11 @@ from support.slurm import slurm_cluster
 from support.workdir_story import check_sync_round_trip
 
 from kernel_worker import protocol as P
+from kernel_worker.daemon.mirror import FILES_PER_ANSWER
 
 DEADLINE_S = 60
 POLL_S = 0.2
+FILES = FILES_PER_ANSWER  # a workspace mirror's batch
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +332,23 @@ print('sent')
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "workspaces" / "escape.txt").exists()
     assert not os.path.exists("/tmp/abs.txt")
     assert not list((tmp_path / "workspaces").glob("*/*/tree/ok.txt"))
+
+
+def test_a_workspace_of_many_files_reaches_the_node_in_batches(gateway, make_shell, tmp_path, monkeypatch):
+    nb = tmp_path / "many-nb"
+    (nb / "many").mkdir(parents=True)
+    for i in range(FILES + 1):
+        (nb / "many" / f"f{i}").write_text(str(i))
+    monkeypatch.chdir(nb)
+    d = gateway()
+    ip = make_shell(d)
+    cell = "%%gpu cpu\nimport os\nnames = os.listdir('many')\nprint(len(names), open('many/f1000').read())"
+    result, cap = run(ip, cell)
+    assert result.success, result.error_in_exec
+    assert cap.stdout == f"{FILES + 1} 1000\n"
+    result, cap = run(ip, "%%gpu cpu\nfor i in range(1200):\n    open(f'many/g{i}', 'w').write('x')")
+    assert result.success
+    said = " ".join(notes(cap))
+    assert f"{FILES} files created or changed in the workspace" in said, said  # the first batch, at once
+    result, cap = run(ip, "%%gpu cpu\npass")
+    assert "200 files created or changed in the workspace" in " ".join(notes(cap))  # the rest, with the next cell

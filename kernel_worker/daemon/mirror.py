@@ -27,13 +27,15 @@ from kernel_worker.workspace_tree import NOISE, Tree, WorkspaceError, _key, _per
 if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
 
+FILES_PER_ANSWER = 1000  # files in one message, well under a message's most frames (Limits.max_frames)
+
 
 class Mirrors:
     def __init__(self, daemon: WorkerDaemon):
         self.d = daemon
         self.log = daemon.log
         self.tokens: dict[tuple[str, str, str], tuple[tuple, str]] = {}  # (user, key, rel) -> (stat key, token)
-        self.writing: dict[str, asyncio.Task] = {}  # session id -> its cell's files being written back
+        self.writing: dict[str, list[asyncio.Task]] = {}  # session id -> its cell's files being written back
 
     def handle(self, s: Session, msg: P.Message) -> None:
         """A worker's MIRROR for the cell it runs."""
@@ -43,15 +45,15 @@ class Mirrors:
             return
         user, key, host = got
         if "back" in msg.content:
-            self.writing[s.id] = self.d.spawn(self._back(s, msg, user, key, host), s.tasks)
+            self.writing.setdefault(s.id, []).append(self.d.spawn(self._back(s, msg, user, key, host), s.tasks))
         else:
             self.d.spawn(self._answer(s, msg, user, key, host), s.tasks)
 
     async def written(self, s: Session) -> None:
         """Until the files ``s``'s cell sent back are in its workspace."""
-        task = self.writing.pop(s.id, None)
-        if task is not None:
-            await asyncio.wait({task}, timeout=self.d.workspace_timeout)
+        tasks = self.writing.pop(s.id, [])
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.d.workspace_timeout)
 
     # ------------------------------------------------------------------ to the worker
 
@@ -59,28 +61,38 @@ class Mirrors:
         have = msg.content.get("have")
         have = have if isinstance(have, dict) else {}
         try:
-            listing, send, frames = await self.d.workdirs._io(self._listing, user, key, host, have)
-            content = {"files": listing, "send": send}
+            listing, send, frames, more = await self.d.workdirs._io(self._listing, user, key, host, have)
+            content = {"files": listing, "send": send, "more": more}
         except (OSError, WorkspaceError) as e:
             self.log.warning("session %s: its workspace could not be read for its worker: %s", s.id, e)
             content, frames = {"error": str(e)}, []
         self.d.workers.send(s, msg.reply(P.Msg.MIRROR, content, frames))
 
-    def _listing(self, user: str, key: str, host: str, have: dict) -> tuple[dict, list, list]:
-        listing, send, frames = {}, [], []
-        left = self.d.workdirs.ws.max_fetch_bytes * 8  # a first copy may be large; never unbounded
+    def _listing(self, user: str, key: str, host: str, have: dict) -> tuple[dict, list, list, bool]:
+        """The workspace's listing, the files (at most FILES_PER_ANSWER and
+        ``Workspaces.max_fetch_bytes``) the worker lacks, and whether it lacks more: it asks
+        again once it has these."""
+        listing, send, frames, more = {}, [], [], False
+        most = left = self.d.workdirs.ws.max_fetch_bytes
         with Tree(host) as tree:
             for rel, st in _walk(host, NOISE):
                 token = self._token(tree, user, key, rel, st)
                 listing[rel] = [st.st_size, token, _perm(st.st_mode)]
-                if have.get(rel) != token:
-                    if st.st_size > left:
-                        raise WorkspaceError(f"the workspace is too large to copy to a worker elsewhere ({rel})")
-                    data = tree.read(rel, st.st_size)
-                    left -= len(data)
-                    send.append(rel)
-                    frames.append(data)
-        return listing, send, frames
+                if have.get(rel) == token or more:
+                    continue
+                if st.st_size > most:
+                    raise WorkspaceError(
+                        f"{rel} is larger than Workspaces.max_fetch_bytes ({most} bytes): too large to copy to a "
+                        "worker on another node; put it on a volume or a filesystem the nodes share"
+                    )
+                if st.st_size > left or len(send) >= FILES_PER_ANSWER:
+                    more = True
+                    continue
+                data = tree.read(rel, st.st_size)
+                left -= len(data)
+                send.append(rel)
+                frames.append(data)
+        return listing, send, frames, more
 
     def _token(self, tree: Tree, user: str, key: str, rel: str, st: Any) -> str:
         known = self.tokens.get((user, key, rel))

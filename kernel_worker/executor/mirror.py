@@ -25,6 +25,7 @@ from kernel_worker.workspace_tree import NOISE, Tree, _key, _walk, check_relpath
 ANSWER_S = 300.0  # how long a cell waits for its workspace (a large first copy)
 POLL_S = 0.1
 MOST_BACK_BYTES = 2 * 1024**3  # what one cell's files send back at most; the rest stays on the worker, named
+FILES_BACK = 1000  # files one cell sends back at most (a message's frames are bounded)
 
 try:
     from xxhash import xxh3_128_hexdigest as token_of
@@ -42,23 +43,31 @@ class Mirror:
         """Bring the mirror up to date for ``cell``; the directory the cell works in."""
         if not self.root:
             self.root = tempfile.mkdtemp(prefix="jupyter-gpu-workspace-")
+        while True:  # the daemon sends a bounded batch at a time, and says when more is due
+            answer = self._ask(cell)
+            if answer is None or not isinstance(answer.content.get("files"), dict):
+                why = (answer.content.get("error") if answer is not None else None) or "no answer"
+                print(f"jupyter-gpu executor: no workspace from the daemon ({why})", file=sys.__stderr__)
+                return self.root
+            self._apply(answer.content["files"], answer.content.get("send") or [], answer.buffers)
+            if not answer.content.get("more"):
+                return self.root
+
+    def _ask(self, cell: P.Message) -> P.Message | None:
         question = cell.reply(P.Msg.MIRROR, {"have": {rel: tok for rel, (tok, _) in self.held.items() if tok}})
         with self.channel.lock:
             self.channel.send(question)
-        answer = None
-        deadline_polls = int(ANSWER_S / POLL_S)
-        for _ in range(deadline_polls):
+        for _ in range(int(ANSWER_S / POLL_S)):  # short waits: the cell's interrupt ends it, as for input()
             answer = self.channel.answer_to(question, POLL_S, P.Msg.MIRROR)
             if answer is not None:
-                break
-        if answer is None or not isinstance(answer.content.get("files"), dict):
-            print("jupyter-gpu executor: no workspace from the daemon; the cell runs without it", file=sys.__stderr__)
-            return self.root
-        listing, send = answer.content["files"], answer.content.get("send") or []
+                return answer
+        return None
+
+    def _apply(self, listing: dict, send: list, frames: list) -> None:
         with Tree(self.root) as tree:
-            for rel, data in zip(send, answer.buffers):
+            for rel, data in zip(send, frames):
                 rel = check_relpath(rel)
-                size, token, mode = listing[rel]
+                _size, token, mode = listing[rel]
                 self.held[rel] = (token, _key(tree.write(rel, data, int(mode))))
             for rel in [r for r in self.held if r not in listing]:
                 try:
@@ -66,7 +75,6 @@ class Mirror:
                 except OSError:
                     pass
                 del self.held[rel]
-        return self.root
 
     def after(self, cell: P.Message) -> P.Message | None:
         """What the cell created, changed or removed in the mirror, as a MIRROR ``back``
@@ -81,7 +89,7 @@ class Mirror:
         back, frames, left, room = {}, [], [], MOST_BACK_BYTES
         with Tree(self.root) as tree:
             for rel in changed:
-                if now[rel].st_size > room:
+                if now[rel].st_size > room or len(back) >= FILES_BACK:
                     left.append(rel)
                     continue
                 try:
