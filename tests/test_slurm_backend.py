@@ -352,3 +352,23 @@ def test_a_workspace_of_many_files_reaches_the_node_in_batches(gateway, make_she
     assert f"{FILES} files created or changed in the workspace" in said, said  # the first batch, at once
     result, cap = run(ip, "%%gpu cpu\npass")
     assert "200 files created or changed in the workspace" in " ".join(notes(cap))  # the rest, with the next cell
+
+
+def test_the_mirror_survives_a_daemon_restart(gateway, make_shell, notebook_dir):
+    d = gateway()
+    ip = make_shell(d)
+    result, cap = run(ip, "%%gpu cpu\nimport os\nprint(open('data/x.csv').read().splitlines()[1], os.getpid())")
+    assert result.success, result.error_in_exec
+    row, pid = cap.stdout.split()
+    d.kill()
+    d2 = gateway()
+    d2.log.wait_for(r"adopted the running worker of session", timeout=DEADLINE_S)
+    (notebook_dir / "data" / "x.csv").write_text("a,b\n7,8\n")
+    cell = (
+        "%%gpu cpu\nprint(open('data/x.csv').read().splitlines()[1], os.getpid())\n_ = open('made.txt', 'w').write('m')"
+    )
+    result, cap = run(ip, cell)
+    assert result.success, result.error_in_exec
+    assert (row, cap.stdout) == ("1,2", f"7,8 {pid}\n")  # the same worker, the changed file
+    result, cap = run(ip, "%gpu fetch made.txt")
+    assert result.success and (notebook_dir / "made.txt").read_text() == "m"

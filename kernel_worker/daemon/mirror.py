@@ -27,6 +27,7 @@ from kernel_worker.workspace_tree import NOISE, Tree, WorkspaceError, _key, _per
 if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
 
+REMEMBERED = 1000  # question ids kept, to answer each once
 FILES_PER_ANSWER = 1000  # files in one message, well under a message's most frames (Limits.max_frames)
 
 
@@ -36,6 +37,7 @@ class Mirrors:
         self.log = daemon.log
         self.tokens: dict[tuple[str, str, str], tuple[tuple, str]] = {}  # (user, key, rel) -> (stat key, token)
         self.writing: dict[str, list[asyncio.Task]] = {}  # session id -> its cell's files being written back
+        self.asked: dict[str, None] = {}  # questions answered or being answered, oldest first
 
     def handle(self, s: Session, msg: P.Message) -> None:
         """A worker's MIRROR for the cell it runs."""
@@ -46,7 +48,10 @@ class Mirrors:
         user, key, host = got
         if "back" in msg.content:
             self.writing.setdefault(s.id, []).append(self.d.spawn(self._back(s, msg, user, key, host), s.tasks))
-        else:
+        elif msg.id not in self.asked:  # a worker asks again until answered: once is enough
+            self.asked[msg.id] = None
+            while len(self.asked) > REMEMBERED:
+                del self.asked[next(iter(self.asked))]
             self.d.spawn(self._answer(s, msg, user, key, host), s.tasks)
 
     async def written(self, s: Session) -> None:

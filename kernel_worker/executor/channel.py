@@ -198,6 +198,8 @@ class Channel:
                 except P.ProtocolError as e:
                     print(f"jupyter-gpu executor: dropped bad message: {e}", file=sys.__stderr__)
                     continue
+                if msg.type == P.Msg.MIRROR:  # a second answer to a workspace question already answered
+                    continue
                 if msg.type == P.Msg.CHUNK:  # part of a value the next request names
                     try:
                         self.assembler.add(msg)

@@ -24,6 +24,7 @@ from kernel_worker.workspace_tree import NOISE, Tree, _key, _walk, check_relpath
 
 ANSWER_S = 300.0  # how long a cell waits for its workspace (a large first copy)
 POLL_S = 0.1
+ASK_AGAIN_S = 10.0
 MOST_BACK_BYTES = 2 * 1024**3  # what one cell's files send back at most; the rest stays on the worker, named
 FILES_BACK = 1000  # files one cell sends back at most (a message's frames are bounded)
 
@@ -54,10 +55,14 @@ class Mirror:
                 return self.root
 
     def _ask(self, cell: P.Message) -> P.Message | None:
+        """The daemon's answer, asking again every ASK_AGAIN_S (a daemon restarted meanwhile
+        never saw the question; a second answer to the same question is dropped)."""
         question = cell.reply(P.Msg.MIRROR, {"have": {rel: tok for rel, (tok, _) in self.held.items() if tok}})
-        with self.channel.lock:
-            self.channel.send(question)
-        for _ in range(int(ANSWER_S / POLL_S)):  # short waits: the cell's interrupt ends it, as for input()
+        polls_per_ask = int(ASK_AGAIN_S / POLL_S)
+        for i in range(int(ANSWER_S / POLL_S)):  # short waits: the cell's interrupt ends it, as for input()
+            if i % polls_per_ask == 0:
+                with self.channel.lock:
+                    self.channel.send(question)
             answer = self.channel.answer_to(question, POLL_S, P.Msg.MIRROR)
             if answer is not None:
                 return answer
