@@ -205,7 +205,16 @@ class Executor:
             if need:  # the notebook believes we hold these, and we do not: nothing runs
                 return msg.reply(P.Msg.NEED, {"names": need})
         if msg.content.get("mirror"):  # the daemon's files are not here: a local copy of the workspace
-            self._follow(self.mirror.before(msg))
+            self.running = True  # an interrupt ends the wait for it, and the cell
+            try:
+                self._follow(self.mirror.before(msg))
+            except KeyboardInterrupt:
+                ok = False
+                self.outbox.send(
+                    msg.reply(P.Msg.ERROR, _err("interrupted while the workspace was copied", KeyboardInterrupt()))
+                )
+            finally:
+                self.running = False
         else:
             self._follow(msg.content.get("cwd"))
         code = msg.content.get("code", "")
