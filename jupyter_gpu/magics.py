@@ -36,11 +36,6 @@ from kernel_worker import protocol as P
 CLIENT_VERSIONS = {"python": platform.python_version(), "cloudpickle": cloudpickle.__version__}
 
 
-def _ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
 @magics_class
 class GPUMagics(Commands, SnapshotCommands, CellNotes, WorkspaceCells, BackgroundCells, Magics, connect.DaemonTarget):
     default_gpu = Unicode("any", help="GPU request used when a %%gpu cell names none (H100, A100:2, any, cpu...).").tag(
@@ -270,8 +265,7 @@ class GPUMagics(Commands, SnapshotCommands, CellNotes, WorkspaceCells, Backgroun
             if m.type == P.Msg.PROGRESS:
                 status.update(m.content)
             elif m.type == P.Msg.QUEUED:
-                where = m.content.get("where") or f"{_ordinal(m.content['position'])} in queue"
-                text = f"[jupyter-gpu] waiting for {m.content.get('request')}: {where}"
+                text = f"[jupyter-gpu] waiting for {m.content.get('request')}: {m.content.get('where')}"
                 if job is not None:
                     job.output.note(text)
                 elif self._queue_note is None:

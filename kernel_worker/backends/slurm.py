@@ -29,7 +29,8 @@ from traitlets import Bool, Dict, Float, Int, List, Unicode
 
 from kernel_worker import protocol as P
 from kernel_worker.backends.base import GPU_DEVICES_ENV, Backend, WorkerExit, WorkerSpec, describe_exit
-from kernel_worker.backends.slurm_cli import Job, SlurmCLI, SlurmError, parse_gres
+from kernel_worker.backends.slurm_cli import Job, SlurmCLI, SlurmError, gres_argv, gres_totals
+from kernel_worker.daemon.placement import ordinal
 from kernel_worker.inventory import GPU
 
 JOB_PREFIX = "jgpu-"  # then the daemon's id, '-', the worker id
@@ -46,17 +47,12 @@ ENDED_WORDS = {
 }
 
 
-def ordinal(n: int) -> str:
-    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
-
-
 @dataclass
 class SlurmHandle:
     job_id: str
     wid: str
     state: str = "PENDING"
     reason: str = ""
-    user: str = ""
     last: Job | None = None  # what Slurm said last
 
 
@@ -170,20 +166,13 @@ class SlurmBackend(Backend):
     def inventory(self) -> list[GPU]:
         """The partition's GPUs as Slurm declares them, each named ``slurm:TYPE:N``: which
         physical GPU a job gets is Slurm's to say. Read once, at the daemon's start."""
-        argv = ["sinfo", "-h", "-N", *(["-p", self.partition] if self.partition else []), "-o", "%N|%G"]
+        argv = gres_argv(self.partition)
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=self.command_timeout, check=True)
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", "") or e
             raise RuntimeError(f"cannot ask Slurm for its GPUs ({' '.join(argv)}): {detail}") from None
-        total: dict[str, int] = {}
-        seen = set()
-        for line in out.stdout.splitlines():
-            node, _, gres = line.partition("|")
-            if node not in seen:
-                seen.add(node)
-                for kind, n in parse_gres(gres).items():
-                    total[kind] = total.get(kind, 0) + n
+        total = gres_totals(out.stdout)
         return [
             GPU(i, self.model_of(kind), f"Slurm gres gpu:{kind}", f"slurm:{kind}:{i}", 0, elsewhere=True)
             for kind, n in sorted(total.items())
@@ -243,12 +232,12 @@ class SlurmBackend(Backend):
             job_id = await self.cli.submit(self._script(spec), self._options(spec))
         except SlurmError as e:
             if e.never:
-                gres = await self.cli.gres(self.partition) if self.partition else {}
+                gres = await self.cli.gres(self.partition)
                 have = ", ".join(f"{self.model_of(k)}:{n}" for k, n in gres.items()) or "no GPUs"
                 raise RuntimeError(f"Slurm can never run this request: {e.text} (partition has: {have})") from None
             raise RuntimeError(f"Slurm refused the job: {e}") from None
         self.log.info("session %s: Slurm job %s submitted", spec.session, job_id)
-        return SlurmHandle(job_id, spec.session, user=spec.user)
+        return SlurmHandle(job_id, spec.session)
 
     async def _look(self, handle: SlurmHandle) -> Job | None:
         await self._refresh()
@@ -329,12 +318,11 @@ class SlurmBackend(Backend):
     # ------------------------------------------------------------------ restart
 
     async def find(self) -> list[tuple[str, Any]]:
-        me = getpass.getuser()
         found = []
-        for job in await self.cli.jobs(self.prefix, user=me):
+        for job in await self.cli.jobs(self.prefix, user=getpass.getuser()):
             wid = job.name[len(self.prefix) :]
             if P.SESSION_RE.match(wid) and wid:
-                found.append((wid, SlurmHandle(job.id, wid, job.state, job.reason, me, job)))
+                found.append((wid, SlurmHandle(job.id, wid, job.state, job.reason, job)))
         return found
 
     def is_running(self, handle: SlurmHandle) -> bool:

@@ -135,18 +135,29 @@ class SlurmCLI:
                 raise
 
     async def gres(self, partition: str) -> dict[str, int]:
-        """GPUs per type on the partition's nodes, as Slurm declares them: ``{"h100": 2}``."""
-        out = await self.run("sinfo", "-h", "-N", "-p", partition, "-o", "%N|%G")
-        total: dict[str, int] = {}
-        seen = set()
-        for line in out.splitlines():
-            node, _, gres = line.partition(FIELD)
-            if node in seen:
-                continue
-            seen.add(node)
-            for kind, count in parse_gres(gres).items():
-                total[kind] = total.get(kind, 0) + count
-        return total
+        """GPUs per type on the partition's nodes ('': every partition), as Slurm declares
+        them: ``{"h100": 2}``."""
+        return gres_totals(await self.run(*gres_argv(partition)))
+
+
+def gres_argv(partition: str) -> list[str]:
+    """``sinfo`` listing each node once with its gres, of ``partition`` ('': all)."""
+    return ["sinfo", "-h", "-N", *(["-p", partition] if partition else []), "-o", FIELD.join(("%N", "%G"))]
+
+
+def gres_totals(sinfo: str) -> dict[str, int]:
+    """``gres_argv``'s output summed per GPU type, each node counted once (a node in two
+    partitions is listed twice)."""
+    total: dict[str, int] = {}
+    seen = set()
+    for line in sinfo.splitlines():
+        node, _, gres = line.partition(FIELD)
+        if node in seen:
+            continue
+        seen.add(node)
+        for kind, count in parse_gres(gres).items():
+            total[kind] = total.get(kind, 0) + count
+    return total
 
 
 def parse_fields(text: str) -> dict[str, str]:

@@ -16,6 +16,12 @@ if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
 
 
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 11th, 22nd: a place in a queue, as the notebook shows it."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 class Placement:
     def __init__(self, daemon: WorkerDaemon):
         self.d = daemon
@@ -68,7 +74,8 @@ class Placement:
             )
 
         def position(n: int) -> None:
-            self.d.front.send(ident, msg.reply(P.Msg.QUEUED, {"position": n, "request": req.text}))
+            where = f"{ordinal(n)} in queue"
+            self.d.front.send(ident, msg.reply(P.Msg.QUEUED, {"position": n, "request": req.text, "where": where}))
 
         s.queued = True
         try:

@@ -31,15 +31,15 @@ class Services:
 
     def hello(self, ident: bytes, msg: P.Message, user: str) -> None:
         d = self.d
+        shares = d.backend_instance.shares_files  # the same-host shortcut only where workers see this host's files
         welcome = {
             "protocol": P.PROTOCOL_VERSION,
             "backend": d.backend,
             "pid": os.getpid(),
             "gpus": [g.to_json() for g in d.scheduler.gpus],
             "idle_timeout": d.idle_timeout,
-            # The same-host shortcut only where workers see this host's files.
-            "bulk_root": d.bulk_root if d.backend_instance.shares_files else "",
-            "bulk_probe": d.bulk_probe if d.backend_instance.shares_files else "",
+            "bulk_root": d.bulk_root if shares else "",
+            "bulk_probe": d.bulk_probe if shares else "",
             "incarnation": d.incarnation,
         }
         d.front.reply(ident, msg, welcome, P.Msg.WELCOME)

@@ -64,7 +64,9 @@ class Streams:
             self.d.workers.send(s, c)
 
     def from_worker(self, s: Session, msg: P.Message) -> None:
-        if s.current is not None and msg.parent == s.current.id and chunks.check(msg, self.d.max_message_bytes) == "":
+        """A chunk of the reply to ``s``'s current request (Sessions.from_worker checked
+        whose it is): on to the notebook."""
+        if chunks.check(msg, self.d.max_message_bytes) == "":
             msg.session = s.id
             self.d.attach.relay(s, msg)
 
