@@ -89,6 +89,7 @@ class Placement:
 
         def where(text: str) -> None:
             s.queued = True
+            self.d.log.info("session %s waits: %s", s.id, text)
             self.d.front.send(ident, msg.reply(P.Msg.QUEUED, {"position": 0, "request": s.request.text, "where": text}))
 
         return where
