@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
 import time
 
@@ -369,3 +370,36 @@ def test_the_mirror_survives_a_daemon_restart(gateway, make_shell, notebook_dir)
     assert (row, cap.stdout) == ("1,2", f"7,8 {pid}\n")  # the same worker, the changed file
     result, cap = run(ip, "%gpu fetch made.txt")
     assert result.success and (notebook_dir / "made.txt").read_text() == "m"
+
+
+def test_a_worker_sigkilled_inside_its_job_ends_the_cell_and_the_job(gateway, make_shell, slurm, tmp_path):
+    ip = make_shell(gateway())
+    marker = tmp_path / "pid"
+    killed = {}
+
+    def kill_once_running() -> None:
+        slurm.wait_for("the cell running", lambda: marker.exists() and marker.read_text(), timeout=DEADLINE_S)
+        killed["job"] = running_job(slurm)["id"]
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+
+    t = threading.Thread(target=kill_once_running)
+    t.start()
+    cell = f"%%gpu cpu\nimport os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)"
+    result, _ = run(ip, cell)
+    t.join(DEADLINE_S)
+    error = str(result.error_in_exec)
+    assert f"its worker killed by SIGKILL (Slurm job {killed['job']}) while running the cell" in error, error
+    slurm.wait_gone(killed["job"])
+    result, cap = run(ip, "%%gpu cpu\nprint('a new job')")
+    assert result.success and cap.stdout == "a new job\n"
+
+
+def test_a_dead_kernels_session_is_released_and_its_job_cancelled(gateway, slurm):
+    d = gateway("--WorkerDaemon.client_timeout=2", "--WorkerDaemon.orphan_grace=1", "--WorkerDaemon.reap_interval=0.2")
+    with kernels.kernel(d.connection_file, "%config GPUMagics.keepalive_interval = 0.5") as (km, kc):
+        out, status = kernels.run(kc, "%%gpu H100\nimport os\nprint(os.environ['SLURM_JOB_ID'])")
+        assert status == "ok", out
+        kernels.kill(km)
+        d.log.wait_for(r"released: its notebook's kernel went away", timeout=DEADLINE_S)
+        slurm.wait_gone(out.strip())
+    assert not our_jobs(slurm)

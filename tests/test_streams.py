@@ -116,3 +116,19 @@ def test_hostile_chunks_are_dropped_before_they_are_held_or_relayed(elsewhere_da
     assert status["sessions"] == []
     assert json.loads(header())["type"] == "status"
     peer.close()
+
+
+@pytest.mark.daemon_args("--WorkerDaemon.client_timeout=1", "--WorkerDaemon.reap_interval=0.2")
+def test_a_stream_whose_request_never_comes_is_let_go(elsewhere_daemon):
+    """A notebook killed between its chunks and its request: the daemon holds them for
+    client_timeout, then drops them (nothing else depends on them)."""
+    d = elsewhere_daemon
+    peer = RawPeer(d.url, d.key)
+    head, data = chunk(of="m9", size=8)
+    signer = P.Signer(d.key)
+    peer.sock.send_multipart([P.DELIM, signer.sign(head), head, *data])
+    status = header(id="m10")
+    assert peer.exchange([P.DELIM, signer.sign(status), status]).type == P.Msg.REPLY  # the chunk came before it
+    peer.close()  # as a SIGKILLed kernel would: no request follows
+    d.log.wait_for(r"dropped 8 held bytes of a stream for m9: its request never came", timeout=30)
+    assert d.client().call(P.Msg.STATUS)["sessions"] == []

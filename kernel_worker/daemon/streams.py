@@ -72,6 +72,7 @@ class Streams:
 
     def expire(self, now: float) -> None:
         """Streams whose request never came (the notebook died sending them)."""
-        for ident, (_, _, _, since) in list(self.held.items()):
+        for ident, (of, _, size, since) in list(self.held.items()):
             if now - since > self.d.client_timeout:
                 del self.held[ident]
+                self.log.info("dropped %d held bytes of a stream for %s: its request never came", size, of[:40])
