@@ -114,6 +114,8 @@ class Mirrors:
             await self.d.workdirs._io(self._write_back, user, key, host, msg)
         except (OSError, ValueError) as e:  # a bad relpath, the quota: the cell's result still counts
             self.log.warning("session %s: what its cell wrote in its workspace was refused: %s", s.id, e)
+        except Exception:  # a bug: the cell's result still counts, and the log says what happened
+            self.log.exception("session %s: what its cell wrote in its workspace could not be written", s.id)
         left = msg.content.get("left") or []
         if left:
             self.log.info("session %s: %d file(s) too large to send back stay on its worker", s.id, len(left))

@@ -186,6 +186,8 @@ class Sessions:
         if s.current is None or msg.parent != s.current.id:
             if msg.type in LATE_KINDS and s.log is not None and msg.parent == s.log.request:
                 self.d.attach.late(s, msg)
+            elif msg.type == P.Msg.MIRROR:  # a cell's files arriving after its cell: say so, never silently
+                self.log.warning("session %s: dropped its worker's workspace message for a cell not running", s.id)
             return  # else: an answer to a request that was already answered
         if msg.type == P.Msg.CHUNK:  # part of a value it sends back: on at once, unjournaled
             self.d.streams.from_worker(s, msg)
