@@ -15,7 +15,8 @@ from support.sshd_server import elsewhere_daemon as elsewhere
 from support.sshd_server import sshd_server
 from support.workdir_story import CSV
 
-pytest_plugins = ["pytest_jupyter.jupyter_server"]  # a real Jupyter Server for the extension's tests
+# A real Jupyter Server for the extension's tests; `slurm` and `gateway` for the Slurm backend's.
+pytest_plugins = ["pytest_jupyter.jupyter_server", "support.slurm_gateway"]
 # tests/gpu need torch (gigabytes of wheels) and, some, a GPU: `make test-gpu` runs them there.
 collect_ignore = [] if os.environ.get("JUPYTER_GPU_TORCH_TESTS") else ["gpu"]
 

@@ -16,69 +16,16 @@ import signal
 import threading
 import time
 
-import pytest
 from support import kernels
-from support.daemons import start_daemon
-from support.orphans import forget_daemon
 from support.shells import notes, run
-from support.slurm import slurm_cluster
+from support.slurm_gateway import our_jobs, running_job
 from support.workdir_story import check_sync_round_trip
 
 from kernel_worker import protocol as P
 from kernel_worker.daemon.mirror import FILES_PER_ANSWER
 
 DEADLINE_S = 60
-POLL_S = 0.2
 FILES = FILES_PER_ANSWER  # a workspace mirror's batch
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    with slurm_cluster(tmp_path_factory.mktemp("slurm-backend")) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def gateway(slurm, tmp_path, runtime_dir, monkeypatch):
-    """``start(*options)``: a daemon with the slurm backend (the login node's gateway);
-    stopped afterwards, and then Slurm's queue holds none of its jobs."""
-    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
-    started = []
-
-    def start(*options: str):
-        d = start_daemon(
-            tmp_path,
-            "--backend=slurm",
-            "--SlurmBackend.partition=gpu",
-            f"--SlurmBackend.poll_interval={POLL_S}",
-            "--SlurmBackend.gres_types={'H100': 'h100', 'A100': 'a100'}",
-            "--WorkerDaemon.worker_heartbeat_interval=0.5",
-            *options,
-        )
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.stop()
-    forget_daemon(str(tmp_path / "daemon.json"))
-    left = [j for j in slurm.queue() if j["name"].startswith("jgpu-")]
-    assert not left, f"jobs left behind: {left}"
-    others = [j["id"] for j in slurm.queue()]
-    if others:
-        slurm.scancel(*others)
-    slurm.wait_for("an empty queue", lambda: not slurm.queue())
-
-
-def our_jobs(slurm) -> list[dict]:
-    return [j for j in slurm.queue() if j["name"].startswith("jgpu-")]
-
-
-def running_job(slurm) -> dict:
-    def running() -> list[dict]:
-        return [j for j in our_jobs(slurm) if j["state"] == "RUNNING"]
-
-    return slurm.wait_for("a running jgpu job", running)[0]
 
 
 def test_a_session_is_a_slurm_job_with_the_gpus_slurm_allocated(gateway, make_shell, slurm):
