@@ -81,6 +81,7 @@ class Msg:
     INPUT_REQUEST = "input_request"  # a remote cell called input() or getpass(): ask the notebook's user
     # executor <-> daemon only
     RESTORE = "restore"  # load a snapshot of a namespace (SNAPSHOT, to an executor: write one)
+    FILE = "file"  # a piece of a snapshot's file, for a worker that cannot see the daemon's disk (filestream.py)
     READY = "ready"
     HEARTBEAT = "heartbeat"
 
@@ -108,7 +109,7 @@ CLIENT_REQUESTS = frozenset(
 )
 # Requests the daemon passes on to the session's executor.
 EXECUTOR_REQUESTS = frozenset(
-    {Msg.EXECUTE, Msg.PULL, Msg.PING, Msg.INPUT_REPLY, Msg.SNAPSHOT, Msg.RESTORE, Msg.CHUNK, Msg.MIRROR}
+    {Msg.EXECUTE, Msg.PULL, Msg.PING, Msg.INPUT_REPLY, Msg.SNAPSHOT, Msg.RESTORE, Msg.CHUNK, Msg.MIRROR, Msg.FILE}
 )
 # What an executor may send. Everything but READY/HEARTBEAT is relayed to the client.
 EXECUTOR_REPLIES = frozenset(
@@ -129,6 +130,7 @@ EXECUTOR_REPLIES = frozenset(
         Msg.CHUNK,
         Msg.MIRROR,
         Msg.REPLY,  # to the daemon's own requests (SNAPSHOT, RESTORE); never relayed
+        Msg.FILE,  # a snapshot's files, ahead of its REPLY; never relayed
     }
 )
 # Replies that end a request: the client stops waiting after one of these.

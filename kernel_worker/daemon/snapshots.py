@@ -16,21 +16,21 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
-import json
 import os
 import re
 import shutil
-import stat
 import time
 from typing import TYPE_CHECKING
 
 from traitlets import Bool, Float, Int, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from kernel_worker import filestream
 from kernel_worker import protocol as P
 from kernel_worker.backends.docker_owner import handed_dir, worker_owner
 from kernel_worker.daemon import paths
 from kernel_worker.daemon.errors import UnsafePath
+from kernel_worker.daemon.snapshot_files import SnapshotRefused, copy_files, read_json, remove, size_of, write_json
 from kernel_worker.session import WARM_PREFIX, Session
 from kernel_worker.workspace import Workspaces
 from kernel_worker.workspace_tree import human
@@ -41,12 +41,7 @@ if TYPE_CHECKING:
 ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 META = "meta.json"
 MANIFEST = "manifest.json"
-COPY_CHUNK = 16 * 1024**2
 FRESH = "fresh"  # in a notebook's directory: its last session ended without a snapshot
-
-
-class SnapshotRefused(Exception):
-    pass
 
 
 class Snapshots(LoggingConfigurable):
@@ -93,7 +88,7 @@ class Snapshots(LoggingConfigurable):
         for name in os.listdir(nbdir) if os.path.isdir(nbdir) else []:
             if not ID_RE.match(name):
                 continue
-            meta = _read_json(os.path.join(nbdir, name, META))
+            meta = read_json(os.path.join(nbdir, name, META))
             if meta is not None and os.path.isfile(os.path.join(nbdir, name, MANIFEST)):
                 out.append((name, meta))
         return sorted(out, key=lambda x: (float(x[1].get("at") or 0.0), x[0]), reverse=True)  # two in one second
@@ -193,11 +188,15 @@ class Snapshots(LoggingConfigurable):
 
     def _for_worker(self, s: Session, path: str, kind: str) -> tuple[str, str]:
         """(the host directory ``s``'s worker writes or reads, its path there): the store
-        itself where the worker sees it (process backend), else a stage in its bulk directory."""
+        itself where the worker sees it (process backend), else a stage in its bulk
+        directory (docker), else ("", ""): the files travel over its socket (a Slurm node
+        without a shared filesystem)."""
         backend, bulk = self.d.backend_instance, self.d.workers.bulk_dir(s.wid)
         seen = backend.worker_path(path, bulk)
         if seen:
             return path, seen
+        if not backend.shares_files:
+            return "", ""
         stage = os.path.join(bulk, f"{kind}-{os.path.basename(path)}")
         shutil.rmtree(stage, ignore_errors=True)  # whatever a container put there first is not ours
         stage = handed_dir(stage, worker_owner(backend))
@@ -212,14 +211,23 @@ class Snapshots(LoggingConfigurable):
         path = paths.private_dir(os.path.join(nbdir, sid))
         done = self.writing[nbdir] = asyncio.get_running_loop().create_future()
         t0 = time.monotonic()
+        files = None
         try:
             host, seen = self._for_worker(s, path, "snapshot")
-            reply = await self.d.workers.ask(s, P.Message(P.Msg.SNAPSHOT, {"dir": seen}, s.id), self.timeout)
-            if reply.type != P.Msg.REPLY or not reply.content.get("ok"):
-                raise SnapshotRefused(str(reply.content.get("error") or reply.content.get("evalue") or "failed"))
-            if host != path:  # written in the worker's bulk directory: into the store, then gone from there
+            ask = P.Message(P.Msg.SNAPSHOT, {"dir": seen, "send": not seen}, s.id)
+            if not seen:  # the worker writes it on its node and sends the files ahead of its answer
+                files = filestream.Receiver(path, ask.id, self.quota_bytes, refused=frozenset({META}))
+            try:
+                reply = await self.d.workers.ask(s, ask, self.timeout, files)
+                if reply.type != P.Msg.REPLY or not reply.content.get("ok"):
+                    raise SnapshotRefused(str(reply.content.get("error") or reply.content.get("evalue") or "failed"))
+                if files is not None:  # every file it named, whole, and synced
+                    await asyncio.wait_for(asyncio.to_thread(files.finish, reply.content.get("files")), self.timeout)
+            except filestream.FileStreamError as e:
+                raise SnapshotRefused(str(e)) from None
+            if host and host != path:  # written in the worker's bulk directory: into the store, then gone from it
                 try:
-                    copy = asyncio.to_thread(_copy_files, host, path, None, self.quota_bytes)
+                    copy = asyncio.to_thread(copy_files, host, path, None, self.quota_bytes)
                     await asyncio.wait_for(copy, self.timeout)
                 finally:
                     await asyncio.to_thread(shutil.rmtree, host, True)
@@ -235,8 +243,8 @@ class Snapshots(LoggingConfigurable):
                 "names": list(reply.content.get("names", []))[:10000],
                 "left": dict(list((reply.content.get("left") or {}).items())[:1000]),
             }
-            _write_json(os.path.join(path, META), meta)
-            _remove(os.path.join(nbdir, FRESH))
+            write_json(os.path.join(path, META), meta)
+            remove(os.path.join(nbdir, FRESH))
             self.d.ledger.timed(s, "snapshot", seconds)
             evicted = await asyncio.to_thread(self._bound, s.user, nbdir, sid)  # walks and deletes: not on the loop
             self.log.info(
@@ -249,6 +257,8 @@ class Snapshots(LoggingConfigurable):
             )
             return {"id": sid, **meta, "evicted": evicted}
         except (Exception, asyncio.CancelledError) as e:
+            if files is not None:
+                files.close()
             shutil.rmtree(path, ignore_errors=True)
             self.log.warning("session %s: no snapshot taken: %s", s.id, e)
             raise
@@ -279,12 +289,12 @@ class Snapshots(LoggingConfigurable):
             for nb in os.listdir(udir)
             for sid, meta in self._complete(os.path.join(udir, nb))
         ]
-        total = sum(_size(path) for _, path, _ in everything)
+        total = sum(size_of(path) for _, path, _ in everything)
         in_use = set(self.reading.values())  # a worker still reads its large values from these
         for _, path, meta in sorted(everything, key=lambda x: x[0]):
             if total <= self.quota_bytes or os.path.basename(path) == newest or path in in_use:
                 continue
-            size = _size(path)
+            size = size_of(path)
             shutil.rmtree(path, ignore_errors=True)
             total -= size
             notes.append(
@@ -308,15 +318,19 @@ class Snapshots(LoggingConfigurable):
         """Load the snapshot at ``path`` into ``s``'s new worker. A summary of what came
         back; a snapshot that cannot be read is reported, never fatal: the cell runs in
         a fresh namespace."""
-        meta = _read_json(os.path.join(path, META)) or {}
+        meta = read_json(os.path.join(path, META)) or {}
         t0 = time.monotonic()
         try:
             host, seen = self._for_worker(s, path, "restore")
-            if host != path:  # a worker that cannot see the store reads a copy in its bulk directory
-                owner = worker_owner(self.d.backend_instance)
-                copy = asyncio.to_thread(_copy_files, path, host, owner, self.quota_bytes)
-                await asyncio.wait_for(copy, self.timeout)
             msg = P.Message(P.Msg.RESTORE, {"dir": seen, "lazy_bytes": self.lazy_bytes}, s.id)
+            if not seen:  # a worker on a node without the store: its files go ahead of the request
+                pieces, msg.content["files"] = await asyncio.to_thread(filestream.pieces, path, msg.id, s.id)
+                for piece in pieces:
+                    self.d.workers.send(s, piece)
+            elif host != path:  # a worker that cannot see the store reads a copy in its bulk directory
+                owner = worker_owner(self.d.backend_instance)
+                copy = asyncio.to_thread(copy_files, path, host, owner, self.quota_bytes)
+                await asyncio.wait_for(copy, self.timeout)
             reply = await self.d.workers.ask(s, msg, self.timeout)
         except asyncio.TimeoutError:
             return self._not_restored(s, path, f"the worker did not restore it within {self.timeout:g} s")
@@ -340,61 +354,3 @@ class Snapshots(LoggingConfigurable):
             "not_loaded": dict(c.get("failed") or {}),
             "seconds": seconds,
         }
-
-
-def _copy_files(src: str, dst: str, owner: tuple[int, int] | None, most: int) -> None:
-    """A snapshot's files from ``src`` into ``dst`` (0600; ``owner``'s, for a container
-    running as another uid). Either side may be a directory a container can write: plain
-    files only, opened without blocking (a FIFO is skipped, never waited on), never through
-    a symlink, new files only, and at most ``most`` bytes in all (the user's quota)."""
-    total = 0
-    for name in os.listdir(src):
-        try:
-            fd = os.open(os.path.join(src, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue  # a symlink, or gone: not a snapshot file
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            total += st.st_size
-            if total > most:
-                raise SnapshotRefused(f"the snapshot is larger than your snapshot quota ({human(most)})")
-            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NONBLOCK
-            with os.fdopen(paths.open_private(os.path.join(dst, name), flags), "wb") as g:
-                shutil.copyfileobj(f, g, COPY_CHUNK)
-                if owner is not None:
-                    os.fchown(g.fileno(), *owner)
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with os.fdopen(paths.open_private(path, os.O_RDONLY)) as f:
-            out = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return out if isinstance(out, dict) else None
-
-
-def _write_json(path: str, content: dict) -> None:
-    with os.fdopen(paths.open_private(path + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC), "w") as f:
-        json.dump(content, f)
-    os.replace(path + ".tmp", path)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _size(path: str) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
-    return total

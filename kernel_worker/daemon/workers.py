@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import zmq
 import zmq.utils.z85
 
-from kernel_worker import bulk
+from kernel_worker import bulk, filestream
 from kernel_worker import protocol as P
 from kernel_worker.backends import WorkerSpec
 from kernel_worker.backends.base import SOCKET_NAME
@@ -51,7 +51,8 @@ class Workers:
         self.log = daemon.log
         self.by_wid: dict[str, Session] = {}  # for messages from workers
         self.sock: zmq.Socket | None = None
-        self.asked: dict[str, tuple[str, asyncio.Future]] = {}  # the daemon's own requests: id -> (wid, answer)
+        # the daemon's own requests: id -> (wid, answer, where the files sent ahead of it go)
+        self.asked: dict[str, tuple[str, asyncio.Future, filestream.Receiver | None]] = {}
         self.dial_back = ""  # the tcp address workers on other nodes dial ("": ipc, per worker)
         self.dial_public = b""  # the worker socket's CURVE public key, which they are told
         self.keys: dict[str, str] = {}  # a dialling worker's CURVE public key -> its wid
@@ -245,12 +246,15 @@ class Workers:
             self.d.spawn(self.d.sessions.release(s, why, code=P.Err.WORKER_DIED))
         self.d.pump.schedule()
 
-    async def ask(self, s: Session, msg: P.Message, timeout: float) -> P.Message:
+    async def ask(
+        self, s: Session, msg: P.Message, timeout: float, files: filestream.Receiver | None = None
+    ) -> P.Message:
         """A request of the daemon's own (SNAPSHOT, RESTORE) to ``s``'s worker, and its
-        answer; the worker's output meanwhile goes to the log. Ends with the worker, or
-        after ``timeout`` (asyncio.TimeoutError)."""
+        answer; the worker's output meanwhile goes to the log, and the files it sends ahead
+        of the answer to ``files``. Ends with the worker, a file piece that does not fit
+        (FileStreamError), or after ``timeout`` (asyncio.TimeoutError)."""
         answer = asyncio.get_running_loop().create_future()
-        self.asked[msg.id] = (s.wid, answer)
+        self.asked[msg.id] = (s.wid, answer, files)
         try:
             self.send(s, msg)
             return await asyncio.wait_for(answer, timeout)
@@ -259,7 +263,7 @@ class Workers:
 
     def abandon(self, wid: str, why: str) -> None:
         """``wid``'s worker is gone: the daemon's requests to it end now, with ``why``."""
-        for answer_wid, answer in list(self.asked.values()):
+        for answer_wid, answer, _ in list(self.asked.values()):
             if answer_wid == wid and not answer.done():
                 answer.set_exception(RuntimeError(why))
 
@@ -267,8 +271,16 @@ class Workers:
         asked = self.asked.get(msg.parent)
         if asked is None or asked[0] != wid:
             return False
-        if msg.type in (P.Msg.REPLY, P.Msg.ERROR) and not asked[1].done():
-            asked[1].set_result(msg)
+        _, answer, files = asked
+        if answer.done():
+            return True
+        if msg.type in (P.Msg.REPLY, P.Msg.ERROR):
+            answer.set_result(msg)
+        elif msg.type == P.Msg.FILE and files is not None:
+            try:
+                files.add(msg)
+            except (filestream.FileStreamError, OSError) as e:  # a worker's pieces are checked as hostile
+                answer.set_exception(filestream.FileStreamError(f"its worker sent a bad file: {e}"))
         elif msg.type == P.Msg.STREAM:
             self.log.info("worker %s: %s", wid, str(msg.content.get("text", ""))[:2000].rstrip())
         return True
@@ -298,6 +310,9 @@ class Workers:
                 s.ready.set_result(msg.content)
             return
         if msg.type in (P.Msg.HEARTBEAT, P.Msg.PONG) or self._answered(wid, msg):
+            return
+        if msg.type == P.Msg.FILE:  # files go only to the daemon's own requests
+            self.log.warning("session %s: dropped a file piece its worker sent unasked", s.id)
             return
         self.d.sessions.from_worker(s, msg)
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import sys
+import tempfile
 import threading
 import time
 
 import zmq
 import zmq.utils.monitor
 
-from kernel_worker import chunks
+from kernel_worker import chunks, filestream
 from kernel_worker import protocol as P
 from kernel_worker.executor.outbox import Outbox
 from kernel_worker.journal import JOURNALED, SEQ, Journal
@@ -23,6 +25,7 @@ JOURNAL_DISK_BYTES = 1024**3  # and at most this much in the file
 AGAIN = "again"  # on output sent again: the connection it went out on
 CHUNK_SEND_S = 30.0  # how long one chunk of a value sent back may wait for the daemon to take it
 CHUNK_POLL_MS = 100
+MOST_RECEIVED_BYTES = 1024**4  # a snapshot's files from the daemon, which bounds them by its quota
 
 
 class Channel:
@@ -59,6 +62,9 @@ class Channel:
         self._poller.register(self._monitor, zmq.POLLIN)
         self.journal = Journal(JOURNAL_MEM_BYTES, JOURNAL_DISK_BYTES)
         self.assembler = chunks.Assembler()  # values streamed to us ahead of their request
+        self.incoming: filestream.Receiver | None = None  # a snapshot's files, ahead of its RESTORE
+        self.incoming_error = ""
+        self._scratch = ""
         self._seq = 0
         self._unsent = 0  # the first journaled seq ZeroMQ did not take (0: none)
         self._cell_started = 0.0
@@ -91,17 +97,22 @@ class Channel:
         self.sock.send_multipart(P.pack(msg, self.signer), copy=False)
 
     def send_streamed(self, msg: P.Message) -> None:
-        """``msg`` with its large buffers sent ahead as chunks (a pull's values), each given
-        up to ``CHUNK_SEND_S`` to leave: with the daemon gone, the reply names streams that
-        never left, and the notebook says so, rather than the worker hanging here."""
-        for c in chunks.split(msg):
-            frames, deadline = P.pack(c, self.signer), time.monotonic() + CHUNK_SEND_S
-            while not self._offer(c, frames):
-                if time.monotonic() > deadline:
-                    self.send(msg)
-                    return
-                self.sock.poll(CHUNK_POLL_MS, zmq.POLLOUT)
+        """``msg`` with its large buffers sent ahead as chunks (a pull's values). With the
+        daemon gone, the reply names streams that never left, and the notebook says so,
+        rather than the worker hanging here."""
+        self.push(chunks.split(msg))
         self.send(msg)
+
+    def push(self, msgs: list[P.Message]) -> bool:
+        """Send ``msgs`` in order (a value's chunks, a snapshot's files), each given up to
+        ``CHUNK_SEND_S`` to leave; False once one could not."""
+        for m in msgs:
+            frames, deadline = P.pack(m, self.signer), time.monotonic() + CHUNK_SEND_S
+            while not self._offer(m, frames):
+                if time.monotonic() > deadline:
+                    return False
+                self.sock.poll(CHUNK_POLL_MS, zmq.POLLOUT)
+        return True
 
     def _offer(self, msg: P.Message, frames: list | None = None) -> bool:
         """Hand ``msg`` (packed as ``frames``, if it is) to ZeroMQ unless the daemon is away
@@ -178,6 +189,7 @@ class Channel:
                             "jupyter-gpu executor: the daemon went away and did not come back; exiting",
                             file=sys.__stderr__,
                         )
+                        self.remove_scratch()
                         os._exit(3)
                     wait = min(wait, left)
                 events = dict(self._poller.poll(wait * 1000))
@@ -200,6 +212,9 @@ class Channel:
                     continue
                 if msg.type == P.Msg.MIRROR:  # a second answer to a workspace question already answered
                     continue
+                if msg.type == P.Msg.FILE:  # part of a snapshot the next request restores
+                    self._file_piece(msg)
+                    continue
                 if msg.type == P.Msg.CHUNK:  # part of a value the next request names
                     try:
                         self.assembler.add(msg)
@@ -210,6 +225,32 @@ class Channel:
                     msg.content["lost_streams"] = self.assembler.take(msg)
                 self.begin(msg)
                 return msg
+
+    def _file_piece(self, msg: P.Message) -> None:
+        """Into a fresh directory per stream; a stream abandoned for a newer one is removed."""
+        of = msg.content.get("of")
+        if self.incoming is None or self.incoming.of != of:
+            if self.incoming is not None:
+                self.incoming.close()
+                shutil.rmtree(self.incoming.directory, ignore_errors=True)
+            where = tempfile.mkdtemp(prefix="restore-", dir=self.scratch())
+            self.incoming, self.incoming_error = filestream.Receiver(where, str(of), MOST_RECEIVED_BYTES), ""
+        if self.incoming_error:
+            return
+        try:
+            self.incoming.add(msg)
+        except (filestream.FileStreamError, OSError) as e:  # a full disk on this node: the RESTORE says so
+            self.incoming_error = str(e)
+
+    def scratch(self) -> str:
+        """This worker's own directory on its node (made at first use, removed at its end)."""
+        if not self._scratch:
+            self._scratch = tempfile.mkdtemp(prefix=f"jupyter-gpu-{self.session}-")
+        return self._scratch
+
+    def remove_scratch(self) -> None:
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def answer_to(self, question: P.Message, timeout: float, kind: str = P.Msg.INPUT_REPLY) -> P.Message | None:
         """Main thread, inside a running cell: the daemon's answer to ``question`` (an input

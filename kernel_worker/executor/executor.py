@@ -81,6 +81,12 @@ class Executor:
         if self.running:
             raise KeyboardInterrupt
 
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # Stopped (idle release, scancel): what this worker kept on its node goes, then it ends as asked.
+        self.channel.remove_scratch()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     def _on_time_warning(self, signum: int, frame: Any) -> None:
         # The batch system's time limit is near (Slurm's --signal). Written from a thread:
         # the interrupted main thread may hold the output's lock.
@@ -105,10 +111,12 @@ class Executor:
         self.stdin.install()
         signal.signal(signal.SIGINT, self._on_sigint)
         signal.signal(signal.SIGUSR1, self._on_time_warning)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         threading.Thread(target=self.channel.flusher, name="jgpu-flush", daemon=True).start()
         self.channel.ready_content = {"versions": _versions(), "ipython": self.runner.shell is not None}
         shell = self.runner.shell
-        self.restorer = Restorer(lambda: self.ns, self.received, shell.transform_cell if shell else None)
+        transform = shell.transform_cell if shell else None
+        self.restorer = Restorer(lambda: self.ns, self.received, transform, self.channel)
         handlers: dict[str, Callable[[P.Message], P.Message]] = {
             P.Msg.EXECUTE: self.execute,
             P.Msg.PULL: self.pull,
@@ -128,6 +136,7 @@ class Executor:
                 self.channel.send_streamed(reply)
             if reply.content.get("exit"):
                 self.ctx.destroy(linger=EXIT_LINGER_MS)  # blocks until the reply has left
+                self.channel.remove_scratch()
                 os._exit(0)
 
     def _values_out(self, names: list, bulk_ok: bool) -> tuple[dict, list]:

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
+import tempfile
 import types
 from typing import Any, Callable
 
+from kernel_worker import filestream, snapshot
 from kernel_worker import protocol as P
-from kernel_worker import snapshot
 
 
 class Restorer:
-    def __init__(self, ns: Callable[[], dict], received: dict[str, str], transform: Callable[[str], str] | None):
+    def __init__(
+        self, ns: Callable[[], dict], received: dict[str, str], transform: Callable[[str], str] | None, channel: Any
+    ):
         self._ns = ns  # the shell's namespace (it is made after this object)
+        self.channel = channel  # a node without the daemon's disk gets and sends a snapshot's files over it
         self.received = received  # name -> fingerprint of the value the notebook shipped
         self.transform = transform  # IPython's cell transform (`!cmd`, `%magic`), if the shell has one
         self.pending: dict[str, tuple[str, dict]] = {}  # name -> (snapshot dir, manifest): not loaded yet
@@ -29,7 +34,10 @@ class Restorer:
     # ------------------------------------------------------------------ write
 
     def take(self, msg: P.Message) -> P.Message:
-        path = msg.content.get("dir")
+        """Write the namespace where the daemon says, or (``send``: this node cannot see the
+        daemon's disk) on this node, and send its files ahead of the reply."""
+        send = msg.content.get("send") is True
+        path = tempfile.mkdtemp(prefix="snapshot-", dir=self.channel.scratch()) if send else msg.content.get("dir")
         if not isinstance(path, str) or not os.path.isabs(path) or not os.path.isdir(path):
             return msg.reply(P.Msg.REPLY, {"ok": False, "error": "the snapshot directory is missing"})
         self.load(list(self.pending))  # names still on disk go into the new snapshot too
@@ -37,11 +45,21 @@ class Restorer:
         items = {k: v for k, v in ns.items() if not k.startswith("_") and k not in SHELL_NAMES}
         prints = {k: self.received[k] for k in items if k in self.received}
         try:
-            manifest = snapshot.write(items, path, prints)
+            manifest = snapshot.write(items, path, prints, sync=not send)  # sent: the daemon syncs its copy
+            if send:
+                pieces, files = filestream.pieces(path, msg.id, msg.session)
         except Exception as e:  # noqa: BLE001 -- the daemon logs it and releases anyway
             return msg.reply(P.Msg.REPLY, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+        finally:
+            if send:
+                shutil.rmtree(path, ignore_errors=True)  # the pieces map the files: they outlive their names
         names = sorted(manifest.get("names", {}))
         content = {"ok": True, "names": names, "bytes": manifest.get("bytes", 0), "left": manifest.get("left", {})}
+        if send:
+            with self.channel.lock:
+                if not self.channel.push(pieces):
+                    return msg.reply(P.Msg.REPLY, {"ok": False, "error": "the daemon stopped taking its files"})
+            content["files"] = files
         return msg.reply(P.Msg.REPLY, content)
 
     # ------------------------------------------------------------------ restore
@@ -49,11 +67,13 @@ class Restorer:
     def restore(self, msg: P.Message) -> P.Message:
         path, lazy = msg.content.get("dir"), msg.content.get("lazy_bytes")
         lazy = lazy if isinstance(lazy, int) and lazy >= 0 else 0
-        if not isinstance(path, str) or not os.path.isabs(path):
-            return msg.reply(P.Msg.REPLY, {"ok": False, "error": "no snapshot directory"})
         try:
+            if "files" in msg.content:  # sent ahead of this request, into this node's own directory
+                path = self._received(msg)
+            if not isinstance(path, str) or not os.path.isabs(path):
+                return msg.reply(P.Msg.REPLY, {"ok": False, "error": "no snapshot directory"})
             manifest = snapshot.read_manifest(path)
-        except snapshot.SnapshotError as e:
+        except (snapshot.SnapshotError, filestream.FileStreamError) as e:
             return msg.reply(P.Msg.REPLY, {"ok": False, "error": str(e)})
         entries: dict = manifest.get("names", {})
         for name, entry in entries.items():
@@ -71,6 +91,19 @@ class Restorer:
             "failed": dict(self.failed),
         }
         return msg.reply(P.Msg.REPLY, content)
+
+    def _received(self, msg: P.Message) -> str:
+        """The directory the files ``msg`` names arrived in, all of them whole."""
+        got, self.channel.incoming = self.channel.incoming, None
+        if got is None or got.of != msg.id:
+            raise filestream.FileStreamError("the snapshot's files did not reach this worker")
+        if self.channel.incoming_error:
+            got.close()
+            raise filestream.FileStreamError(
+                f"the snapshot's files could not be written on this node: {self.channel.incoming_error}"
+            )
+        got.finish(msg.content["files"], sync=False)
+        return got.directory
 
     def before_cell(self, code: str, assumed: Any) -> None:
         """Load what the cell reads (and what the notebook assumes held) that is still on disk."""
