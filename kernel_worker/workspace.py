@@ -19,9 +19,12 @@ and its stat is still what the sync left. Anything a cell wrote or changed is th
 result, so it stays (and can be fetched). A synced file a cell changed is overwritten by
 the next sync (the notebook's copy wins); ``changed_since`` told the user beforehand.
 
-Needs only the standard library, traitlets and ``kernel_worker.daemon.paths``; the
-file-level rules (relpaths, patterns, ``Tree``) are in ``workspace_tree``, which the
-notebook side imports too.
+Needs only the standard library, traitlets and ``kernel_worker.daemon.paths``. Beside it,
+one job each: ``workspace_tree``, the file-level rules (relpaths, patterns, ``Tree``), which
+the notebook side imports too; ``workspace_manifest``, checking a sync's manifest;
+``workspace_land``, writing or copying a sync's files; ``workspace_copy``, the same-host
+copy's source; ``workspace_fetch``, reading files out for a fetch; ``workspace_listing``, a
+tree's listing with content tokens, for a worker that keeps its own copy over its socket.
 """
 
 from __future__ import annotations
@@ -29,17 +32,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import stat
 import threading
-from typing import Mapping, NamedTuple, Sequence
+from typing import Collection, Mapping, Sequence
 
 from traitlets import Bool, Int, Unicode, default
 from traitlets.config import Configurable
 
 from kernel_worker.backends.docker_owner import handed_dir
 from kernel_worker.daemon import paths
+from kernel_worker.workspace_copy import Local, open_source
+from kernel_worker.workspace_fetch import read_files
+from kernel_worker.workspace_land import land
+from kernel_worker.workspace_manifest import check_manifest
 from kernel_worker.workspace_tree import (  # noqa: F401 -- re-exported: the one place callers import from
     _KEY_RE,
     _SHA_RE,
@@ -60,37 +66,9 @@ from kernel_worker.workspace_tree import (  # noqa: F401 -- re-exported: the one
     check_relpath,
     glob_regex,
     human,
-    land,
     shown,
     write_files,
 )
-
-
-class Local(NamedTuple):
-    """A same-host sync's source: the notebook's directory (an absolute path, and its
-    ``st_dev`` and ``st_ino`` as the notebook saw them) and, for each file to copy from
-    it, the stat (size, mtime_ns, ctime_ns, ino) it had when the notebook hashed it."""
-
-    root: str
-    dev: int
-    ino: int
-    stats: Mapping[str, Stat]
-
-
-def open_source(local: Local) -> Tree | None:
-    """The notebook's directory as a Tree to copy from, if it is the very directory the
-    notebook scanned (same device and inode: same host, same view of it), else None."""
-    if not local.root.startswith("/") or "\x00" in local.root:
-        return None
-    try:
-        tree = Tree(local.root, private=False)
-    except OSError:
-        return None
-    st = os.fstat(tree._fds[""])
-    if (st.st_dev, st.st_ino) != (local.dev, local.ino):
-        tree.__exit__()
-        return None
-    return tree
 
 
 class Workspaces(Configurable):
@@ -155,6 +133,11 @@ class Workspaces(Configurable):
 
     # ------------------------------------------------------------------ state
 
+    def known(self, user: str, key: str) -> Collection[str]:
+        """The relpaths the sync wrote into ``user``'s workspace for ``key``: their names were
+        checked when they were written, so a manifest naming them again need not be."""
+        return self._state(user, key).keys()
+
     def _state(self, user: str, key: str) -> dict[str, list]:
         """relpath -> [size, sha, mode, mtime_ns, ctime_ns, ino] of what the sync wrote."""
         st = self._states.get((user, key))
@@ -208,54 +191,6 @@ class Workspaces(Configurable):
 
     # ------------------------------------------------------------------ sync
 
-    def _check_manifest(
-        self, st: dict, manifest: Mapping[str, Sequence], files: Mapping[str, Data], copy: Mapping[str, Stat]
-    ) -> list[str]:
-        """Refuse a malformed manifest before anything is written, in one pass (it runs
-        before every cell). Returns the relpaths whose only change is the executable bit."""
-        if len(manifest) > self.max_files:
-            raise WorkspaceError(
-                f"the manifest lists {len(manifest)} files, over Workspaces.max_files={self.max_files}"
-            )
-        new, chmods = [], []
-        for rel, entry in manifest.items():
-            old = st.get(rel)
-            if old is None:  # what the state holds was checked when it was written
-                check_relpath(rel)
-                new.append(rel)
-            try:
-                size, sha, mode = entry
-            except (TypeError, ValueError):
-                size = sha = mode = None
-            if type(size) is not int or size < 0 or type(mode) is not int:
-                raise WorkspaceError(f"manifest entry for {shown(rel)} is not (size, hash, mode)")
-            if old is not None and sha == old[1]:
-                if rel not in files and (old[2] ^ mode) & 0o111:
-                    chmods.append(rel)
-                continue
-            if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
-                raise WorkspaceError(f"manifest entry for {shown(rel)} has no content hash")
-            if rel not in files and rel not in copy:
-                raise WorkspaceError(f"no contents sent for {shown(rel)}, which the workspace lacks")
-        # A file and a directory of one name cannot both be: only a new name can collide
-        # (the state mirrors a real tree), so only then is every name's parent listed.
-        both = new and {rel[:i] for rel in manifest for i, c in enumerate(rel) if c == "/"} & manifest.keys()
-        if both:
-            raise BadPath(f"{shown(min(both))} is listed both as a file and as a directory")
-        for rel, data in files.items():
-            entry = manifest.get(rel)
-            if entry is None:
-                raise WorkspaceError(f"{shown(rel)} was sent but is not in the manifest")
-            if memoryview(data).nbytes != entry[0]:
-                raise WorkspaceError(
-                    f"{shown(rel)}: {memoryview(data).nbytes} bytes sent, the manifest says {entry[0]}"
-                )
-        for rel, want in copy.items():
-            entry = manifest.get(rel)
-            if entry is None or len(want) != 4 or want[0] != entry[0]:
-                raise WorkspaceError(f"{shown(rel)} is to be copied but its size is not the manifest's")
-        return chmods
-
     def usage(self, user: str) -> int:
         """Bytes in all of ``user``'s workspaces (synced files and what cells wrote)."""
         udir = paths.child(paths.private_dir(self.root), self.user_part(user))
@@ -301,7 +236,7 @@ class Workspaces(Configurable):
         copy = local.stats if local is not None else {}
         with self._lock(user, key):
             st = self._state(user, key)
-            chmods = self._check_manifest(st, manifest, files, copy)
+            chmods = check_manifest(st, manifest, files, copy, self.max_files)
             copy = {r: w for r, w in copy.items() if r not in files}
             done: dict[str, list[str]] = {"written": [], "deleted": [], "kept": [], **({"need": []} if local else {})}
             gone = [r for r in st if r not in manifest] if len(st) != len(manifest) or files or copy else []
@@ -339,6 +274,38 @@ class Workspaces(Configurable):
             else:
                 done["kept"].append(rel)
 
+    def write_back(self, user: str, key: str, files: Mapping[str, tuple[Data, int]], gone: Sequence[str]) -> None:
+        """Write what a cell on a worker elsewhere created or changed (relpath -> (contents,
+        mode)) into the workspace, as a cell on this host would have (not as synced files:
+        the notebook's next sync leaves them be), and remove the regular files it removed.
+        Every relpath is checked and the quota counted before anything is written."""
+        files = {check_relpath(rel): v for rel, v in files.items()}
+        gone = [check_relpath(rel) for rel in gone]
+        with self._lock(user, key):
+            self._check_quota(user, key, {rel: memoryview(d).nbytes for rel, (d, _) in files.items()}, gone)
+            with Tree(self.path(user, key), owner=self.owner) as tree:
+                for rel, (data, mode) in files.items():
+                    tree.write(rel, data, mode)
+                for rel in gone:
+                    try:
+                        if stat.S_ISREG(tree.lstat(rel).st_mode):
+                            tree.unlink(rel)
+                    except FileNotFoundError:
+                        pass
+            self._bydir.pop((user, key), None)
+
+    def take_spare(self, user: str, key: str, spare: str) -> None:
+        """Move the workspace's files into ``spare`` (an empty directory a warm container
+        mounts, on the same file system) and put ``spare`` in the workspace's place, so that
+        container sees this workspace and no other."""
+        host = self.path(user, key)
+        with self._lock(user, key):
+            for name in os.listdir(host):
+                os.rename(os.path.join(host, name), os.path.join(spare, name))
+            os.rmdir(host)
+            os.rename(spare, host)
+            self._bydir.pop((user, key), None)
+
     # ------------------------------------------------------------------ after a cell
 
     def snapshot(self, user: str, key: str) -> dict[str, Stat]:
@@ -359,42 +326,8 @@ class Workspaces(Configurable):
         return sorted(rel for rel, s in now.items() if before.get(rel) != s), now
 
     def read(self, user: str, key: str, wanted: Sequence[str], max_bytes: int | None = None) -> dict[str, bytes]:
-        """Contents for a fetch: each item of ``wanted`` is a relpath (a directory brings
-        everything in it) or a glob relative to the workspace (``*.png`` at the top,
-        ``**/*.csv`` anywhere, ``out/**``). Refuses a missing name, a pattern that matches
-        nothing, and more than ``max_bytes`` (default Workspaces.max_fetch_bytes) in all."""
-        most = left = self.max_fetch_bytes if max_bytes is None else max_bytes
-        tree = self.path(user, key)
-        names: list[str] = []
-        listing: list[str] = []
-        with Tree(tree) as t:
-            for item in wanted:
-                glob = isinstance(item, str) and any(c in item for c in "*?[")
-                item = item.rstrip("/") or "/" if isinstance(item, str) else item
-                check_relpath(re.sub(r"[*?\[\]]", "x", item) if glob else item)
-                if not glob:
-                    try:
-                        if not stat.S_ISDIR(t.lstat(item).st_mode):
-                            names.append(item)
-                            continue
-                    except FileNotFoundError:
-                        raise WorkspaceError(f"the workspace has no file {shown(item)}") from None
-                listing = listing or sorted(rel for rel, _ in _walk(tree))
-                match = re.compile(glob_regex(item) if glob else re.escape(item) + "/.*").fullmatch
-                hits = [r for r in listing if match(r)]
-                if not hits:
-                    raise WorkspaceError(f"no file in the workspace matches {shown(item)}")
-                names += hits
-            out: dict[str, bytes] = {}
-            for rel in dict.fromkeys(names):
-                try:
-                    out[rel] = data = t.read(rel, left)
-                except FileNotFoundError:
-                    raise WorkspaceError(f"the workspace has no file {shown(rel)}") from None
-                left -= len(data)
-                if left < 0:
-                    raise WorkspaceError(
-                        f"fetch refused: {len(out)} file(s) up to {shown(rel)} come to more than {human(most)} "
-                        "(Workspaces.max_fetch_bytes); fetch fewer files"
-                    )
-        return out
+        """Contents for a fetch (``workspace_fetch.read_files``): relpaths, directories and
+        globs relative to the workspace, at most ``max_bytes`` (default
+        Workspaces.max_fetch_bytes) in all."""
+        most = self.max_fetch_bytes if max_bytes is None else max_bytes
+        return read_files(self.path(user, key), wanted, most)

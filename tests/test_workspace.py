@@ -9,6 +9,7 @@ import os
 import re
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -774,3 +775,59 @@ def test_store_writes_fetched_files_back_safely(tmp_path):
     with pytest.raises(BadPath):
         w.store(str(nb), {"link/evil": b"x"})
     assert not (tmp_path / "evil").exists()
+
+
+# ----------------------------------------------------------------------------- a worker elsewhere
+
+
+def test_a_cells_files_written_back_from_a_worker_elsewhere(tmp_path, ws):
+    """What a cell on another node wrote lands as a cell's own files (the next sync leaves
+    them be), what it removed goes, and a hostile name or the quota refuses it all."""
+    src = tmp_path / "nb"
+    put(src, "in.csv", "1,2")
+    sync(WorkdirSync(), ws, src)
+    tree = ws.path("alice", KEY)
+    put(tree, "old.txt", "o")
+    ws.write_back("alice", KEY, {"out/r.txt": (b"result", 0o600), "run.sh": (memoryview(b"#!"), 0o700)}, ["old.txt"])
+    assert (Path(tree) / "out/r.txt").read_bytes() == b"result" and not (Path(tree) / "old.txt").exists()
+    assert stat.S_IMODE(os.stat(Path(tree) / "run.sh").st_mode) == 0o700
+    assert sync(WorkdirSync(), ws, src)[1]["deleted"] == []  # a cell's results, never the sync's to remove
+    for rel in ("../escape.txt", "/tmp/abs.txt", "a/../../b"):
+        with pytest.raises(BadPath):
+            ws.write_back("alice", KEY, {"fine.txt": (b"f", 0o600), rel: (b"bad", 0o600)}, [])
+        with pytest.raises(BadPath):
+            ws.write_back("alice", KEY, {}, [rel])
+    assert not (Path(tree) / "fine.txt").exists() and not (tmp_path / "escape.txt").exists()
+    os.symlink(tmp_path, Path(tree) / "link")
+    with pytest.raises(BadPath):
+        ws.write_back("alice", KEY, {"link/evil.txt": (b"x", 0o600)}, [])
+    assert not (tmp_path / "evil.txt").exists()
+    small = Workspaces(root=ws.root, quota_bytes=100)
+    with pytest.raises(QuotaExceeded):
+        small.write_back("alice", KEY, {"big.bin": (b"x" * 200, 0o600)}, [])
+    assert not (Path(tree) / "big.bin").exists()
+
+
+def test_a_trees_listing_sends_what_the_peer_lacks_in_batches(tmp_path):
+    from kernel_worker.workspace_listing import Listings
+
+    root = tmp_path / "tree"
+    for i in range(5):
+        put(root, f"d/f{i}.py", f"v{i}")
+    put(root, "d/__pycache__/f0.cpython-311.pyc", "bytecode")  # never listed
+    listings = Listings()
+    first = listings.answer(str(root), {}, most=1000, per_answer=2)
+    assert sorted(first.listing) == [f"d/f{i}.py" for i in range(5)]
+    assert len(first.send) == 2 and first.more
+    assert [bytes(f) for f in first.frames] == [(root / rel).read_bytes() for rel in first.send]
+    have = {rel: first.listing[rel][1] for rel in first.send}
+    second = listings.answer(str(root), have, most=1000, per_answer=2)
+    assert set(second.send).isdisjoint(first.send) and len(second.send) == 2 and second.more
+    have = {rel: entry[1] for rel, entry in first.listing.items()}
+    assert listings.answer(str(root), have, most=1000) == (first.listing, [], [], False)
+    put(root, "d/f1.py", "changed", age=0)
+    changed = listings.answer(str(root), have, most=1000)
+    assert changed.send == ["d/f1.py"] and changed.listing["d/f1.py"][1] != have["d/f1.py"]
+    assert listings.answer(str(root), {}, most=9, per_answer=10).more  # the bytes bound a batch too (15 in all)
+    with pytest.raises(WorkspaceError, match="larger than Workspaces.max_fetch_bytes"):
+        listings.answer(str(root), {}, most=1)

@@ -15,27 +15,25 @@ Blocking file work runs in a thread.
 from __future__ import annotations
 
 import asyncio
-import stat
-from typing import TYPE_CHECKING, Any
-
-import xxhash
+from typing import TYPE_CHECKING
 
 from kernel_worker import protocol as P
 from kernel_worker.session import Session
-from kernel_worker.workspace_tree import NOISE, Tree, WorkspaceError, _key, _perm, _walk, check_relpath
+from kernel_worker.workspace_listing import FILES_PER_ANSWER, Listings
+from kernel_worker.workspace_tree import WorkspaceError
 
 if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
 
 REMEMBERED = 1000  # question ids kept, to answer each once
-FILES_PER_ANSWER = 1000  # files in one message, well under a message's most frames (Limits.max_frames)
+__all__ = ["FILES_PER_ANSWER", "Mirrors"]
 
 
 class Mirrors:
     def __init__(self, daemon: WorkerDaemon):
         self.d = daemon
         self.log = daemon.log
-        self.tokens: dict[tuple[str, str, str], tuple[tuple, str]] = {}  # (user, key, rel) -> (stat key, token)
+        self.listings = Listings()  # content tokens, kept per file until its stat changes
         self.writing: dict[str, list[asyncio.Task]] = {}  # session id -> its cell's files being written back
         self.asked: dict[str, None] = {}  # questions answered or being answered, oldest first
 
@@ -47,7 +45,7 @@ class Mirrors:
             return
         user, key, host = got
         if "back" in msg.content:
-            self.writing.setdefault(s.id, []).append(self.d.spawn(self._back(s, msg, user, key, host), s.tasks))
+            self.writing.setdefault(s.id, []).append(self.d.spawn(self._back(s, msg, user, key), s.tasks))
         elif msg.id not in self.asked:  # a worker asks again until answered: once is enough
             self.asked[msg.id] = None
             while len(self.asked) > REMEMBERED:
@@ -66,52 +64,19 @@ class Mirrors:
         have = msg.content.get("have")
         have = have if isinstance(have, dict) else {}
         try:
-            listing, send, frames, more = await self.d.workdirs._io(self._listing, user, key, host, have)
+            most = self.d.workdirs.ws.max_fetch_bytes  # a batch's bytes; the worker asks again for more
+            listing, send, frames, more = await self.d.workdirs.io(self.listings.answer, host, have, most)
             content = {"files": listing, "send": send, "more": more}
         except (OSError, WorkspaceError) as e:
             self.log.warning("session %s: its workspace could not be read for its worker: %s", s.id, e)
             content, frames = {"error": str(e)}, []
         self.d.workers.send(s, msg.reply(P.Msg.MIRROR, content, frames))
 
-    def _listing(self, user: str, key: str, host: str, have: dict) -> tuple[dict, list, list, bool]:
-        """The workspace's listing, the files (at most FILES_PER_ANSWER and
-        ``Workspaces.max_fetch_bytes``) the worker lacks, and whether it lacks more: it asks
-        again once it has these."""
-        listing, send, frames, more = {}, [], [], False
-        most = left = self.d.workdirs.ws.max_fetch_bytes
-        with Tree(host) as tree:
-            for rel, st in _walk(host, NOISE):
-                token = self._token(tree, user, key, rel, st)
-                listing[rel] = [st.st_size, token, _perm(st.st_mode)]
-                if have.get(rel) == token or more:
-                    continue
-                if st.st_size > most:
-                    raise WorkspaceError(
-                        f"{rel} is larger than Workspaces.max_fetch_bytes ({most} bytes): too large to copy to a "
-                        "worker on another node; put it on a volume or a filesystem the nodes share"
-                    )
-                if st.st_size > left or len(send) >= FILES_PER_ANSWER:
-                    more = True
-                    continue
-                data = tree.read(rel, st.st_size)
-                left -= len(data)
-                send.append(rel)
-                frames.append(data)
-        return listing, send, frames, more
-
-    def _token(self, tree: Tree, user: str, key: str, rel: str, st: Any) -> str:
-        known = self.tokens.get((user, key, rel))
-        if known is not None and known[0] == _key(st):
-            return known[1]
-        token = xxhash.xxh3_128_hexdigest(tree.read(rel, st.st_size))
-        self.tokens[(user, key, rel)] = (_key(st), token)
-        return token
-
     # ------------------------------------------------------------------ from the worker
 
-    async def _back(self, s: Session, msg: P.Message, user: str, key: str, host: str) -> None:
+    async def _back(self, s: Session, msg: P.Message, user: str, key: str) -> None:
         try:
-            await self.d.workdirs._io(self._write_back, user, key, host, msg)
+            await self.d.workdirs.io(self._write_back, user, key, msg)
         except (OSError, ValueError) as e:  # a bad relpath, the quota: the cell's result still counts
             self.log.warning("session %s: what its cell wrote in its workspace was refused: %s", s.id, e)
         except Exception:  # a bug: the cell's result still counts, and the log says what happened
@@ -120,23 +85,12 @@ class Mirrors:
         if left:
             self.log.info("session %s: %d file(s) too large to send back stay on its worker", s.id, len(left))
 
-    def _write_back(self, user: str, key: str, host: str, msg: P.Message) -> None:
+    def _write_back(self, user: str, key: str, msg: P.Message) -> None:
         back, gone = msg.content.get("back"), msg.content.get("gone")
         if not isinstance(back, dict) or not isinstance(gone, list) or len(back) != len(msg.buffers):
             raise ValueError("a malformed workspace mirror message")
-        files = {check_relpath(rel): (data, spec) for (rel, spec), data in zip(back.items(), msg.buffers)}
-        gone = [check_relpath(rel) for rel in gone]
-        ws = self.d.workdirs.ws
-        with ws._lock(user, key):
-            ws._check_quota(user, key, {rel: memoryview(d).nbytes for rel, (d, _) in files.items()}, gone)
-            with Tree(host, owner=ws.owner) as tree:
-                for rel, (data, spec) in files.items():
-                    mode = spec[1] if isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], int) else 0o600
-                    tree.write(rel, data, mode)
-                for rel in gone:
-                    try:
-                        if stat.S_ISREG(tree.lstat(rel).st_mode):
-                            tree.unlink(rel)
-                    except FileNotFoundError:
-                        pass
-            ws._bydir.pop((user, key), None)
+        files = {}
+        for (rel, spec), data in zip(back.items(), msg.buffers):
+            mode = spec[1] if isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], int) else 0o600
+            files[rel] = (data, mode)
+        self.d.workdirs.ws.write_back(user, key, files, gone)

@@ -102,7 +102,10 @@ class Workdirs:
 
     # ------------------------------------------------------------------ helpers
 
-    async def _io(self, fn: Callable, *args: Any) -> Any:
+    async def io(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)``, blocking file work, in a thread, bounded by
+        ``WorkerDaemon.workspace_timeout`` (asyncio.TimeoutError past it): the event loop
+        serves everyone else meanwhile."""
         return await asyncio.wait_for(asyncio.to_thread(fn, *args), self.d.workspace_timeout)
 
     @staticmethod
@@ -138,7 +141,7 @@ class Workdirs:
             raise WorkspaceError("the manifest is not a JSON object of relpath -> [size, hash, mode]")
         if len(raw) > self.ws.max_files:
             raise WorkspaceError(f"the manifest lists {len(raw)} files, over Workspaces.max_files={self.ws.max_files}")
-        known = self.ws._state(user, key)
+        known = self.ws.known(user, key)
         out = {}
         for rel, entry in raw.items():
             if rel not in known:
@@ -173,7 +176,7 @@ class Workdirs:
                 )
             local = copy + (msg.buffers[1],) if copy is not None else msg.content.get("local") is True
             sent = dict(zip(files, msg.buffers[first:]))
-            done = await self._io(self._sync, user, key, msg.buffers[0], sent, local)
+            done = await self.io(self._sync, user, key, msg.buffers[0], sent, local)
         except Exception as e:  # noqa: BLE001 -- every refusal is an error reply
             self._refuse(ident, msg, e)
             return
@@ -261,7 +264,7 @@ class Workdirs:
                 or not all(isinstance(p, str) and 0 < len(p) <= 4096 for p in wanted)
             ):
                 raise WorkspaceError(f"a fetch names 1-{MAX_FETCH_PATHS} paths or patterns")
-            files = await self._io(self.ws.read, user, key, wanted)
+            files = await self.io(self.ws.read, user, key, wanted)
         except Exception as e:  # noqa: BLE001
             self._refuse(ident, msg, e)
             return
@@ -329,15 +332,10 @@ class Workdirs:
         user, key, host = got
         del self.spares[s.wid]
         try:
-            with self.ws._lock(user, key):
-                for name in os.listdir(host):
-                    os.rename(os.path.join(host, name), os.path.join(spare, name))
-                os.rmdir(host)
-                os.rename(spare, host)
-                self.ws._bydir.pop((user, key), None)
+            self.ws.take_spare(user, key, spare)
             self.mounted[s.wid] = host
             self.snaps[(user, key)] = self.ws.snapshot(user, key)  # the moves changed top-level ctimes
-        except OSError as e:
+        except (OSError, UnsafePath) as e:
             self.log.warning("could not give warm worker %s the workspace of session %s: %s", s.wid, s.id, e)
 
     def after_cell(self, s: Session, msg: P.Message) -> bool:
@@ -360,7 +358,7 @@ class Workdirs:
                 msg.content["workspace"] = {"unmounted": True}
                 return
             before = self.snaps.get((user, key))
-            changed, self.snaps[(user, key)] = await self._io(self.ws.changes, user, key, before or {})
+            changed, self.snaps[(user, key)] = await self.io(self.ws.changes, user, key, before or {})
             if before is not None:
                 msg.content["workspace"] = {"changed": len(changed), "names": changed[:CHANGED_NAMED]}
         except Exception as e:  # noqa: BLE001 -- the cell's result matters more than the count
