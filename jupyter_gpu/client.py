@@ -199,7 +199,8 @@ class DaemonClient:
         incarnation = str(content.get("incarnation") or "")
         restarted = bool(self.incarnation) and incarnation != self.incarnation
         self.incarnation = incarnation or self.incarnation
-        if content.get("known") is False:
+        if content.get("known") is False or (restarted and msg.type not in TRACKED):
+            # An untracked request (a snapshot, a status) died with the daemon that had it.
             why = str(content.get("why") or "it does not know this request")
             what = "restarted and" if restarted else "no longer knows this request and"
             raise DaemonError(

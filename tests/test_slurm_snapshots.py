@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import threading
 from pathlib import Path
 
 from support.shells import run
@@ -52,7 +53,7 @@ def test_an_idle_released_slurm_job_leaves_its_namespace_and_the_next_job_restor
     sid = snap.parent.name
     assert run(ip, "%%gpu cpu\nsmall = None")[0].success
     result, cap = run(ip, f"%gpu restore {sid}")
-    assert result.success and cap.stdout.startswith(f"restored 14 names"), cap.stdout
+    assert result.success and cap.stdout.startswith("restored 14 names"), cap.stdout
     result, cap = run(ip, "%%gpu cpu\nprint(small.sum())")
     assert result.success and cap.stdout == "499500.0\n", cap.stdout
 
@@ -98,3 +99,47 @@ def test_a_worker_sending_files_it_should_not_gets_no_snapshot(gateway, make_she
     assert result.success and cap.stdout.startswith("snapshot "), cap.stdout
     result, cap = run(ip, "%%gpu cpu\nprint(kept + 1)")
     assert result.success and cap.stdout == "42\n"
+
+
+STALL = """%%gpu cpu
+import os, time
+import kernel_worker.filestream as F
+honest = F.pieces
+def pieces(directory, of, session):   # the first piece leaves, then the rest waits for the test
+    out, files = honest(directory, of, session)
+    def stalled():
+        yield out[0]
+        while not os.path.exists(GO):
+            time.sleep(0.05)
+        yield from out[1:]
+    return stalled(), files
+F.pieces = pieces
+kept = 41
+"""
+
+
+def test_a_daemon_killed_while_a_snapshots_files_arrive_leaves_no_half_snapshot(gateway, make_shell, slurm, tmp_path):
+    d = gateway()
+    ip = make_shell(d)
+    go = tmp_path / "go"
+    assert run(ip, STALL.replace("GO", repr(str(go))))[0].success
+    store = Path(default_state_dir(d.connection_file)) / "snapshots"
+    said = []
+    taking = threading.Thread(target=lambda: said.append(run(ip, "%gpu snapshot")), daemon=True)
+    taking.start()
+    slurm.wait_for("the first file of the snapshot in the store", lambda: list(store.glob("*/*/*/*")))
+    assert not list(store.glob("*/*/*/meta.json"))
+    d.kill()
+    d2 = gateway()
+    d2.log.wait_for(r"adopted the running worker of session", timeout=60)
+    d2.log.wait_for(r"removing snapshot \S+, left half written by a daemon that stopped", timeout=10)
+    assert not list(store.glob("*/*/*")), "the half-written snapshot is gone"
+    go.touch()  # the worker's files now go to a daemon that never asked for them: dropped, said
+    d2.log.wait_for(r"dropped a file piece its worker sent unasked", timeout=60)
+    taking.join(timeout=60)  # the request died with the daemon that had it: said, not waited on forever
+    assert not taking.is_alive()
+    [(result, _)] = said
+    assert "restarted and will not answer this snapshot" in str(result.error_in_exec), result.error_in_exec
+    result, cap = run(ip, "%%gpu cpu\nprint(kept + 1)")
+    assert result.success and cap.stdout == "42\n", cap.stdout
+    assert run(ip, "%gpu snapshots")[1].stdout.startswith("no snapshots")

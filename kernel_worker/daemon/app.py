@@ -339,6 +339,7 @@ class WorkerDaemon(LoggingConfigurable):
         try:
             # Workers first: a notebook asking after its running cell must find it adopted.
             await self.records.adopt_or_reap()
+            await asyncio.to_thread(self.snapshots.sweep)  # before any snapshot can be under way
             self.url = self.front.open(self.ctx)
             self._write_connection_file()
             self.log.info(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import glob
 import hashlib
 import os
 import re
@@ -267,6 +268,14 @@ class Snapshots(LoggingConfigurable):
                 done.set_result(None)
             if self.writing.get(nbdir) is done:
                 del self.writing[nbdir]
+
+    def sweep(self) -> None:
+        """Remove snapshots a killed daemon left half written (no ``meta.json``, which is
+        written last): never listed, they would only fill the quota."""
+        for path in glob.glob(os.path.join(glob.escape(self.root), "*", "*", "*")):
+            if ID_RE.match(os.path.basename(path)) and not os.path.isfile(os.path.join(path, META)):
+                self.log.info("removing snapshot %s, left half written by a daemon that stopped", path)
+                shutil.rmtree(path, ignore_errors=True)
 
     def forget(self, s: Session) -> None:
         """``s`` ends without a snapshot: its notebook's next session starts fresh."""
