@@ -379,7 +379,7 @@ class _PortTaken(RuntimeError):
     """A daemon found its port taken (by someone who bound it after we picked it)."""
 
 
-def _start(d: Path, cpus: int, gpus: dict, extra_conf: str) -> SlurmCluster:
+def _start(d: Path, cpus: int, gpus: dict, extra_conf: str, conf_files: dict | None = None) -> SlurmCluster:
     """One attempt: config under ``d``, then munged, slurmctld and slurmd, until sinfo shows
     the node idle. Whatever it started is in the returned cluster's procs, also on failure
     (raised with the cluster as ``err.cluster``)."""
@@ -387,6 +387,8 @@ def _start(d: Path, cpus: int, gpus: dict, extra_conf: str) -> SlurmCluster:
     for sub in ("state", "spool", "run", "log", "tmp"):
         (d / sub).mkdir()
     conf, ctld_port, slurmd_port = write_config(d, gpus=gpus, cpus=cpus, extra=extra_conf)
+    for name, text in (conf_files or {}).items():  # beside slurm.conf, where Slurm looks (oci.conf, ...)
+        (d / name).write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SQUEUE_"))}
     env["SLURM_CONF"] = str(conf)
     cluster = SlurmCluster(dir=d, conf=conf, env=env, gpus=dict(gpus), ctld_port=ctld_port, slurmd_port=slurmd_port)
@@ -423,12 +425,16 @@ def _start(d: Path, cpus: int, gpus: dict, extra_conf: str) -> SlurmCluster:
 
 
 @contextmanager
-def slurm_cluster(tmp: Path, cpus: int = 8, gpus: dict | None = None, extra_conf: str = ""):
+def slurm_cluster(
+    tmp: Path, cpus: int = 8, gpus: dict | None = None, extra_conf: str = "", conf_files: dict | None = None
+):
     """munged, slurmctld and slurmd for one node under ``tmp/slurm``; yields a SlurmCluster
     once ``sinfo`` shows the node idle, and stops everything it started by pid at exit,
     also when the start fails or the body raises. ``cpus``: what the node declares
     (``SlurmdParameters=config_overrides``, whatever the machine has); ``gpus``: declared
-    GPU types and counts (default ``GPUS``); ``extra_conf``: lines appended to slurm.conf."""
+    GPU types and counts (default ``GPUS``); ``extra_conf``: lines appended to slurm.conf;
+    ``conf_files``: name -> text of more files beside slurm.conf, written before the daemons
+    start (e.g. ``{"oci.conf": ...}`` for ``--container``, tests/support/slurm_oci.py)."""
     gpus = dict(GPUS if gpus is None else gpus)
     for exe in (SLURMCTLD, SLURMD, MUNGED):
         if not os.path.exists(exe):
@@ -437,7 +443,8 @@ def slurm_cluster(tmp: Path, cpus: int = 8, gpus: dict | None = None, extra_conf
         raise RuntimeError("the test Slurm runs its daemons as root (SlurmUser=root)")
     for attempt in range(3):  # ports are picked free, then bound by the daemons: a race, rarely lost
         try:
-            cluster = _start(Path(tmp) / ("slurm" if attempt == 0 else f"slurm-{attempt + 1}"), cpus, gpus, extra_conf)
+            d = Path(tmp) / ("slurm" if attempt == 0 else f"slurm-{attempt + 1}")
+            cluster = _start(d, cpus, gpus, extra_conf, conf_files)
             break
         except _PortTaken as err:
             err.cluster.stop()
