@@ -808,26 +808,38 @@ def test_a_cells_files_written_back_from_a_worker_elsewhere(tmp_path, ws):
     assert not (Path(tree) / "big.bin").exists()
 
 
-def test_a_trees_listing_sends_what_the_peer_lacks_in_batches(tmp_path):
+def test_a_trees_listing_sends_what_the_peer_lacks_in_batches(tmp_path, monkeypatch):
+    """What the daemon answers a worker keeping its own copy: the listing (tokens cached
+    by stat), the files it lacks in bounded batches, and a digest that names the listing."""
     from kernel_worker.workspace_listing import Listings
+    from kernel_worker.workspace_tree import Tree
 
     root = tmp_path / "tree"
     for i in range(5):
         put(root, f"d/f{i}.py", f"v{i}")
     put(root, "d/__pycache__/f0.cpython-311.pyc", "bytecode")  # never listed
     listings = Listings()
-    first = listings.answer(str(root), {}, most=1000, per_answer=2)
-    assert sorted(first.listing) == [f"d/f{i}.py" for i in range(5)]
+    listing = listings.listing(str(root))
+    assert sorted(listing.files) == [f"d/f{i}.py" for i in range(5)]
+    assert json.loads(listing.frame) == listing.files and len(listing.digest) == 32
+    first = listings.batch(str(root), listing.files, {}, most=1000, per_answer=2)
     assert len(first.send) == 2 and first.more
     assert [bytes(f) for f in first.frames] == [(root / rel).read_bytes() for rel in first.send]
-    have = {rel: first.listing[rel][1] for rel in first.send}
-    second = listings.answer(str(root), have, most=1000, per_answer=2)
+    have = {rel: listing.files[rel][1] for rel in first.send}
+    second = listings.batch(str(root), listing.files, have, most=1000, per_answer=2)
     assert set(second.send).isdisjoint(first.send) and len(second.send) == 2 and second.more
-    have = {rel: entry[1] for rel, entry in first.listing.items()}
-    assert listings.answer(str(root), have, most=1000) == (first.listing, [], [], False)
+    have = {rel: entry[1] for rel, entry in listing.files.items()}
+    assert listings.batch(str(root), listing.files, have, most=1000) == ([], [], False)
+    with monkeypatch.context() as m:
+        m.setattr(Tree, "read", lambda *a: pytest.fail("an unchanged file was read again"))
+        assert listings.listing(str(root)) == listing  # unchanged: one lstat a file, the same digest
     put(root, "d/f1.py", "changed", age=0)
-    changed = listings.answer(str(root), have, most=1000)
-    assert changed.send == ["d/f1.py"] and changed.listing["d/f1.py"][1] != have["d/f1.py"]
-    assert listings.answer(str(root), {}, most=9, per_answer=10).more  # the bytes bound a batch too (15 in all)
-    with pytest.raises(WorkspaceError, match="larger than Workspaces.max_fetch_bytes"):
-        listings.answer(str(root), {}, most=1)
+    again = listings.listing(str(root))
+    assert again.digest != listing.digest and again.files["d/f1.py"][1] != have["d/f1.py"]
+    assert listings.batch(str(root), again.files, have, most=1000).send == ["d/f1.py"]
+    assert listings.batch(str(root), again.files, {}, most=9, per_answer=10).more  # bytes bound a batch (15 in all)
+    with pytest.raises(WorkspaceError, match="larger than Workspaces.max_fetch_bytes.*on a volume"):
+        listings.batch(str(root), again.files, {}, most=1)
+    (root / "d" / "f2.py").unlink()
+    assert "d/f2.py" not in listings.listing(str(root)).files
+    assert set(listings.tokens[str(root)]) == {"d/f0.py", "d/f1.py", "d/f3.py", "d/f4.py"}  # only what is there

@@ -1,8 +1,11 @@
 """`%gpu pip install`: packages for one user's workers, installed on the daemon's host
 into a per-user, per-Python directory that every later worker of that user has on its
-path (a docker worker gets it mounted read-only), surviving release and restarts. pip
-runs here, where the network is, so containers need none; its output streams back to the
-notebook as it comes.
+path (a docker worker gets it mounted read-only; a worker on a node that cannot see this
+host's files, a Slurm node without a shared filesystem, keeps a copy of it that is brought
+up to date over its socket before each cell and never written back: daemon/mirror.py),
+surviving release and restarts. A worker started before an install sees the new packages
+in its next cell. pip runs here, where the network is, so containers and nodes need none;
+its output streams back to the notebook as it comes.
 
 What the client sends is a list of requirement specifiers, checked one by one: never an
 option that could point pip at another index, a file or a command."""

@@ -33,7 +33,8 @@ named in ``need``, and the notebook sends it as bytes in a third SYNC.
 An EXECUTE with ``"workspace": K`` runs in that workspace: the daemon sets the cell's
 ``cwd`` to where the worker sees it (the host path for the process backend, the
 container's mount for docker, where only this workspace is mounted), or, for a worker
-that cannot see this host's files, asks it to keep a mirror over its socket (mirror.py). After such a cell
+that cannot see this host's files, asks it to keep a copy over its socket (mirror.py, which
+does the same for the user's ``%gpu pip install`` packages, for every cell). After such a cell
 its DONE carries ``"workspace": {"changed": n, "names": [...]}``: the files it created or
 changed there, compared with the state after the last sync or cell.
 
@@ -51,6 +52,7 @@ from kernel_worker import protocol as P
 from kernel_worker.backends.docker_owner import handed_dir, worker_owner
 from kernel_worker.daemon import paths
 from kernel_worker.daemon.errors import UnsafePath
+from kernel_worker.daemon.mirror import cell_trees
 from kernel_worker.daemon.pool import WARM_PREFIX
 from kernel_worker.session import Session
 from kernel_worker.workspace import (
@@ -273,10 +275,13 @@ class Workdirs:
     # ------------------------------------------------------------------ cells
 
     def wrap_execute(self, run: Callable) -> Callable:
-        """The EXECUTE handler, with ``"workspace": K`` turned into the cell's cwd."""
+        """The EXECUTE handler, with ``"workspace": K`` turned into the cell's cwd, and, for a
+        worker that cannot see this host's files, ``"mirror"``: the trees it keeps its own
+        copy of (the workspace, the user's packages), brought up to date before the cell."""
 
         def handle(ident: bytes, msg: P.Message, user: str) -> Any:
             key = msg.content.pop("workspace", None)
+            msg.content.pop("mirror", None)  # the daemon's to say, never the client's
             self.cells.discard(msg.session)
             if key is None and msg.session not in self.d.sessions.live:
                 self.of_session.pop(msg.session, None)  # a worker started for a cell without it does not mount it
@@ -288,10 +293,10 @@ class Workdirs:
                     return None
                 self.of_session[msg.session] = (user, key, host)
                 self.cells.add(msg.session)
-                if not self.d.backend_instance.shares_files:  # the worker keeps a copy, over its socket
-                    msg.content["mirror"] = True
-                elif cwd := self._cwd(msg.session, host):
+                if self.d.backend_instance.shares_files and (cwd := self._cwd(msg.session, host)):
                     msg.content["cwd"] = cwd
+            if msg.session and not self.d.backend_instance.shares_files:  # copies, over the worker's socket
+                msg.content["mirror"] = cell_trees(key is not None)
             return run(ident, msg, user)
 
         return handle

@@ -1,20 +1,33 @@
-"""The notebook's workspace on a node that cannot see the daemon's files (a Slurm compute
-node without a shared filesystem): a local mirror, brought up to date before each cell
-and sent back after it, over the worker's own socket.
+"""Copies of the daemon's trees on a node that cannot see the daemon's files (a Slurm
+compute node without a shared filesystem), brought up to date before each cell over the
+worker's own socket: the notebook's workspace (the cell's cwd; what the cell creates,
+changes or removes there goes back after it) and the user's ``%gpu pip install`` packages
+(on ``sys.path``; read-only: never sent back).
 
-Before a cell whose request says ``mirror``, the worker asks (MIRROR ``have``: relpath ->
-content token it holds) and the daemon answers with the workspace's whole listing
-(relpath -> [size, token, mode]) and, as frames, exactly the files whose token differs;
-the worker writes those and removes what the listing no longer has. After the cell, what
-it created, changed or removed in the mirror goes back (MIRROR ``back`` / ``gone``, the
-contents as frames) ahead of the cell's reply, so ``%gpu fetch``, ``--fetch`` and the
-cost line's count see it as on one host. Tokens are the daemon's content hashes
-(xxh3-128); a worker without xxhash leaves a file it wrote without one, and gets it once
-more. Standard library only, but xxhash when present.
+Before a cell whose request says ``mirror`` (``{"workspace": bool, "packages": bool}``;
+``True``: the workspace alone), the worker asks, tree by tree (MIRROR, see
+``kernel_worker/daemon/mirror.py`` for the wire), with the content tokens it holds; the
+daemon answers with the tree's whole listing and, as frames, exactly the files whose token
+differs, in batches; the worker writes those and removes what the listing no longer has.
+The packages copy is the daemon's tree exactly: before asking, the worker checks it (one
+``lstat`` a file), puts back what a cell changed there, removes what a cell added, and,
+when nothing was touched, names only the digest of the listing it holds, so unchanged
+packages cost one comparison on the daemon. A package installed mid-session is importable
+in the next cell (``importlib.invalidate_caches``); one already imported keeps its old
+version until ``%gpu release``, as everywhere.
+
+After the cell, what it created, changed or removed in the workspace goes back (MIRROR
+``back`` / ``gone``, the contents as frames) ahead of the cell's reply, so ``%gpu fetch``,
+``--fetch`` and the cost line's count see it as on one host. Tokens are the daemon's content
+hashes (xxh3-128); a worker without xxhash leaves a file it wrote without one, and gets it
+once more. Standard library only, but xxhash when present.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
 import sys
 import tempfile
 from typing import Any
@@ -22,11 +35,14 @@ from typing import Any
 from kernel_worker import protocol as P
 from kernel_worker.workspace_tree import NOISE, Tree, _key, _walk, check_relpath
 
-ANSWER_S = 300.0  # how long a cell waits for its workspace (a large first copy)
+ANSWER_S = 300.0  # how long a cell waits for one answer (a large first copy)
 POLL_S = 0.1
 ASK_AGAIN_S = 10.0
 MOST_BACK_BYTES = 2 * 1024**3  # what one cell's files send back at most; the rest stays on the worker, named
 FILES_BACK = 1000  # files one cell sends back at most (a message's frames are bounded)
+WORKSPACE, PACKAGES = "workspace", "packages"
+PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"  # whose packages this worker can import
+CODE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # first on PYTHONPATH
 
 try:
     from xxhash import xxh3_128_hexdigest as token_of
@@ -34,30 +50,124 @@ except ImportError:  # the cluster's Python may lack it: files the cell wrote co
     token_of = None
 
 
+class Copy:
+    """One tree's copy on this node."""
+
+    def __init__(self, tree: str, exact: bool) -> None:
+        self.tree = tree
+        self.exact = exact  # the daemon's tree and nothing else (packages); else a cell's files stay
+        self.root = ""
+        self.held: dict[str, tuple[str, tuple]] = {}  # relpath -> (token, local lstat key)
+        self.digest = ""  # the listing an exact copy holds, all of it
+
+
+def _trees(wanted: Any) -> set[str]:
+    if wanted is True:  # a daemon that mirrors the workspace only
+        return {WORKSPACE}
+    return {t for t in (WORKSPACE, PACKAGES) if isinstance(wanted, dict) and wanted.get(t) is True}
+
+
 class Mirror:
     def __init__(self, channel: Any):
         self.channel = channel
-        self.root = ""
-        self.held: dict[str, tuple[str, tuple]] = {}  # relpath -> (token, local lstat key)
+        self.workspace = Copy(WORKSPACE, exact=False)
+        self.packages = Copy(PACKAGES, exact=True)
+
+    @property
+    def root(self) -> str:
+        """The workspace's copy ('' until a cell ran in one)."""
+        return self.workspace.root
 
     def before(self, cell: P.Message) -> str:
-        """Bring the mirror up to date for ``cell``; the directory the cell works in."""
-        if not self.root:
-            self.root = tempfile.mkdtemp(prefix="jupyter-gpu-workspace-")
-        while True:  # the daemon sends a bounded batch at a time, and says when more is due
-            answer = self._ask(cell)
-            if answer is None or not isinstance(answer.content.get("files"), dict):
-                why = (answer.content.get("error") if answer is not None else None) or "no answer"
-                print(f"jupyter-gpu executor: no workspace from the daemon ({why})", file=sys.__stderr__)
-                return self.root
-            self._apply(answer.content["files"], answer.content.get("send") or [], answer.buffers)
-            if not answer.content.get("more"):
-                return self.root
+        """Bring the copies ``cell`` asks for up to date; the directory the cell works in
+        ('' when it has no workspace: it stays where it is)."""
+        trees = _trees(cell.content.get("mirror"))
+        if PACKAGES in trees:
+            self._packages(cell)
+        if WORKSPACE not in trees:
+            return ""
+        if not self.workspace.root:
+            self.workspace.root = tempfile.mkdtemp(prefix="jupyter-gpu-workspace-")
+        self._bring(cell, self.workspace)
+        return self.workspace.root
 
-    def _ask(self, cell: P.Message) -> P.Message | None:
+    def _packages(self, cell: P.Message) -> None:
+        copy = self.packages
+        if not copy.root:  # removed with the worker's scratch directory when it ends
+            copy.root = os.path.join(self.channel.scratch(), PACKAGES)
+            os.makedirs(copy.root, 0o700, exist_ok=True)
+        changed = self._bring(cell, copy)
+        if copy.held and copy.root not in sys.path:
+            sys.path.insert(_path_index(), copy.root)
+            changed = True
+        if changed:  # a package installed since the last cell: the import system looks again
+            importlib.invalidate_caches()
+
+    def _bring(self, cell: P.Message, copy: Copy) -> bool:
+        """Ask the daemon for ``copy``'s tree until it is up to date; whether a file changed.
+        A failure (the daemon's reason, a full disk here) is said, and the cell runs."""
+        changed = False
+        try:
+            changed, listed = self._check(copy) if copy.exact else (False, "")
+            while True:  # the daemon sends a bounded batch at a time, and says when more is due
+                answer = self._ask(cell, copy, listed)
+                content = answer.content if answer is not None else {"error": "no answer"}
+                if content.get("same"):
+                    return changed
+                if content.get("stale"):  # changed since: say what is held, file by file
+                    listed = ""
+                    continue
+                try:
+                    listing = json.loads(bytes(answer.buffers[0])) if "error" not in content else None
+                except (IndexError, ValueError, TypeError):
+                    listing = None
+                if not isinstance(listing, dict):
+                    self._say(copy, str(content.get("error") or "a malformed answer"))
+                    return changed
+                changed |= self._apply(copy, listing, content.get("send") or [], answer.buffers[1:])
+                if not content.get("more"):
+                    whole = all(copy.held.get(rel, ("",))[0] == entry[1] for rel, entry in listing.items())
+                    copy.digest = str(content.get("digest") or "") if copy.exact and whole else ""
+                    return changed
+        except (OSError, ValueError, TypeError, KeyError) as e:  # a full disk on this node, a bad answer
+            copy.digest = ""
+            self._say(copy, f"{type(e).__name__}: {e}")
+            return True
+
+    def _say(self, copy: Copy, why: str) -> None:
+        """The daemon's reason, in the worker's log and in the cell's output."""
+        print(f"jupyter-gpu executor: no {copy.tree} from the daemon ({why})", file=sys.__stderr__)
+        what = "your `%gpu pip install` packages" if copy.tree == PACKAGES else "the notebook's workspace"
+        sys.stderr.write(f"jupyter-gpu: {what} could not be brought to this worker: {why}\n")
+
+    def _check(self, copy: Copy) -> tuple[bool, str]:
+        """Make an exact copy hold only what the daemon sent, as it sent it: a file a cell
+        added is removed, one it changed or removed is asked for again. Returns whether a
+        file was removed, and the digest to name when nothing was touched ('' else)."""
+        now = {rel: _key(st) for rel, st in _walk(copy.root, NOISE)}
+        touched = [rel for rel, (_token, key) in copy.held.items() if now.get(rel) != key]
+        for rel in touched:
+            del copy.held[rel]
+        extra = [rel for rel in now if rel not in copy.held]
+        if extra:
+            with Tree(copy.root) as tree:
+                for rel in extra:
+                    try:
+                        tree.unlink(rel)
+                    except OSError:
+                        pass
+        return bool(extra), "" if touched or extra else copy.digest
+
+    def _ask(self, cell: P.Message, copy: Copy, listed: str) -> P.Message | None:
         """The daemon's answer, asking again every ASK_AGAIN_S (a daemon restarted meanwhile
         never saw the question; a second answer to the same question is dropped)."""
-        question = cell.reply(P.Msg.MIRROR, {"have": {rel: tok for rel, (tok, _) in self.held.items() if tok}})
+        content: dict = {"tree": copy.tree, "python": PYTHON}
+        frames = []
+        if listed:
+            content["listed"] = listed
+        else:
+            frames = [json.dumps({rel: tok for rel, (tok, _) in copy.held.items() if tok}).encode()]
+        question = cell.reply(P.Msg.MIRROR, content, frames)
         polls_per_ask = int(ASK_AGAIN_S / POLL_S)
         for i in range(int(ANSWER_S / POLL_S)):  # short waits: the cell's interrupt ends it, as for input()
             if i % polls_per_ask == 0:
@@ -68,31 +178,37 @@ class Mirror:
                 return answer
         return None
 
-    def _apply(self, listing: dict, send: list, frames: list) -> None:
-        with Tree(self.root) as tree:
+    def _apply(self, copy: Copy, listing: dict, send: list, frames: list) -> bool:
+        changed = False
+        with Tree(copy.root) as tree:
             for rel, data in zip(send, frames):
                 rel = check_relpath(rel)
                 _size, token, mode = listing[rel]
-                self.held[rel] = (token, _key(tree.write(rel, data, int(mode))))
-            for rel in [r for r in self.held if r not in listing]:
+                copy.held[rel] = (token, _key(tree.write(rel, data, int(mode))))
+                changed = True
+            for rel in [r for r in copy.held if r not in listing]:
                 try:
                     tree.unlink(rel)
                 except OSError:
                     pass
-                del self.held[rel]
+                del copy.held[rel]
+                changed = True
+        return changed
 
     def after(self, cell: P.Message) -> P.Message | None:
-        """What the cell created, changed or removed in the mirror, as a MIRROR ``back``
-        message to send before its reply (None when it touched nothing)."""
-        if not self.root:
+        """What the cell created, changed or removed in the workspace's copy, as a MIRROR
+        ``back`` message to send before its reply (None when it touched nothing). The
+        packages' copy never goes back."""
+        held, root = self.workspace.held, self.workspace.root
+        if not root or WORKSPACE not in _trees(cell.content.get("mirror")):
             return None
-        now = {rel: st for rel, st in _walk(self.root, NOISE)}
-        changed = sorted(rel for rel, st in now.items() if self.held.get(rel, ("", None))[1] != _key(st))
-        gone = sorted(rel for rel in self.held if rel not in now)
+        now = {rel: st for rel, st in _walk(root, NOISE)}
+        changed = sorted(rel for rel, st in now.items() if held.get(rel, ("", None))[1] != _key(st))
+        gone = sorted(rel for rel in held if rel not in now)
         if not changed and not gone:
             return None
         back, frames, left, room = {}, [], [], MOST_BACK_BYTES
-        with Tree(self.root) as tree:
+        with Tree(root) as tree:
             for rel in changed:
                 if now[rel].st_size > room or len(back) >= FILES_BACK:
                     left.append(rel)
@@ -104,7 +220,19 @@ class Mirror:
                 room -= len(data)
                 back[rel] = [len(data), 0o700 if now[rel].st_mode & 0o111 else 0o600]
                 frames.append(data)
-                self.held[rel] = (token_of(data) if token_of else "", _key(now[rel]))
+                held[rel] = (token_of(data) if token_of else "", _key(now[rel]))
         for rel in gone:
-            del self.held[rel]
-        return cell.reply(P.Msg.MIRROR, {"back": back, "gone": gone, "left": left}, frames)
+            del held[rel]
+        return cell.reply(P.Msg.MIRROR, {"tree": WORKSPACE, "back": back, "gone": gone, "left": left}, frames)
+
+
+def _path_index() -> int:
+    """Where the packages go on ``sys.path``: where PYTHONPATH would have put them (after
+    this package's own directory, ahead of the Python's site-packages)."""
+    for i, entry in enumerate(sys.path):
+        if entry and os.path.abspath(entry) == CODE_ROOT:
+            return i + 1
+    for i, entry in enumerate(sys.path):
+        if entry.endswith(("site-packages", "dist-packages")):
+            return i
+    return len(sys.path)
