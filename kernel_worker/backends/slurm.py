@@ -15,7 +15,6 @@ Slurm's command line (``slurm_cli``), not pyslurm: see that module for why.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import os
 import shlex
 import signal
@@ -131,9 +130,16 @@ class SlurmBackend(Backend):
         if time.monotonic() - self._seen_at < self.poll_interval:
             return
         if self._looking is None or self._looking.done():
-            self._looking = asyncio.ensure_future(self.cli.jobs(self.prefix, getpass.getuser(), ended_too=True))
+            self._looking = asyncio.ensure_future(self.cli.jobs(self.prefix, self.owner, ended_too=True))
         jobs = await asyncio.shield(self._looking)
         self._seen, self._seen_at = {j.id: j for j in jobs}, time.monotonic()
+
+    @property
+    def owner(self) -> str:
+        """Whose jobs are ours: this process's uid, as squeue takes it. Never $USER or
+        $LOGNAME (what getpass reads first), which ``sudo -E`` or ``su -m`` leave naming
+        the invoking user, whose jobs may carry our names."""
+        return str(os.geteuid())
 
     @property
     def prefix(self) -> str:
@@ -319,7 +325,7 @@ class SlurmBackend(Backend):
 
     async def find(self) -> list[tuple[str, Any]]:
         found = []
-        for job in await self.cli.jobs(self.prefix, user=getpass.getuser()):
+        for job in await self.cli.jobs(self.prefix, user=self.owner):
             wid = job.name[len(self.prefix) :]
             if P.SESSION_RE.match(wid) and wid:
                 found.append((wid, SlurmHandle(job.id, wid, job.state, job.reason, job)))

@@ -91,6 +91,18 @@ class SlurmCluster:
         r = self.run("sbatch", "--parsable", f"--partition={self.partition}", *args, input=script, check=check)
         return r.stdout.strip().split(";")[0] if check else r
 
+    def sbatch_as(self, user: str, *args: str, script: str) -> str:
+        """``sbatch`` as another Unix ``user`` (``runuser``, from ``/``), with this cluster's
+        ``SLURM_CONF``: their job id. The user must reach slurm.conf and munged's socket
+        (a cluster under a directory only root can enter refuses them)."""
+        argv = ["runuser", "-u", user, "--", "sbatch", "--parsable", f"--partition={self.partition}", *args]
+        r = subprocess.run(
+            argv, env=self.env, capture_output=True, text=True, timeout=CLIENT_TIMEOUT, input=script, cwd="/"
+        )
+        if r.returncode != 0:
+            raise AssertionError(f"sbatch as {user} exited {r.returncode}: {r.stderr.strip() or r.stdout.strip()}")
+        return r.stdout.strip().split(";")[0]
+
     def squeue(self, *args: str, **kw):
         return self.run("squeue", *args, **kw)
 
@@ -119,8 +131,8 @@ class SlurmCluster:
 
     def queue(self) -> list[dict]:
         """The jobs ``squeue`` lists (pending, running, completing), oldest first."""
-        r = self.squeue("-h", "--sort=i", "-o", "%i|%T|%r|%b|%Q|%P|%j")
-        keys = ("id", "state", "reason", "gres", "priority", "partition", "name")
+        r = self.squeue("-h", "--sort=i", "-o", "%i|%T|%r|%b|%Q|%P|%u|%j")
+        keys = ("id", "state", "reason", "gres", "priority", "partition", "user", "name")
         return [dict(zip(keys, line.split("|", len(keys) - 1))) for line in r.stdout.splitlines()]
 
     def wait_for(self, what: str, probe, timeout: float = 30.0):
