@@ -54,18 +54,20 @@ demo: install
 # Docker engine (the tests run dockerd on their own socket), OpenSSH's sshd (on a loopback
 # port), Debian's Chromium (driven by Playwright; never a downloaded browser), Debian's Slurm
 # (slurm-wlm: slurmctld, slurmd and the client commands) with munge (the tests start munged,
-# slurmctld and slurmd with their own config: tests/support/slurm.py), and a debootstrap root
-# file system for the test images (about 40 s, cached). This target starts no daemon (here
+# slurmctld and slurmd with their own config: tests/support/slurm.py), runc (the OCI runtime
+# Slurm's --container runs the test bundle with: tests/support/slurm_oci.py; bookworm's crun
+# 1.8 refuses a hybrid cgroup layout such as this VM's), and a debootstrap root file system
+# for the test images (about 40 s, cached). This target starts no daemon (here
 # /usr/sbin/policy-rc.d keeps apt from starting them; slurmctld's and slurmd's units need an
 # /etc/slurm/slurm.conf, which nothing writes).
 system-deps:
 	@if [ ! -x /usr/sbin/dockerd ] || [ ! -x /usr/sbin/debootstrap ] || [ ! -x /usr/sbin/sshd ] \
 		|| [ ! -x /usr/bin/chromium ] || ! command -v npm >/dev/null \
 		|| [ ! -x /usr/sbin/slurmctld ] || [ ! -x /usr/sbin/slurmd ] || [ ! -x /usr/bin/sbatch ] \
-		|| [ ! -x /usr/sbin/munged ]; then \
+		|| [ ! -x /usr/sbin/munged ] || [ ! -x /usr/sbin/runc ]; then \
 		$(SUDO) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q docker.io debootstrap openssh-server chromium \
-			slurm-wlm munge $$(command -v npm >/dev/null || echo nodejs npm); \
+			slurm-wlm munge runc $$(command -v npm >/dev/null || echo nodejs npm); \
 	fi
 
 # The archive comes from this machine's own apt sources (scripts/apt-source.sh): the
