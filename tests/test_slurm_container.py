@@ -220,13 +220,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the executor is its container's first process (PID 1 of the container's PID namespace), and "
-    "the kernel drops a signal with the default action that PID 1 sends itself: _on_sigterm's "
-    "os.kill(os.getpid(), SIGTERM) does nothing, so Slurm kills the job KillWait later (30 s by default). "
-    "Needs kernel_worker/executor/executor.py's _on_sigterm to end with os._exit when os.getpid() == 1",
-)
 def test_a_released_executor_ends_on_slurms_sigterm_not_its_sigkill(gateway, make_shell, slurm, bundle, runc_root):
     """scancel sends SIGTERM to the batch step (runc, which passes it on to the executor),
     then SIGKILL KillWait seconds later (5 s here) to whatever is left: the job's exit code

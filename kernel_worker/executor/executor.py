@@ -84,6 +84,8 @@ class Executor:
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         # Stopped (idle release, scancel): what this worker kept on its node goes, then it ends as asked.
         self.channel.remove_scratch()
+        if os.getpid() == 1:  # a container's first process: the kernel drops a signal it sends itself
+            os._exit(128 + signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 
