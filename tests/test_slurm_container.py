@@ -186,9 +186,10 @@ def test_an_interrupt_reaches_the_cell_in_the_container_and_the_session_stays(
     result, cap = run(ip, "%%gpu H100 --timeout 1\nimport time\nprint('sleeping', flush=True)\ntime.sleep(60)")
     assert type(result.error_in_exec).__name__ == "KeyboardInterrupt"
     assert "passed --timeout 1 s" in cap.stderr
-    # the executor's traceback (the image has no IPython): the cell stopped in its sleep
-    assert cap.stdout.startswith("sleeping\nTraceback (most recent call last):\n"), cap.stdout
-    assert '  File "<cell>", line 3, in <module>\n' in cap.stdout and cap.stdout.endswith("KeyboardInterrupt\n\n")
+    # the executor's traceback (the image has no IPython): the cell stopped in its sleep, and
+    # only the cell's frames show (not the runner's, nor the executor's signal handler's)
+    tb = 'Traceback (most recent call last):\n  File "<cell>", line 3, in <module>\nKeyboardInterrupt\n'
+    assert cap.stdout == "sleeping\n" + tb, cap.stdout
     result, cap = run(ip, "%%gpu H100\nimport os\nprint(kept == os.environ['SLURM_JOB_ID'], os.getpid())")
     assert result.success and cap.stdout == "True 1\n", (result.error_in_exec, cap.stderr)
     assert running_container(runc_root, slurm, job_id)["pid"] == pid  # the same container, still running

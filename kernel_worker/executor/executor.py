@@ -282,5 +282,5 @@ def _err(what: str, e: BaseException) -> dict:
     return {
         "ename": type(e).__name__,
         "evalue": f"{what}: {e}",
-        "traceback": traceback.format_exception(type(e), e, e.__traceback__),
+        "traceback": [entry.rstrip("\n") for entry in traceback.format_exception(type(e), e, e.__traceback__)],
     }

@@ -13,6 +13,8 @@ from kernel_worker.executor.kernel import WorkerKernel
 from kernel_worker.executor.outbox import Outbox
 from kernel_worker.executor.widgets import OutputCapture
 
+_OWN_CODE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # the executor's frames, kept out of a traceback
+
 # The environment ipykernel's ZMQInteractiveShell.init_environment gives a kernel.
 KERNEL_ENV = {
     "TERM": "xterm-color",
@@ -83,7 +85,10 @@ class Runner:
             return True
         except BaseException as e:  # the user's exception, KeyboardInterrupt included
             self.exit_requested = isinstance(e, SystemExit)
-            tb = traceback.format_exception(type(e), e, e.__traceback__)
+            # The cell's frames only: neither this runner's nor the executor's signal handler's.
+            frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_OWN_CODE)]
+            tb = ["Traceback (most recent call last):", *traceback.format_list(frames)]
+            tb = [entry.rstrip("\n") for entry in tb + traceback.format_exception_only(type(e), e)]  # joined by "\n"
             self.outbox.send(
                 self.outbox.parent.reply(P.Msg.ERROR, {"ename": type(e).__name__, "evalue": str(e), "traceback": tb})
             )
