@@ -191,11 +191,6 @@ def test_a_package_of_thousands_of_files_comes_in_batches_and_survives_a_daemon_
     assert sent(d2, 1) == 1  # the one changed file
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the executor checks a cell's imports before it brings the packages: needs the change to "
-    "kernel_worker/executor/executor.py that runs Mirror.before first",
-)
 def test_a_package_the_notebook_has_too_is_there_before_the_workers_import_check(
     gateway, make_shell, notebook, tmp_path, monkeypatch
 ):

@@ -101,8 +101,9 @@ class SlurmBackend(Backend):
     dial_port = Int(0, help="Port workers dial back to (0: a free one, kept across daemon restarts).").tag(config=True)
     shared_filesystem = Bool(
         False,
-        help="The compute nodes see this host's bulk root and workspaces at the same paths: large values and "
-        "the notebook's files then go by file, not over the socket.",
+        help="The compute nodes see this host's bulk root, workspaces and package directories at the same paths: "
+        "large values, the notebook's files, snapshots and %gpu pip install packages then go by file, not over "
+        "the socket.",
     ).tag(config=True)
     env_keep = List(Unicode(), KEEP_ENV, help="The daemon's environment variables a job inherits.").tag(config=True)
     extra_env = Dict(value_trait=Unicode(), help="Environment for every job, on top of env_keep.").tag(config=True)

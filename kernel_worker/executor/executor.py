@@ -188,8 +188,20 @@ class Executor:
         t0 = time.monotonic()
         ok, content, frames = True, {}, []
         loaded = False
-        if msg.content.get("imports"):  # modules the notebook has: a missing one stops the cell first
+        if msg.content.get("mirror"):  # the daemon's files are not here: local copies (workspace, packages),
+            self.running = True  # first, so the imports check sees them; an interrupt ends the wait, and the cell
+            try:
+                self._follow(self.mirror.before(msg))
+            except KeyboardInterrupt:
+                ok = False
+                self.outbox.send(
+                    msg.reply(P.Msg.ERROR, _err("interrupted while the workspace was copied", KeyboardInterrupt()))
+                )
+            finally:
+                self.running = False
+        else:
             self._follow(msg.content.get("cwd"))  # `import helper` from beside the notebook
+        if msg.content.get("imports"):  # modules the notebook has: a missing one stops the cell first
             missing, notes = self.imports.check(msg.content["imports"])
             if missing:
                 self.outbox.send(
@@ -215,19 +227,6 @@ class Executor:
             need = self._missing(msg.content.get("assumed"))
             if need:  # the notebook believes we hold these, and we do not: nothing runs
                 return msg.reply(P.Msg.NEED, {"names": need})
-        if msg.content.get("mirror"):  # the daemon's files are not here: a local copy of the workspace
-            self.running = True  # an interrupt ends the wait for it, and the cell
-            try:
-                self._follow(self.mirror.before(msg))
-            except KeyboardInterrupt:
-                ok = False
-                self.outbox.send(
-                    msg.reply(P.Msg.ERROR, _err("interrupted while the workspace was copied", KeyboardInterrupt()))
-                )
-            finally:
-                self.running = False
-        else:
-            self._follow(msg.content.get("cwd"))
         code = msg.content.get("code", "")
         before = set(self.ns)
         if ok and code.strip():

@@ -29,7 +29,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from typing import Any
 
 from kernel_worker import protocol as P
@@ -86,8 +85,9 @@ class Mirror:
             self._packages(cell)
         if WORKSPACE not in trees:
             return ""
-        if not self.workspace.root:
-            self.workspace.root = tempfile.mkdtemp(prefix="jupyter-gpu-workspace-")
+        if not self.workspace.root:  # removed with the worker's scratch directory when it ends
+            self.workspace.root = os.path.join(self.channel.scratch(), WORKSPACE)
+            os.makedirs(self.workspace.root, 0o700, exist_ok=True)
         self._bring(cell, self.workspace)
         return self.workspace.root
 
