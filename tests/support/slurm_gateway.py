@@ -1,6 +1,11 @@
 """The Slurm gateway the notebook-level Slurm tests share: the one-node cluster of
 tests/support/slurm.py (one per test module) and ``gateway``, a daemon with the slurm
-backend in front of it; after each test Slurm's queue holds none of its jobs."""
+backend in front of it; after each test Slurm's queue holds none of its jobs. For faults
+at a point a test chooses: ``Splice`` (the notebook's connection, cut after so many
+bytes), ``Background`` (the fault, in a thread, while the notebook runs a cell),
+``unread_by``/``unread_on`` (what a stopped process has not read off its tcp sockets),
+``spy`` (when the notebook's client pings or hears a pong), ``patient_shell`` and
+``worker_facts``."""
 
 from __future__ import annotations
 
@@ -16,11 +21,14 @@ import threading
 
 import pytest
 
+from jupyter_gpu.client import DaemonClient
 from support.daemons import start_daemon
 from support.orphans import forget_daemon
+from support.shells import run
 from support.slurm import slurm_cluster
 
 POLL_S = 0.2
+JOIN_S = 120.0  # a fault injector's thread, at most
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +114,12 @@ class Splice:
         return f"ipc://{self.path}"
 
     def connection_file(self, daemon) -> str:
-        """A copy of ``daemon``'s connection file naming this splice as its address."""
-        info = json.loads(open(daemon.connection_file).read())
+        """A copy of ``daemon``'s connection file naming this splice as its address (and no
+        pid: the daemon behind it changes when a test restarts it)."""
+        with open(daemon.connection_file) as f:
+            info = json.load(f)
         info["url"] = self.url
+        info.pop("pid", None)
         path = os.path.join(os.path.dirname(self.path), "spliced.json")
         with open(path + ".tmp", "w") as f:
             json.dump(info, f)
@@ -212,3 +223,87 @@ class Splice:
                 self.moved[way] += len(data)
                 if self.limit[way] is not None and self.moved[way] >= self.limit[way]:
                     self.held.set()
+
+
+class Background:
+    """``fn`` in a thread (a fault injected while the test's notebook runs a cell);
+    ``join`` re-raises what it raised."""
+
+    def __init__(self, fn):
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 -- raised again in the test's thread
+            self.error = e
+
+    def join(self) -> None:
+        self.thread.join(JOIN_S)
+        assert not self.thread.is_alive(), "the fault was never injected"
+        if self.error is not None:
+            raise self.error
+
+
+def _unread(match) -> int:
+    """Bytes waiting unread in the receive queues of the tcp sockets ``match(fields)``
+    picks from /proc/net/tcp (local, remote, state, tx:rx queue, ..., inode)."""
+    total = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if match(fields):
+                total += int(fields[4].split(":")[1], 16)
+    return total
+
+
+def unread_by(pid: int) -> int:
+    """What the daemon sent process ``pid`` (a stopped worker) that it has not read."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:[") : -1])
+    return _unread(lambda f: f[9] in inodes)
+
+
+def unread_on(port: int) -> int:
+    """What reached the connections of local ``port`` (the daemon's worker address) unread."""
+    return _unread(lambda f: int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01")
+
+
+def patient_shell(make_shell, d):
+    """A notebook that waits out a daemon restart (a minute without an answer) and pings
+    every second of silence, so it hears soon from the daemon that comes back."""
+    ip = make_shell(d)
+    assert ip.run_cell("%config GPUMagics.heartbeat_timeout = 60.0").success
+    assert ip.run_cell("%config GPUMagics.heartbeat_interval = 1.0").success
+    return ip
+
+
+def spy(monkeypatch, method: str, when=lambda msg, *rest: True) -> threading.Event:
+    """An event set whenever the notebook's client calls its ``method`` (PING sent, PONG
+    read) with arguments ``when`` accepts; the method runs as before."""
+    event, real = threading.Event(), getattr(DaemonClient, method)
+
+    def spied(self, *args, **kw):
+        if when(*args):
+            event.set()
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(DaemonClient, method, spied)
+    return event
+
+
+def worker_facts(ip) -> tuple[int, str, int]:
+    """The worker's pid, its Slurm job and the daemon's port it dialled back to."""
+    cell = "%%gpu cpu\nimport os\nprint(os.getpid(), os.environ['SLURM_JOB_ID'], os.environ['JUPYTER_GPU_ENDPOINT'])"
+    result, cap = run(ip, cell)
+    assert result.success, result.error_in_exec
+    pid, job, endpoint = cap.stdout.split()
+    return int(pid), job, int(endpoint.rsplit(":", 1)[1])
