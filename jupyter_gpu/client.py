@@ -165,8 +165,10 @@ class DaemonClient:
                 )
             if self._ping is None:
                 wait = self.heartbeat_interval
-            else:
-                wait = self.heartbeat_timeout - (now - self._ping_sent)
+            else:  # until the first ping's answer is overdue, or the next ping is due
+                wait = min(
+                    self.heartbeat_timeout - (now - self._ping_sent), self.heartbeat_interval - (now - self._ping_last)
+                )
             if self._deadline is not None:
                 wait = min(wait, self._deadline - now)
             reply = self._recv(max(wait, 0.0))
@@ -176,9 +178,11 @@ class DaemonClient:
                     self._send_ping(msg, now)
                 elif now - self._ping_sent >= self.heartbeat_timeout:
                     raise DaemonLost(P.Err.TIMEOUT, self._lost_text(now - self._last_heard))
+                elif now - self._ping_last >= self.heartbeat_interval:  # it may have gone with a broken connection
+                    self._send_ping(msg, now, again=True)
                 continue
             self._last_heard = now
-            if self._ping is not None and reply.parent == self._ping.id:
+            if self._ping is not None and reply.parent in self._pinged:
                 self._ping = None
                 self._pong(msg, reply.content)
                 continue
@@ -186,13 +190,19 @@ class DaemonClient:
                 return reply
             # else: late output of an earlier request, or the answer to an earlier ping
 
-    def _send_ping(self, msg: P.Message, now: float) -> None:
+    def _send_ping(self, msg: P.Message, now: float, again: bool = False) -> None:
         """Ask whether the daemon is there, and for a tracked request whether it is still
-        coming; the daemon sends what we missed of it first."""
+        coming; the daemon sends what we missed of it first. ``again``: while the first is
+        unanswered (a ping written into a connection that then broke, to a daemon stopped
+        and killed, is gone; a restarted daemon never sees it): any answer will do, and the
+        daemon counts as lost ``heartbeat_timeout`` after the first."""
         content = {"request": msg.id, "seen": self._seen} if msg.type in TRACKED else {}
-        self._ping = P.Message(P.Msg.PING, content, msg.session)
-        self._ping_sent = now
-        self.send(self._ping)
+        ping = P.Message(P.Msg.PING, content, msg.session)
+        if not again:
+            self._ping, self._ping_sent, self._pinged = ping, now, set()
+        self._pinged.add(ping.id)
+        self._ping_last = now
+        self.send(ping)
 
     def _pong(self, msg: P.Message, content: dict) -> None:
         """A request the daemon no longer knows will never be answered: say so now."""

@@ -59,11 +59,6 @@ STRANGER = "jgpu-stranger"
 SLEEPER = "#!/bin/sh\nexec sleep 600\n"
 
 
-def needs(fix: str):
-    """Until a fix outside the Slurm backend is in (the helper's report has its diff)."""
-    return pytest.mark.xfail(strict=True, reason=f"needs {fix}")
-
-
 NOT_WHOLE = (
     "a value sent back by the worker did not arrive whole (its daemon restarted while it was being sent?): "
     "pull it again with %gpu pull NAME"
@@ -197,7 +192,6 @@ def test_a_daemon_killed_while_a_worker_streams_a_value_back(gateway, make_shell
 # ---------------------------------------------------------------------- the workspace mirror
 
 
-@needs("executor/mirror.py+channel.py (ask again, at once after a reconnect); daemon/records.py+workdirs.py")
 @pytest.mark.timeout(90)
 def test_a_daemon_killed_while_a_worker_waits_for_its_workspace(gateway, make_shell, notebook_dir, slurm):
     """The restarted daemon knows the session's workspace (from its record) and answers
@@ -227,7 +221,6 @@ def test_a_daemon_killed_while_a_worker_waits_for_its_workspace(gateway, make_sh
     assert result.success and cap.stdout == "a,b\n7,8\n\n"
 
 
-@needs("executor/mirror.py+channel.py (write-back again after a reconnect); daemon/mirror.py, workdirs.py, records.py")
 def test_a_daemon_killed_while_a_cell_sends_its_files_back(gateway, make_shell, notebook_dir, tmp_path, slurm):
     """The daemon is stopped with the cell's files on their way into it, then killed; the
     worker sends them again to the restarted daemon, whose reply to the cell waits for them."""
@@ -258,7 +251,6 @@ def test_a_daemon_killed_while_a_cell_sends_its_files_back(gateway, make_shell, 
     assert (notebook_dir / "made.txt").read_text() == "m" * size
 
 
-@needs("jupyter_gpu/client.py (a ping sent again while the first is unanswered)")
 def test_a_notebook_asks_again_when_its_ping_died_with_a_frozen_daemon(
     gateway, make_shell, splice, notebook_dir, tmp_path, slurm, monkeypatch
 ):
@@ -297,7 +289,6 @@ def test_a_notebook_asks_again_when_its_ping_died_with_a_frozen_daemon(
     assert result.success and (cap.stdout, cap.stderr) == (f"done {job}\n", ""), result.error_in_exec
 
 
-@needs("daemon/workdirs.py (the cell running in a workspace known by its id)")
 def test_a_cell_sent_before_its_adopted_worker_is_back_gets_its_files(gateway, make_shell, notebook_dir, monkeypatch):
     """The next cell reaches the restarted daemon before the adopted worker does (it is
     stopped until the daemon has answered a ping sent after the cell). The worker then

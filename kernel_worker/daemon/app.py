@@ -28,10 +28,10 @@ The parts reach each other through the daemon (``self.d``); only this module wir
 from __future__ import annotations
 
 import asyncio
-import getpass
 import hashlib
 import json
 import os
+import pwd
 import secrets
 import signal
 import time
@@ -207,7 +207,7 @@ class WorkerDaemon(LoggingConfigurable):
 
     @default("user")
     def _user(self) -> str:
-        return getpass.getuser()
+        return pwd.getpwuid(os.geteuid()).pw_name  # not $USER, which sudo -E or su -m leave naming another
 
     @default("url")
     def _url(self) -> str:

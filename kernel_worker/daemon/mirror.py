@@ -47,7 +47,7 @@ from kernel_worker.workspace_tree import WorkspaceError, human, shown
 if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
 
-REMEMBERED = 1000  # question ids kept, to answer each once
+REMEMBERED = 1000  # question and write-back ids kept, to take each once
 WORKSPACE, PACKAGES = "workspace", "packages"  # the trees a worker may keep a copy of
 MAX_HAVE_BYTES = 64 * 1024**2  # a worker's ``have`` frame (JSON)
 PACKAGES_TOO_LARGE = "install it in the cluster's Python (SlurmBackend.python) instead"
@@ -75,6 +75,8 @@ class Mirrors:
             self.log.warning("session %s: its worker asked to mirror %s, not a tree it may have", s.id, shown(tree))
             return
         if "back" in msg.content:
+            if not self._first(msg.id):  # sent again after a reconnect: written already
+                return
             if tree != WORKSPACE:
                 self.log.warning(
                     "session %s: refused what its worker sent back for its %s: a worker's copy of them is read-only",
@@ -91,12 +93,18 @@ class Mirrors:
         if tree == WORKSPACE and got is None:
             self.log.warning("session %s: a workspace mirror request for a cell without a workspace", s.id)
             return
-        if msg.id not in self.asked:  # a worker asks again until answered: once is enough
-            self.asked[msg.id] = None
-            while len(self.asked) > REMEMBERED:
-                del self.asked[next(iter(self.asked))]
+        if self._first(msg.id):  # a worker asks again until answered: once is enough
             root = got[2] if tree == WORKSPACE else None  # the packages': found in a thread
             self.d.spawn(self._answer(s, msg, tree, root), s.tasks)
+
+    def _first(self, msg_id: str) -> bool:
+        """Whether this is the first time a worker's question or write-back ``msg_id`` came."""
+        if msg_id in self.asked:
+            return False
+        self.asked[msg_id] = None
+        while len(self.asked) > REMEMBERED:
+            del self.asked[next(iter(self.asked))]
+        return True
 
     async def written(self, s: Session) -> None:
         """Until the files ``s``'s cell sent back are in its workspace."""

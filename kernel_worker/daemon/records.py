@@ -58,6 +58,7 @@ class Records:
             "held_since": time.time() - (time.monotonic() - s.started_at),
             "client": s.client.hex(),  # its notebook's routing id: a running cell's output goes on to it
             "budgets": s.budgets,  # the limits its notebook asked for: they hold across a restart
+            "workspace": self.d.workdirs.key_of(s.id),  # its worker's copy is answered after a restart too
         }
         path = self.path(s.wid)
         with os.fdopen(paths.open_private(path + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC), "w") as f:
@@ -168,6 +169,8 @@ class Records:
             s.client = bytes.fromhex(str(record.get("client", "")))
         except ValueError:
             s.client = b""
+        if record.get("workspace"):
+            self.d.workdirs.adopted(s, record["workspace"])
         for g in gpus if self.d.scheduler.holds else ():
             self.d.scheduler.holder[g.uuid] = sid
         self.d.sessions.add(s)

@@ -96,7 +96,7 @@ class Workdirs:
             self.ws.root = default_root(daemon.state_dir, daemon.daemon_id)
         self.ws.owner = worker_owner(daemon.backend_instance)  # containers of another uid mount workspaces
         self.of_session: dict[str, tuple[str, str, str]] = {}  # session id -> (user, key, host path)
-        self.cells: set[str] = set()  # sessions whose current cell runs in its workspace
+        self.cells: dict[str, str] = {}  # session id -> the id of its cell that runs in its workspace
         self.mounted: dict[str, str] = {}  # worker id -> the workspace host path its container mounts
         self.spares: dict[str, str] = {}  # warm worker id -> the empty directory it mounts
         self.snaps: dict[tuple[str, str], dict[str, Stat]] = {}  # after the last sync or cell
@@ -282,7 +282,7 @@ class Workdirs:
         def handle(ident: bytes, msg: P.Message, user: str) -> Any:
             key = msg.content.pop("workspace", None)
             msg.content.pop("mirror", None)  # the daemon's to say, never the client's
-            self.cells.discard(msg.session)
+            self.cells.pop(msg.session, None)
             if key is None and msg.session not in self.d.sessions.live:
                 self.of_session.pop(msg.session, None)  # a worker started for a cell without it does not mount it
             if key is not None and msg.session:
@@ -291,8 +291,12 @@ class Workdirs:
                 except Exception as e:  # noqa: BLE001
                     self._refuse(ident, msg, e)
                     return None
+                known = self.of_session.get(msg.session)
                 self.of_session[msg.session] = (user, key, host)
-                self.cells.add(msg.session)
+                self.cells[msg.session] = msg.id
+                s = self.d.sessions.live.get(msg.session)
+                if known != (user, key, host) and s is not None and s.state in ("idle", "busy", "adopting"):
+                    self.d.records.save(s)  # a restarted daemon answers its worker's copy of it
                 if self.d.backend_instance.shares_files and (cwd := self._cwd(msg.session, host)):
                     msg.content["cwd"] = cwd
             if msg.session and not self.d.backend_instance.shares_files:  # copies, over the worker's socket
@@ -300,6 +304,18 @@ class Workdirs:
             return run(ident, msg, user)
 
         return handle
+
+    def key_of(self, session: str) -> str:
+        """The key of ``session``'s workspace ('' for none), for its record."""
+        got = self.of_session.get(session)
+        return got[1] if got is not None else ""
+
+    def adopted(self, s: Session, key: Any) -> None:
+        """After a restart: ``s``'s workspace, from its record (checked like a client's)."""
+        try:
+            self.of_session[s.id] = (s.user, key, self.ws.path(s.user, self._key(key)))
+        except (WorkspaceError, OSError, UnsafePath) as e:
+            self.log.warning("session %s: its record's workspace is not usable: %s", s.id, e)
 
     def _cwd(self, session: str, host: str) -> str:
         """Where the session's worker sees the workspace ('' when it cannot: a container
@@ -344,11 +360,16 @@ class Workdirs:
             self.log.warning("could not give warm worker %s the workspace of session %s: %s", s.wid, s.id, e)
 
     def after_cell(self, s: Session, msg: P.Message) -> bool:
-        """For a DONE: when the cell ran in its workspace, relay it (True) once the files it
-        created or changed are counted, in a thread; else False (the caller relays)."""
-        if s.id not in self.cells or msg.content.get("exit"):
+        """For a DONE: when its cell ran in the workspace, relay it (True) once the files it
+        created or changed are counted, in a thread; else False (the caller relays). A DONE
+        sent again by an adopted worker, for the cell it ran before the restart, is not this
+        one's (another cell may have come meanwhile), but waits for the files it sent back."""
+        mine = self.cells.get(s.id) == msg.parent
+        sent_back = s.id in self.d.mirrors.writing and s.id in self.of_session
+        if msg.content.get("exit") or not (mine or sent_back):
             return False
-        self.cells.discard(s.id)
+        if mine:
+            del self.cells[s.id]
         user, key, host = self.of_session[s.id]
         # A container sees the workspace only if it was started with it (not one started
         # before this notebook synced, nor a warm one from the pool).

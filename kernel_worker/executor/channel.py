@@ -70,6 +70,7 @@ class Channel:
         self._cell_started = 0.0
         self._cell_done = True
         self._connects = 0
+        self.on_connect = None  # () -> a message to send on each (re)connect, after READY (the mirror's)
 
     # ------------------------------------------------------------------ sending (caller holds the lock)
 
@@ -172,7 +173,15 @@ class Channel:
                     "elapsed_s": time.monotonic() - self._cell_started,
                 }
             self.sock.send_multipart(P.pack(P.Message(P.Msg.READY, content, self.session), self.signer), copy=False)
+            again = self.on_connect() if self.on_connect is not None else None
+            if again is not None:  # before the output: the cell's reply waits for it there
+                self._offer(again)
             self._send_again(0)
+
+    @property
+    def connects(self) -> int:
+        """How many times the daemon's socket has (re)connected."""
+        return self._connects
 
     # ------------------------------------------------------------------ threads
 

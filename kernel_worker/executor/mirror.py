@@ -29,6 +29,7 @@ import importlib
 import json
 import os
 import sys
+import uuid
 from typing import Any
 
 from kernel_worker import protocol as P
@@ -71,6 +72,10 @@ class Mirror:
         self.channel = channel
         self.workspace = Copy(WORKSPACE, exact=False)
         self.packages = Copy(PACKAGES, exact=True)
+        # The last cell's write-back, by name: sent again, read afresh, after a reconnect
+        # (a daemon killed before it wrote the files); (cell, message id, names, gone, left).
+        self.sent_back: tuple[P.Message, str, list, list, list] | None = None
+        channel.on_connect = self.back_again
 
     @property
     def root(self) -> str:
@@ -168,9 +173,12 @@ class Mirror:
         else:
             frames = [json.dumps({rel: tok for rel, (tok, _) in copy.held.items() if tok}).encode()]
         question = cell.reply(P.Msg.MIRROR, content, frames)
-        polls_per_ask = int(ASK_AGAIN_S / POLL_S)
+        polls_per_ask, asked, connects = int(ASK_AGAIN_S / POLL_S), 0, -1
         for i in range(int(ANSWER_S / POLL_S)):  # short waits: the cell's interrupt ends it, as for input()
-            if i % polls_per_ask == 0:
+            if i % polls_per_ask == 0 or connects != self.channel.connects:  # a daemon back after a restart: at once
+                connects = self.channel.connects
+                asked += 1
+                question.content["ask"] = asked  # the same question, not a replay the daemon would refuse
                 with self.channel.lock:
                     self.channel.send(question)
             answer = self.channel.answer_to(question, POLL_S, P.Msg.MIRROR)
@@ -202,14 +210,26 @@ class Mirror:
         held, root = self.workspace.held, self.workspace.root
         if not root or WORKSPACE not in _trees(cell.content.get("mirror")):
             return None
+        self.sent_back = None
         now = {rel: st for rel, st in _walk(root, NOISE)}
         changed = sorted(rel for rel, st in now.items() if held.get(rel, ("", None))[1] != _key(st))
         gone = sorted(rel for rel in held if rel not in now)
         if not changed and not gone:
             return None
-        back, frames, left, room = {}, [], [], MOST_BACK_BYTES
-        with Tree(root) as tree:
-            for rel in changed:
+        msg = self._back(cell, uuid.uuid4().hex, changed, gone, [], now)
+        for rel in gone:
+            del held[rel]
+        return msg
+
+    def _back(self, cell: P.Message, mid: str, names: list, gone: list, left: list, now: dict) -> P.Message:
+        """A MIRROR ``back`` of ``cell`` with id ``mid``: the files ``names`` as they are now
+        (``now``: their lstat), and ``gone``; remembered, to be sent again after a reconnect."""
+        held = self.workspace.held
+        back, frames, left, room = {}, [], list(left), MOST_BACK_BYTES
+        with Tree(self.workspace.root) as tree:
+            for rel in names:
+                if rel not in now:
+                    continue
                 if now[rel].st_size > room or len(back) >= FILES_BACK:
                     left.append(rel)
                     continue
@@ -221,9 +241,22 @@ class Mirror:
                 back[rel] = [len(data), 0o700 if now[rel].st_mode & 0o111 else 0o600]
                 frames.append(data)
                 held[rel] = (token_of(data) if token_of else "", _key(now[rel]))
-        for rel in gone:
-            del held[rel]
-        return cell.reply(P.Msg.MIRROR, {"tree": WORKSPACE, "back": back, "gone": gone, "left": left}, frames)
+        self.sent_back = (cell, mid, sorted(back), gone, left)
+        content = {"tree": WORKSPACE, "back": back, "gone": gone, "left": left}
+        return P.Message(P.Msg.MIRROR, content, cell.session, id=mid, parent=cell.id, buffers=frames)
+
+    def back_again(self) -> P.Message | None:
+        """Channel, on a (re)connect: the last cell's write-back once more, read afresh
+        (the daemon that had it may have died before writing it; one that did drops a
+        second copy), while that cell is still the last one."""
+        if self.sent_back is None:
+            return None
+        cell, mid, names, gone, left = self.sent_back
+        if cell.id != self.channel.journal.request:  # a later cell began
+            self.sent_back = None
+            return None
+        now = {rel: st for rel, st in _walk(self.workspace.root, NOISE)}
+        return self._back(cell, mid, names, gone, left, now)
 
 
 def _path_index() -> int:
