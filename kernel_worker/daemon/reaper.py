@@ -86,7 +86,7 @@ class Reaper:
         """Stop a running cell for a reason of the daemon's (a budget): the reason goes to
         its live status line at once and into its cost line."""
         s.stopped = why
-        self.d.attach.relay(s, msg.reply(P.Msg.PROGRESS, {**self.d.telemetry.reading(s), "stopping": why}))
+        self.d.attach.relay(s, msg.reply(P.Msg.PROGRESS, self.d.telemetry.reading(s)))
         await self._interrupt(s, short, code)
 
     async def _interrupt(self, s: Session, why: str, code: str) -> None:

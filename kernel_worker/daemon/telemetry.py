@@ -62,6 +62,8 @@ class Telemetry:
         }
         if s.estimate:
             out["estimate"] = s.estimate
+        if s.stopped:  # every later reading keeps saying why the cell is being stopped
+            out["stopping"] = s.stopped
         cell_budget = self.d.budgets.limits(s).get("cell")
         if cell_budget:
             out["budget_usd"] = cell_budget[0]
