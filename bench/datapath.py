@@ -2,7 +2,7 @@
 pulled back, on every path a notebook can take to its daemon, beside raw transports
 measured in the same run on this machine.
 
-    .venv/bin/python bench/datapath.py [--reps 5] [--mib 256] [--quick]
+    .venv/bin/python bench/datapath.py [--reps 5] [--mib 256] [--quick] [--only REGEX] [--memory asis|warm|cold]
 
 Each jupyter-gpu row is a real kernel (jupyter_client) with the magic loaded, talking to
 its own real daemon (``python -m kernel_worker``, process backend):
@@ -22,14 +22,16 @@ worker. Each is timed inside the kernel around ``run_cell_magic`` (what IPython 
 DEALER -> ROUTER over tcp loopback, zero-copy frames, a reply per message; raw bytes
 through OpenSSH's ``ssh -N -L`` (its default ciphers, and the AES-GCM-first list ssh://
 uses where the CPU has AES instructions) to a socket server in another process. Medians of
-REPS after one warm-up round; paths alternate within each round. Only loopback addresses
-are used. Not a test: nothing here asserts.
+REPS after one warm-up round; paths alternate within each round, each round starting one
+path later; ``--memory warm|cold`` gives every transfer the same free memory first
+(FreshMemory). Only loopback addresses are used. Not a test: nothing here asserts.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import mmap
 import multiprocessing as mp
 import os
 import re
@@ -48,8 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from figures import gbps, print_table  # noqa: E402
 from support.curve import curve_users  # noqa: E402
 from support.daemons import start_daemon  # noqa: E402
-from support.kernels import kernel  # noqa: E402
-from support.kernels import run as krun  # noqa: E402
+from support.kernels import KERNEL_TIMEOUT, kernel  # noqa: E402
 from support.orphans import forget_daemon  # noqa: E402
 from support.procs import stop_process  # noqa: E402
 from support.sshd_server import connect_line, elsewhere_daemon, sshd_server  # noqa: E402
@@ -67,6 +68,20 @@ print('took', time.perf_counter() - _t)"""
 
 
 # ----------------------------------------------------------------------------- jupyter-gpu
+
+
+def krun(kc, code: str) -> tuple[str, str]:  # noqa: ANN001
+    """Execute ``code``: (its stdout and any error's traceback, its status)."""
+    out: list[str] = []
+
+    def hook(m: dict) -> None:
+        if m["msg_type"] == "stream":
+            out.append(m["content"]["text"])
+        elif m["msg_type"] == "error":
+            out.append("\n".join(m["content"]["traceback"]))
+
+    reply = kc.execute_interactive(code, timeout=KERNEL_TIMEOUT, output_hook=hook)
+    return "".join(out), reply["content"]["status"]
 
 
 def timed_cell(kc, code: str) -> float:
@@ -219,6 +234,56 @@ def ssh_reference(stack: contextlib.ExitStack, sshd: dict, port: int, nbytes: in
     return ship, pull
 
 
+# ----------------------------------------------------------------------------- memory state
+
+REPORTED_S = 3.0  # free page reporting hands back pages free for 2 s (Linux's PAGE_REPORTING_DELAY)
+WARM_VALUES = 3  # warm memory freed before each transfer, in values: the receiver's buffer and the queues'
+
+
+class FreshMemory:
+    """What free memory each timed transfer starts with, whatever path ran before it.
+
+    Every transfer writes into memory just handed to its receiver (the new value's buffer,
+    the daemon's queue of chunks), and in a VM with free page reporting (virtio-balloon,
+    as on the 2-CPU VM this was written on) the host takes back pages free for 2 s: a huge
+    page faulted in again then cost 1.5-3.5 ms per MiB, against 0.2 ms for one freed a
+    moment ago. With the order of the paths fixed, a path ran on what the path before it
+    had just freed or on cold pages: the tcp row came after the tmpfs one, which frees no
+    anonymous memory, and shipped at 0.3-0.5 GB/s in full runs (its worker's copy into cold
+    huge pages alone took 600-800 ms), 0.9-1.2 GB/s alone; the raw pyzmq row came after a
+    pull that had just freed 256 MiB. Receivers now take 4 KiB pages where the host takes
+    free ones back (kernel_worker/buffers.py), which cost about the same either way, and
+    each round starts one path later.
+
+    ``asis`` (the default) leaves memory as it comes; ``warm`` frees WARM_VALUES values'
+    worth of just-touched huge pages right before each transfer (as on a host without page
+    reporting); ``cold`` first waits until free memory went back to the host (a VM's worst
+    case). Compare them to see how much a row depends on the memory it was given.
+    """
+
+    def __init__(self, mode: str, nbytes: int):
+        self.mode, self.nbytes = mode, nbytes
+        self.reserve: mmap.mmap | None = None
+
+    def prime(self) -> None:
+        """Untimed, before each transfer."""
+        if self.mode == "cold":
+            time.sleep(REPORTED_S)
+        elif self.mode == "warm":
+            size = WARM_VALUES * self.nbytes
+            self.reserve = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.reserve.madvise(mmap.MADV_HUGEPAGE)
+            page = bytes(MIB)
+            for _ in range(size // MIB):
+                self.reserve.write(page)
+
+    def release(self) -> None:
+        """Just before the timer starts: the warm pages go back to the free lists."""
+        if self.reserve is not None:
+            self.reserve.close()
+            self.reserve = None
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -291,28 +356,46 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=256, help="array size in MiB")
     ap.add_argument("--quick", action="store_true", help="16 MiB, 2 reps: checks the bench runs")
     ap.add_argument("--only", default="", help="a regular expression: just the paths whose label matches it")
+    ap.add_argument(
+        "--memory", choices=("asis", "warm", "cold"), default="asis",
+        help="the free memory each transfer starts with (see FreshMemory): asis (default), warm, cold",
+    )  # fmt: skip
+    ap.add_argument("--samples", action="store_true", help="also print every timed transfer, in ms, round by round")
     args = ap.parse_args()
     if args.quick:
         args.mib, args.reps = 16, 2
     nbytes = args.mib * MIB
-    started = time.monotonic()
+    started, load_before = time.monotonic(), os.getloadavg()[0]
     times: dict[str, tuple[list[float], list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="jgpu-datapath-") as tmp, contextlib.ExitStack() as stack:
         ops = paths(stack, Path(tmp), nbytes, args.only)
+        memory = FreshMemory(args.memory, nbytes)
+
+        def timed(op: Op) -> float:
+            memory.prime()
+            memory.release()
+            return op()
+
+        order = list(ops.items())
         for rnd in range(args.reps + 1):  # round 0 warms every path up and is not counted
-            for label, (ship, pull) in ops.items():
-                s, p = ship(), pull()
+            for label, (ship, pull) in order[rnd % len(order) :] + order[: rnd % len(order)]:  # each first in turn
+                s, p = timed(ship), timed(pull)
                 if rnd:
                     times.setdefault(label, ([], []))[0].append(s)
                     times[label][1].append(p)
+    times = {k: times[k] for k in ops}  # in the table's order, not the last round's
     med = {k: (statistics.median(s), statistics.median(p)) for k, (s, p) in times.items()}
     rows = [(k, gbps(nbytes, s), gbps(nbytes, p), compared(k, s, p, med)) for k, (s, p) in med.items()]
     load = os.getloadavg()[0]  # others' work on this machine moves every row: say how much there was
     print(
-        f"# {args.mib} MiB, medians of {args.reps}, {os.cpu_count()} CPUs, load average {load:.1f} at the end, "
-        f"{time.monotonic() - started:.0f} s in all"
+        f"# {args.mib} MiB, medians of {args.reps}, {args.memory} memory, {os.cpu_count()} CPUs, "
+        f"load average {load_before:.1f} at the start, {load:.1f} at the end, {time.monotonic() - started:.0f} s in all"
     )
     print_table(("path", "ship", "pull", "time vs reference (ship / pull)"), rows)
+    if args.samples:
+        ms = lambda xs: " ".join(f"{x * 1e3:5.0f}" for x in xs)  # noqa: E731
+        for k, (s, p) in times.items():
+            print(f"{k[:40]:40} ship {ms(s)} | pull {ms(p)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ peer are dropped before they are held or relayed, while the daemon serves on."""
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 from support.shells import run
@@ -132,3 +134,57 @@ def test_a_stream_whose_request_never_comes_is_let_go(elsewhere_daemon):
     peer.close()  # as a SIGKILLed kernel would: no request follows
     d.log.wait_for(r"dropped 8 held bytes of a stream for m9: its request never came", timeout=30)
     assert d.client().call(P.Msg.STATUS)["sessions"] == []
+
+
+def test_a_received_buffer_is_faulted_in_beside_its_writer_and_keeps_what_it_wrote():
+    """buffers.allocate faults a large buffer's pages in from a thread of its own while the
+    receiver already writes into it: the writer's bytes survive (the thread only adds
+    zero pages where none are yet), and the pages it never wrote are there too."""
+    import threading
+
+    from kernel_worker import buffers
+
+    def resident_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * buffers.mmap.PAGESIZE / MIB
+
+    before = resident_mib()
+    mem = buffers.allocate(64 * MIB)
+    pattern = bytes(range(256)) * 4096  # 1 MiB
+    for off in range(0, 32 * MIB, MIB):  # the first half, racing the thread from the start
+        mem[off : off + MIB] = pattern
+    for t in threading.enumerate():
+        if t.name == "jgpu-prefault":
+            t.join(30)
+    kernel = tuple(int(n) for n in re.findall(r"\d+", os.uname().release)[:2])
+    if buffers._MADVISE is not None and kernel >= (5, 14):  # MADV_POPULATE_WRITE
+        assert resident_mib() - before >= 60  # the half never written was faulted in as well
+    assert all(mem[off : off + MIB] == pattern for off in range(0, 32 * MIB, MIB))
+    assert mem[32 * MIB :] == bytes(32 * MIB)
+
+
+def test_the_daemon_keeps_chunk_memory_while_values_flow_and_gives_it_back_after(monkeypatch):
+    """Streams.keep_freed_s: malloc keeps what relayed chunks took (no page faults for the
+    next value's), and it goes back to the system once no chunk came or went for so long."""
+    from traitlets.config import Config, LoggingConfigurable
+
+    from kernel_worker.daemon import streams
+
+    given: list[float] = []
+    monkeypatch.setattr(streams.buffers, "keep_freed", lambda: True)
+    monkeypatch.setattr(streams.buffers, "give_back", lambda: given.append(now))
+
+    class Daemon(LoggingConfigurable):
+        client_timeout = 30.0
+        max_message_bytes = 1 << 30
+
+    s = streams.Streams(Daemon(config=Config({"Streams": {"keep_freed_s": 5.0}})))
+    assert s.keeping and s.last_chunk == 0.0
+    for now in (1.0, 100.0):  # no chunk yet: nothing kept to give back
+        s.expire(now)
+    s.last_chunk = 100.0
+    for now in (104.0, 105.5, 106.0, 300.0):
+        s.expire(now)
+    assert given == [105.5]  # once, after the last chunk's 5 s
+    off = streams.Streams(Daemon(config=Config({"Streams": {"keep_freed_s": 0.0}})))
+    assert not off.keeping  # malloc left as it is
