@@ -16,6 +16,7 @@ from kernel_worker.daemon.app import WorkerDaemon
 from kernel_worker.daemon.budgets import Budgets
 from kernel_worker.daemon.errors import StartRefused
 from kernel_worker.daemon.snapshots import Snapshots
+from kernel_worker.daemon.streams import Streams
 from kernel_worker.ledger import Ledger
 from kernel_worker.workspace import Workspaces
 
@@ -25,7 +26,7 @@ class DaemonApp(JupyterApp):
     version = __version__
     description = "Run the jupyter-gpu worker daemon on this (GPU) host."
     config_file_name = "jupyter_gpu_config"
-    classes = [WorkerDaemon, Workspaces, Ledger, Budgets, Snapshots, SlurmBackend]
+    classes = [WorkerDaemon, Workspaces, Ledger, Budgets, Snapshots, Streams, SlurmBackend]
     print_ready = Bool(False, help="Print one JSON line to stdout once listening (for launchers).").tag(config=True)
     aliases = {
         "url": "WorkerDaemon.url",
