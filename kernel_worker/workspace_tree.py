@@ -26,6 +26,7 @@ _SHA_RE = re.compile(r"[0-9a-f]{32}(?:[0-9a-f]{32})?")  # xxh3-128, or sha256 (o
 _USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 NOISE = frozenset({"__pycache__", ".ipynb_checkpoints"})  # what Python and Jupyter write by themselves
+WORKSPACE, PACKAGES = "workspace", "packages"  # the trees a worker on another node keeps a copy of (MIRROR)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 Data = Union[bytes, bytearray, memoryview]
 Stat = tuple  # (size, mtime_ns, ctime_ns, ino)

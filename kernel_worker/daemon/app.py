@@ -16,7 +16,7 @@ ZeroMQ frames they arrived in, never unpickled and never copied. Each job has a 
     services.py   hello, status, cost, spend, volumes
     telemetry.py  GPU sampling and progress messages while a cell runs
     workdirs.py   the notebook's directory synced to a per-user workspace: SYNC, FETCH, a cell's cwd
-    mirror.py     the workspace of a worker that cannot see this host's files, over its socket
+    mirror.py     the workspace and packages of a worker that cannot see this host's files, over its socket
     streams.py    large values as CHUNK messages: on to the worker at once, or held for their request
     zap.py        the one ZAP handler: who may connect to each CURVE socket
     pump.py       serving the sockets from the event loop

@@ -42,13 +42,12 @@ from kernel_worker.daemon.errors import UnsafePath
 from kernel_worker.daemon.packages import PYTHON_RE
 from kernel_worker.session import Session
 from kernel_worker.workspace_listing import FILES_PER_ANSWER, TOO_LARGE, Listings
-from kernel_worker.workspace_tree import WorkspaceError, human, shown
+from kernel_worker.workspace_tree import PACKAGES, WORKSPACE, WorkspaceError, human, shown
 
 if TYPE_CHECKING:
     from kernel_worker.daemon.app import WorkerDaemon
 
 REMEMBERED = 1000  # question and write-back ids kept, to take each once
-WORKSPACE, PACKAGES = "workspace", "packages"  # the trees a worker may keep a copy of
 MAX_HAVE_BYTES = 64 * 1024**2  # a worker's ``have`` frame (JSON)
 PACKAGES_TOO_LARGE = "install it in the cluster's Python (SlurmBackend.python) instead"
 __all__ = ["FILES_PER_ANSWER", "Mirrors", "PACKAGES", "WORKSPACE"]
@@ -74,6 +73,10 @@ class Mirrors:
         if not isinstance(tree, str) or tree not in (WORKSPACE, PACKAGES):
             self.log.warning("session %s: its worker asked to mirror %s, not a tree it may have", s.id, shown(tree))
             return
+        got = self.d.workdirs.of_session.get(s.id)
+        if tree == WORKSPACE and got is None:
+            self.log.warning("session %s: a workspace mirror request for a cell without a workspace", s.id)
+            return
         if "back" in msg.content:
             if not self._first(msg.id):  # sent again after a reconnect: written already
                 return
@@ -83,15 +86,9 @@ class Mirrors:
                     s.id,
                     tree,
                 )
-            elif s.id not in self.d.workdirs.of_session:
-                self.log.warning("session %s: a workspace mirror request for a cell without a workspace", s.id)
             else:
-                user, key, _host = self.d.workdirs.of_session[s.id]
+                user, key, _host = got
                 self.writing.setdefault(s.id, []).append(self.d.spawn(self._back(s, msg, user, key), s.tasks))
-            return
-        got = self.d.workdirs.of_session.get(s.id)
-        if tree == WORKSPACE and got is None:
-            self.log.warning("session %s: a workspace mirror request for a cell without a workspace", s.id)
             return
         if self._first(msg.id):  # a worker asks again until answered: once is enough
             root = got[2] if tree == WORKSPACE else None  # the packages': found in a thread

@@ -33,14 +33,13 @@ import uuid
 from typing import Any
 
 from kernel_worker import protocol as P
-from kernel_worker.workspace_tree import NOISE, Tree, _key, _walk, check_relpath
+from kernel_worker.workspace_tree import NOISE, PACKAGES, WORKSPACE, Tree, _key, _walk, check_relpath
 
 ANSWER_S = 300.0  # how long a cell waits for one answer (a large first copy)
 POLL_S = 0.1
 ASK_AGAIN_S = 10.0
 MOST_BACK_BYTES = 2 * 1024**3  # what one cell's files send back at most; the rest stays on the worker, named
 FILES_BACK = 1000  # files one cell sends back at most (a message's frames are bounded)
-WORKSPACE, PACKAGES = "workspace", "packages"
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"  # whose packages this worker can import
 CODE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # first on PYTHONPATH
 
@@ -90,17 +89,11 @@ class Mirror:
             self._packages(cell)
         if WORKSPACE not in trees:
             return ""
-        if not self.workspace.root:  # removed with the worker's scratch directory when it ends
-            self.workspace.root = os.path.join(self.channel.scratch(), WORKSPACE)
-            os.makedirs(self.workspace.root, 0o700, exist_ok=True)
         self._bring(cell, self.workspace)
         return self.workspace.root
 
     def _packages(self, cell: P.Message) -> None:
         copy = self.packages
-        if not copy.root:  # removed with the worker's scratch directory when it ends
-            copy.root = os.path.join(self.channel.scratch(), PACKAGES)
-            os.makedirs(copy.root, 0o700, exist_ok=True)
         changed = self._bring(cell, copy)
         if copy.held and copy.root not in sys.path:
             sys.path.insert(_path_index(), copy.root)
@@ -112,6 +105,9 @@ class Mirror:
         """Ask the daemon for ``copy``'s tree until it is up to date; whether a file changed.
         A failure (the daemon's reason, a full disk here) is said, and the cell runs."""
         changed = False
+        if not copy.root:  # removed with the worker's scratch directory when it ends
+            copy.root = os.path.join(self.channel.scratch(), copy.tree)
+            os.makedirs(copy.root, 0o700, exist_ok=True)
         try:
             changed, listed = self._check(copy) if copy.exact else (False, "")
             while True:  # the daemon sends a bounded batch at a time, and says when more is due
