@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import signal
 import threading
 from pathlib import Path
 
@@ -143,3 +144,31 @@ def test_a_daemon_killed_while_a_snapshots_files_arrive_leaves_no_half_snapshot(
     result, cap = run(ip, "%%gpu cpu\nprint(kept + 1)")
     assert result.success and cap.stdout == "42\n", cap.stdout
     assert run(ip, "%gpu snapshots")[1].stdout.startswith("no snapshots")
+
+
+def test_a_worker_killed_while_it_sends_a_snapshot_leaves_no_half_snapshot(gateway, make_shell, slurm, tmp_path):
+    d = gateway()
+    ip = make_shell(d)
+    go = tmp_path / "go"  # never made: the worker's send stays held after its first piece
+    cell = STALL.replace("GO", repr(str(go))) + "print(os.getpid())\n"
+    result, cap = run(ip, cell)
+    assert result.success, result.error_in_exec
+    pid = int(cap.stdout.strip())
+    store = Path(default_state_dir(d.connection_file)) / "snapshots"
+    said = []
+    taking = threading.Thread(target=lambda: said.append(run(ip, "%gpu snapshot")), daemon=True)
+    taking.start()
+    slurm.wait_for("the first file of the snapshot in the store", lambda: list(store.glob("*/*/*/*")))
+    os.kill(pid, signal.SIGKILL)
+    taking.join(timeout=60)  # the daemon's request ends with its worker, not after Snapshots.timeout
+    assert not taking.is_alive()
+    [(result, _)] = said
+    assert re.fullmatch(
+        r"no snapshot: the session's worker ended while writing it \(.*killed by SIGKILL.*\)", str(result.error_in_exec)
+    ), result.error_in_exec
+    # the half-sent snapshot is removed; the session went with its worker, so the notebook's
+    # next session starts fresh (its marker is all that is left)
+    assert [p.name for p in store.glob("*/*/*")] == ["fresh"]
+    slurm.wait_for("the killed worker's job gone", lambda: not our_jobs(slurm))
+    result, cap = run(ip, "%%gpu cpu\nprint('a new job')")
+    assert result.success and cap.stdout == "a new job\n", result.error_in_exec

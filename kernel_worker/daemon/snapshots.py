@@ -226,6 +226,8 @@ class Snapshots(LoggingConfigurable):
                     await asyncio.wait_for(asyncio.to_thread(files.finish, reply.content.get("files")), self.timeout)
             except filestream.FileStreamError as e:
                 raise SnapshotRefused(str(e)) from None
+            except RuntimeError as e:  # Workers.abandon: the worker ended meanwhile
+                raise SnapshotRefused(f"no snapshot: the session's worker ended while writing it ({e})") from None
             if host and host != path:  # written in the worker's bulk directory: into the store, then gone from it
                 try:
                     copy = asyncio.to_thread(copy_files, host, path, None, self.quota_bytes)
